@@ -1,0 +1,83 @@
+"""torch_impl.loss against an independent float64 numpy computation of the VICReg formulas."""
+import numpy as np
+import pytest
+import torch
+
+from shared.errors import UserError
+from torch_impl.loss import vicreg_loss
+
+
+def numpy_vicreg(a, b, sim, std, cov, eps, variant):
+    """The paper's terms written out with loops-free numpy in float64."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    n, d = a.shape
+    invariance = np.mean((a - b) ** 2)
+
+    def v(z, e):
+        return np.mean(np.maximum(0.0, 1.0 - np.sqrt(np.var(z, axis=0, ddof=1) + e)))
+
+    def c(z):
+        zc = z - z.mean(axis=0)
+        m = zc.T @ zc / (n - 1)
+        return (np.sum(m ** 2) - np.sum(np.diag(m) ** 2)) / d
+
+    if variant == "official":
+        variance = (v(a, eps) + v(b, eps)) / 2
+    else:
+        variance = v(a, 0.0) + v(b, 0.0)
+    covariance = c(a) + c(b)
+    return sim * invariance + std * variance + cov * covariance, invariance, variance, covariance
+
+
+@pytest.mark.parametrize("variant", ["official", "homework"])
+@pytest.mark.parametrize("n,d", [(2, 1), (3, 7), (16, 64), (64, 16), (128, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_loss_matches_numpy(variant, n, d, dtype):
+    rng = np.random.default_rng(n * 1000 + d)
+    scale = rng.uniform(0.1, 2.0, size=d)  # some columns below std 1 so the hinge is active
+    a = rng.normal(size=(n, d)) * scale
+    b = a + 0.3 * rng.normal(size=(n, d))
+    sim, std, cov = rng.uniform(0.5, 30, size=3)
+    loss, terms = vicreg_loss(torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype),
+                              sim_coeff=sim, std_coeff=std, cov_coeff=cov, variant=variant)
+    ref = numpy_vicreg(a, b, sim, std, cov, 1e-4, variant)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    got = [loss.item(), terms["invariance"].item(), terms["variance"].item(),
+           terms["covariance"].item()]
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol)
+
+
+def test_constant_column_hits_the_variance_hinge():
+    a = np.zeros((8, 4))
+    b = np.ones((8, 4))
+    _, terms = vicreg_loss(torch.tensor(a), torch.tensor(b))
+    # std = sqrt(0 + 1e-4) = 0.01 per column, so v = 0.99 per branch, halved sum = 0.99
+    assert terms["variance"].item() == pytest.approx(0.99, abs=1e-12)
+    assert terms["covariance"].item() == 0.0
+    assert terms["invariance"].item() == pytest.approx(1.0)
+
+
+def test_default_coefficients_are_the_papers():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(10, 5)), rng.normal(size=(10, 5))
+    loss, _ = vicreg_loss(torch.tensor(a), torch.tensor(b))
+    assert loss.item() == pytest.approx(numpy_vicreg(a, b, 25, 25, 1, 1e-4, "official")[0], rel=1e-12)
+
+
+def test_gradients_match_finite_differences():
+    rng = np.random.default_rng(1)
+    a = torch.tensor(rng.normal(size=(6, 3)), requires_grad=True)
+    b = torch.tensor(rng.normal(size=(6, 3)), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y: vicreg_loss(x, y)[0], (a, b))
+
+
+def test_batch_of_one_is_a_clear_error():
+    with pytest.raises(UserError, match="at least 2"):
+        vicreg_loss(torch.zeros(1, 4), torch.zeros(1, 4))
+
+
+def test_shape_mismatch_and_unknown_variant_are_errors():
+    with pytest.raises(UserError, match="one shape"):
+        vicreg_loss(torch.zeros(4, 3), torch.zeros(4, 2))
+    with pytest.raises(UserError, match="unknown loss variant"):
+        vicreg_loss(torch.zeros(4, 3), torch.zeros(4, 3), variant="nope")

@@ -1,0 +1,71 @@
+"""LARS and the learning-rate schedule against hand computations in float64 numpy."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from shared.config import make_config
+from torch_impl.optim import LARS, build_optimizer, lr_at
+from torch_impl.model import VICReg
+
+
+def numpy_lars_step(p, g, mu, lr, wd, momentum, eta, excluded):
+    if not excluded:
+        g = g + wd * p
+        pn, gn = np.linalg.norm(p), np.linalg.norm(g)
+        q = eta * pn / gn if (pn > 0 and gn > 0) else 1.0
+        g = g * q
+    mu = momentum * mu + g
+    return p - lr * mu, mu
+
+
+def test_lars_three_steps_match_numpy():
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(5, 4))
+    bias = rng.normal(size=4)
+    zero = np.zeros((3, 2))  # ||p|| = 0: trust ratio falls back to 1
+    params = [torch.tensor(x, requires_grad=True) for x in (weight, bias, zero)]
+    opt = LARS(params, lr=0.0, weight_decay=1e-2, momentum=0.9, eta=0.02)
+    ref = [(weight.copy(), np.zeros_like(weight)), (bias.copy(), np.zeros_like(bias)),
+           (zero.copy(), np.zeros_like(zero))]
+    for lr in (0.5, 0.3, 0.1):
+        grads = [rng.normal(size=x.shape) for x in (weight, bias, zero)]
+        for p, g in zip(params, grads):
+            p.grad = torch.tensor(g)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        ref = [numpy_lars_step(p, g, mu, lr, 1e-2, 0.9, 0.02, excluded=p.ndim == 1)
+               for (p, mu), g in zip(ref, grads)]
+    for p, (ref_p, ref_mu) in zip(params, ref):
+        np.testing.assert_allclose(p.detach().numpy(), ref_p, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(opt.state[p]["mu"].numpy(), ref_mu, rtol=1e-12, atol=1e-14)
+
+
+def test_warmup_cosine_schedule_by_hand():
+    cfg = make_config({"epochs": 10, "warmup_epochs": 2.0, "batch_size": 512, "base_lr": 0.3})
+    per_epoch = 100
+    peak = 0.3 * 512 / 256
+    assert lr_at(0, per_epoch, cfg) == 0.0
+    assert lr_at(100, per_epoch, cfg) == pytest.approx(peak * 100 / 200)
+    assert lr_at(200, per_epoch, cfg) == pytest.approx(peak)
+    q = 0.5 * (1 + math.cos(math.pi * 400 / 800))
+    assert lr_at(600, per_epoch, cfg) == pytest.approx(peak * q + peak * 0.001 * (1 - q))
+    assert lr_at(1000, per_epoch, cfg) == pytest.approx(peak * 0.001)
+
+
+def test_per_epoch_cosine_of_the_homework_preset():
+    cfg = make_config({"preset": "homework"})
+    assert cfg.peak_lr() == 2e-4
+    assert lr_at(0, 50, cfg) == pytest.approx(2e-4)
+    assert lr_at(49, 50, cfg) == pytest.approx(2e-4)  # constant within an epoch
+    assert lr_at(50 * 50, 50, cfg) == pytest.approx(2e-4 * 0.5 * (1 + math.cos(math.pi * 50 / 100)))
+
+
+def test_build_optimizer_picks_lars_or_adam():
+    model = VICReg("resnet18", 4, [8, 8])
+    assert isinstance(build_optimizer(model, make_config({})), LARS)
+    adam = build_optimizer(model, make_config({"preset": "homework"}))
+    assert isinstance(adam, torch.optim.Adam)
+    assert adam.param_groups[0]["weight_decay"] == 1e-6

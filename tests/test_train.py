@@ -1,0 +1,186 @@
+"""torch_impl end to end on a tiny dataset: train, probe, resume, divergence, and every CLI error."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from torch_impl import probe as probe_cli
+from torch_impl import train as train_cli
+from torch_impl.checkpoint import load_checkpoint
+
+KEYS = {"kind", "epoch", "step", "lr", "pairs_per_s", "images_per_s", "loss", "invariance",
+        "variance", "covariance", "embedding_std"}
+
+
+def smoke_args(data_dir, out, *extra):
+    return ["--preset", "smoke", "--data-dir", str(data_dir), "--out", str(out), *extra]
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_smoke_train_then_probe_writes_the_run_folder(tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_cli.main(smoke_args(tiny_data_dir, run, "--epochs", "2")) == 0
+    out = capsys.readouterr().out
+    assert "cifar10 linear probe: top-1" in out and "gtsrb linear probe: top-1" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["width"] == 8 and config["epochs"] == 2 and config["preset"] == "smoke"
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in lines].count("epoch") == 2
+    assert all(KEYS <= set(r) for r in lines)
+    assert [r["step"] for r in lines if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6, 7, 8]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["framework"] == "torch" and summary["steps"] == 8
+    for dataset, classes, n_test in (("cifar10", 10, 100), ("gtsrb", 43, 43)):
+        result = json.loads((run / f"probe_{dataset}.json").read_text())
+        assert result["num_classes"] == classes and result["num_test"] == n_test
+        assert 0.0 <= result["top1"] <= 1.0
+        assert summary["probe"][dataset] == result["top1"]
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["global_step"] == 8
+
+
+def test_probe_cli_and_random_init_baseline(tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_cli.main(smoke_args(tiny_data_dir, run, "--no-probe")) == 0
+    assert not (run / "probe_cifar10.json").exists()
+    assert probe_cli.main(["--run", str(run), "--dataset", "cifar10", "--probe-epochs", "3"]) == 0
+    assert probe_cli.main(["--run", str(run), "--dataset", "cifar10", "--random-init"]) == 0
+    trained = json.loads((run / "probe_cifar10.json").read_text())
+    baseline = json.loads((run / "probe_cifar10_random_init.json").read_text())
+    assert trained["settings"]["epochs"] == 3 and trained["checkpoint_epoch"] == 1
+    assert baseline["random_init"] and baseline["checkpoint_epoch"] is None
+    assert "random init" in capsys.readouterr().out
+
+
+def test_probe_reaches_full_accuracy_on_separable_features():
+    from shared.config import make_config
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 16)) * 4
+    labels = rng.integers(0, 5, 400)
+    feats = (centres[labels] + rng.normal(size=(400, 16))).astype(np.float32)
+    cfg = make_config({"probe_epochs": 20, "probe_batch_size": 32})
+    logits = probe_cli.train_linear(feats[:300], labels[:300], feats[300:], 5, cfg)
+    assert (logits.argmax(1) == labels[300:]).mean() == 1.0
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_data_dir, tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ("--epochs", "2", "--no-probe", "--precision", "fp32")
+    assert train_cli.main(smoke_args(tiny_data_dir, straight, *args)) == 0
+
+    real_save = train_cli.save_checkpoint
+
+    def save_then_crash(path, state):
+        real_save(path, state)
+        raise Interrupted  # the process dies right after epoch 1's checkpoint
+
+    monkeypatch.setattr(train_cli, "save_checkpoint", save_then_crash)
+    with pytest.raises(Interrupted):
+        train_cli.main(smoke_args(tiny_data_dir, resumed, *args))
+    monkeypatch.setattr(train_cli, "save_checkpoint", real_save)
+    assert train_cli.main(["--resume", "--out", str(resumed)]) == 0
+
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(resumed / "checkpoint.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["mu"], b["optimizer"]["state"][key]["mu"])
+    strip = lambda path: [{k: v for k, v in json.loads(s).items() if "per_s" not in k and "time" not in k}
+                          for s in (path / "metrics.jsonl").read_text().splitlines()]
+    assert strip(straight) == strip(resumed)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_data_dir, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real_loss, calls = train_cli.vicreg_loss, []
+
+    def loss_that_diverges(z_a, z_b, **kw):
+        calls.append(1)
+        loss, terms = real_loss(z_a, z_b, **kw)
+        return (loss * float("nan"), terms) if len(calls) == 6 else (loss, terms)
+
+    monkeypatch.setattr(train_cli, "vicreg_loss", loss_that_diverges)
+    assert train_cli.main(smoke_args(tiny_data_dir, run, "--epochs", "3")) == 2
+    line = error_line(capsys)
+    assert "loss became nan at epoch 1 step 1" in line and "checkpoint" in line
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--arch", "resnet19"], "invalid choice: 'resnet19'"),
+    (["--mlp", "2048-x-2048"], "malformed expander spec"),
+    (["--batch-size", "1"], "at least 2 images per batch"),
+    (["--batch-size", "100000"], "larger than the 64 training images"),
+    (["--epochs", "two"], "invalid int value"),
+])
+def test_bad_flags_are_one_line_errors(tiny_data_dir, tmp_path, capsys, flags, message):
+    run = tmp_path / "run"
+    assert train_cli.main(smoke_args(tiny_data_dir, run, *flags)) == 2
+    assert message in error_line(capsys)
+    assert not (run / "checkpoint.pt").exists()
+
+
+def test_missing_dataset_names_path_layout_and_download(tmp_path, capsys):
+    assert train_cli.main(smoke_args(tmp_path / "nowhere", tmp_path / "run")) == 2
+    line = error_line(capsys)
+    assert str(tmp_path / "nowhere") in line and "data_batch_1" in line and "--download" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_is_never_overwritten(tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_cli.main(smoke_args(tiny_data_dir, run, "--no-probe")) == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    assert train_cli.main(smoke_args(tiny_data_dir, run, "--no-probe")) == 2
+    assert "already holds a run" in error_line(capsys)
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert train_cli.main(["--resume", "--out", str(run), "--arch", "resnet34"]) == 2
+    assert "cannot resume" in error_line(capsys)
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_without_a_run_is_an_error(tmp_path, capsys):
+    assert train_cli.main(["--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "config.json is missing" in error_line(capsys)
+    assert train_cli.main(["--resume"]) == 2
+    assert "--resume needs --out" in error_line(capsys)
+
+
+def test_probe_errors_for_missing_corrupt_and_foreign_checkpoints(tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_cli.main(smoke_args(tiny_data_dir, run, "--no-probe")) == 0
+    ckpt = run / "checkpoint.pt"
+    good = ckpt.read_bytes()
+
+    ckpt.write_bytes(good[: len(good) // 2])
+    assert probe_cli.main(["--run", str(run)]) == 2
+    assert "corrupt or truncated" in error_line(capsys)
+
+    ckpt.unlink()
+    assert probe_cli.main(["--run", str(run)]) == 2
+    assert "no checkpoint at" in error_line(capsys)
+
+    (run / "checkpoint.msgpack").write_bytes(b"\x80")
+    assert probe_cli.main(["--run", str(run)]) == 2
+    assert "jax_impl.convert" in error_line(capsys)
+
+    ckpt.write_bytes(good)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "arch": "resnet34"}))
+    assert probe_cli.main(["--run", str(run)]) == 2
+    assert "another architecture" in error_line(capsys)
+
+    assert probe_cli.main(["--run", str(tmp_path / "missing")]) == 2
+    assert "config.json is missing" in error_line(capsys)

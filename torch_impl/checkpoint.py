@@ -1,0 +1,55 @@
+"""torch_impl's checkpoint.pt: model and optimizer state, progress and settings, loadable with
+`torch.load(..., weights_only=True)` (tensors, numbers, strings and containers only)."""
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from shared.errors import UserError
+from shared.runio import atomic_write_bytes
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT = "vicreg-interop/torch"
+JAX_CHECKPOINT_FILE = "checkpoint.msgpack"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write {"format", **state} atomically (temp file, then rename)."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint written by save_checkpoint; UserError if missing, corrupt or foreign."""
+    path = Path(path)
+    if not path.is_file():
+        jax_twin = path.with_name(JAX_CHECKPOINT_FILE)
+        if jax_twin.is_file():
+            raise UserError(f"{path.parent} holds a JAX checkpoint ({jax_twin.name}), not a PyTorch "
+                            f"one; convert it with: python -m jax_impl.convert {path.parent} --to torch")
+        raise UserError(f"no checkpoint at {path} (train first, or check --run/--out)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is corrupt or truncated and cannot be loaded ({reason[:120]})") \
+            from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path} is not a vicreg-interop PyTorch checkpoint")
+    return state
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict, path: Path, what: str) -> None:
+    """Load weights, turning a shape or name mismatch into a one-line UserError."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"{path} does not fit {what}: it was written for another architecture "
+                        f"({first[:160]})") from None

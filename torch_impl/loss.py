@@ -1,0 +1,61 @@
+"""The VICReg loss (Bardes, Ponce, LeCun 2022): a pure function of two embedding batches.
+
+    loss = lambda * s(Z, Z') + mu * [v(Z) + v(Z')] + nu * [c(Z) + c(Z')]
+
+`official` follows facebookresearch/vicreg exactly; `homework` is the seed course's variant.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from shared.errors import UserError
+
+VARIANTS = ("official", "homework")
+
+
+def off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """[D, D] -> the D*(D-1) off-diagonal entries, flattened."""
+    d = m.shape[0]
+    return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
+
+
+def variance_term(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """v(Z) = mean_j relu(1 - sqrt(Var(z_j) + eps)), unbiased variance over the batch; z [N, D]."""
+    std = torch.sqrt(z.var(dim=0, unbiased=True) + eps)
+    return F.relu(1.0 - std).mean()
+
+
+def covariance_term(z: torch.Tensor) -> torch.Tensor:
+    """c(Z) = sum_{i!=j} C(Z)_ij^2 / D with C(Z) = (Z - mean)^T (Z - mean) / (N - 1); z [N, D]."""
+    n, d = z.shape
+    centred = z - z.mean(dim=0)
+    cov = centred.T @ centred / (n - 1)
+    return off_diagonal(cov).pow(2).sum() / d
+
+
+def vicreg_loss(z_a: torch.Tensor, z_b: torch.Tensor, *, sim_coeff: float = 25.0,
+                std_coeff: float = 25.0, cov_coeff: float = 1.0, eps: float = 1e-4,
+                variant: str = "official") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """VICReg on embeddings z_a, z_b [N, D] (float32 or float64) -> (scalar loss, unweighted terms).
+
+    terms: `invariance` = mean squared error s(Z, Z'); `variance` = (v(Z) + v(Z')) / 2 for
+    `official` (the halving is the official code's), v(Z) + v(Z') with eps = 0 for `homework`;
+    `covariance` = c(Z) + c(Z').
+    """
+    if variant not in VARIANTS:
+        raise UserError(f"unknown loss variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
+    if z_a.ndim != 2 or z_a.shape != z_b.shape:
+        raise UserError(f"embeddings must be two [N, D] batches of one shape, got "
+                        f"{tuple(z_a.shape)} and {tuple(z_b.shape)}")
+    if z_a.shape[0] < 2:
+        raise UserError("VICReg needs at least 2 embeddings per batch: the variance and "
+                        "covariance terms are estimated across the batch (N - 1 = 0)")
+    invariance = F.mse_loss(z_a, z_b)
+    if variant == "official":
+        variance = (variance_term(z_a, eps) + variance_term(z_b, eps)) / 2
+    else:
+        variance = variance_term(z_a, 0.0) + variance_term(z_b, 0.0)
+    covariance = covariance_term(z_a) + covariance_term(z_b)
+    loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+    return loss, {"invariance": invariance, "variance": variance, "covariance": covariance}

@@ -1,0 +1,120 @@
+"""ResNet backbones with the CIFAR stem, the VICReg expander, and the two put together.
+
+With width 64 the backbone's parameter names and shapes are torchvision's `resnet18/34/50` (minus
+`fc`), except the stem: a 3x3 stride-1 convolution without max-pool, as is usual for 32x32 inputs.
+Initialisation is PyTorch's module default (kaiming-uniform for convs and linears, BN weight 1 and
+bias 0); jax_impl.model reproduces the same distributions.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shared.errors import UserError
+
+BLOCKS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
+          "resnet50": ("bottleneck", (3, 4, 6, 3))}
+EXPANSION = {"basic": 1, "bottleneck": 4}
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
+
+    def __init__(self, cin: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = _conv3x3(cin, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != planes:
+            self.downsample = nn.Sequential(_conv1x1(cin, planes, stride), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(y)) + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided, as torchvision's v1.5), 1x1 expand by 4, plus the shortcut."""
+
+    def __init__(self, cin: int, planes: int, stride: int):
+        super().__init__()
+        cout = planes * EXPANSION["bottleneck"]
+        self.conv1 = _conv1x1(cin, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = _conv1x1(planes, cout)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(_conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        return self.relu(self.bn3(self.conv3(y)) + shortcut)
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet: [N, 3, H, W] float -> pooled features [N, feature_dim] (512 or 2048 at width 64)."""
+
+    def __init__(self, arch: str = "resnet18", width: int = 64):
+        super().__init__()
+        if arch not in BLOCKS:
+            raise UserError(f"unknown architecture {arch!r}; choose one of: {', '.join(BLOCKS)}")
+        kind, depths = BLOCKS[arch]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        self.conv1 = _conv3x3(3, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        cin = width
+        for stage, depth in enumerate(depths):
+            planes = width * 2 ** stage
+            blocks = []
+            for i in range(depth):
+                blocks.append(block(cin, planes, stride=2 if stage > 0 and i == 0 else 1))
+                cin = planes * EXPANSION[kind]
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.feature_dim = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(x.mean(dim=(2, 3)), 1)
+
+
+def expander(in_dim: int, dims: list[int]) -> nn.Sequential:
+    """[N, in_dim] -> [N, dims[-1]]: (Linear+BN+ReLU) for all but the last layer, last Linear no bias."""
+    layers: list[nn.Module] = []
+    widths = [in_dim, *dims]
+    for i in range(len(dims) - 1):
+        layers += [nn.Linear(widths[i], widths[i + 1]), nn.BatchNorm1d(widths[i + 1]),
+                   nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(widths[-2], widths[-1], bias=False))
+    return nn.Sequential(*layers)
+
+
+class VICReg(nn.Module):
+    """Backbone + expander: images [N, 3, H, W] -> embeddings [N, dims[-1]] (the loss's input)."""
+
+    def __init__(self, arch: str, width: int, mlp_dims: list[int]):
+        super().__init__()
+        self.backbone = ResNet(arch, width)
+        self.projector = expander(self.backbone.feature_dim, mlp_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))

@@ -1,0 +1,40 @@
+"""Device, precision and memory layout for torch_impl: CUDA when present, bf16 where it is fast."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from shared.errors import UserError
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """True where bf16 matmuls and convolutions run natively (CUDA bf16, or CPU with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for --precision (None = plain float32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto":
+        return torch.bfloat16 if bf16_supported(device) else None
+    raise UserError(f"unknown precision {precision!r}; choose one of: auto, bf16, fp32")
+
+
+def memory_format(width: int) -> torch.memory_format:
+    """channels_last, except below width 8, where oneDNN's CPU kernels crash (heap corruption seen
+    with torch 2.14 at width 4) and the layout buys nothing anyway."""
+    return torch.channels_last if width >= 8 else torch.contiguous_format
+
+
+def to_channels_last(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    """float32 [N, H, W, C] numpy -> a [N, C, H, W] tensor in channels_last layout, no copy on CPU."""
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).to(device, non_blocking=True)

@@ -1,0 +1,198 @@
+"""VICReg pretraining with PyTorch: `python -m torch_impl.train [--preset cpu] [flags]`.
+
+Writes the run folder (config.json, metrics.jsonl, checkpoint.pt every epoch, summary.json), then
+runs the linear probe on CIFAR-10 and, when its data is present, GTSRB.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from shared.config import Config, parse_train_args
+from shared.data import CIFAR10_MEAN, CIFAR10_STD, load_split, stratified_subset
+from shared.errors import UserError
+from shared.loader import epoch_batches, steps_per_epoch
+from shared.runio import CONFIG_FILE, SUMMARY_FILE, MetricsLog, prepare_run_dir, write_json
+from torch_impl.checkpoint import (CHECKPOINT_FILE, load_checkpoint, load_model_state,
+                                   save_checkpoint)
+from torch_impl.loss import vicreg_loss
+from torch_impl.model import VICReg
+from torch_impl.optim import build_optimizer, lr_at, set_lr
+from torch_impl.runtime import autocast_dtype, memory_format, pick_device, to_channels_last
+
+TERMS = ("loss", "invariance", "variance", "covariance", "embedding_std")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or inf; the last checkpoint is kept."""
+
+
+def build_model(cfg: Config, device: torch.device) -> VICReg:
+    """The VICReg network, initialised from cfg.seed, channels_last on `device`."""
+    torch.manual_seed(cfg.seed)
+    return VICReg(cfg.arch, cfg.width, cfg.mlp_dims()).to(device, memory_format=memory_format(cfg.width))
+
+
+def train_images(cfg: Config) -> np.ndarray:
+    """CIFAR-10 train images uint8 [N, 32, 32, 3] (a stratified subset when cfg.subset > 0)."""
+    images, labels = load_split("cifar10", cfg.data_dir, "train", download=cfg.download)
+    if cfg.subset:
+        images = images[stratified_subset(labels, cfg.subset, cfg.seed)]
+    return np.ascontiguousarray(images)
+
+
+def step_loss(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, cfg: Config,
+              amp: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward both views (autocast when `amp`), then the loss in float32."""
+    with torch.autocast(x_a.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        z_a, z_b = model(x_a), model(x_b)
+    z_a, z_b = z_a.float(), z_b.float()
+    loss, terms = vicreg_loss(z_a, z_b, sim_coeff=cfg.sim_coeff, std_coeff=cfg.std_coeff,
+                              cov_coeff=cfg.cov_coeff, variant=cfg.loss_variant)
+    terms = {**terms, "loss": loss, "embedding_std": z_a.detach().std(dim=0).mean()}
+    return loss, terms
+
+
+def train_step(model, optimizer, x_a, x_b, cfg: Config, amp) -> dict[str, torch.Tensor]:
+    """One optimisation step; returns the detached loss terms (on the device, not synchronised)."""
+    loss, terms = step_loss(model, x_a, x_b, cfg, amp)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {k: v.detach() for k, v in terms.items()}
+
+
+def _check_finite(window: list[tuple[int, int, dict]], run_dir: Path) -> dict[str, float]:
+    """Bring a window of step terms to the host; stop on the first non-finite loss."""
+    rows = [(epoch, step, {k: float(v) for k, v in terms.items()}) for epoch, step, terms in window]
+    for epoch, step, values in rows:
+        if not np.isfinite(values["loss"]):
+            raise TrainingDiverged(
+                f"loss became {values['loss']} at epoch {epoch} step {step}; stopped. The last "
+                f"good checkpoint stays in {run_dir} (try a lower --base-lr)")
+    return {k: float(np.mean([v[k] for _, _, v in rows])) for k in TERMS}
+
+
+@dataclass
+class Session:
+    """What one training process holds: settings, data, model, optimizer and the run folder."""
+
+    cfg: Config
+    run_dir: Path
+    images: np.ndarray
+    per_epoch: int
+    device: torch.device
+    amp: torch.dtype | None
+    model: VICReg
+    optimizer: torch.optim.Optimizer
+    metrics: MetricsLog
+
+    def __post_init__(self):
+        self.params = self.cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
+        self.step_fn = torch.compile(train_step) if self.cfg.compile else train_step
+
+
+def train_epoch(s: Session, epoch: int, bar: tqdm) -> dict[str, float]:
+    """One epoch of steps, logging every cfg.log_every steps; returns the epoch record."""
+    cfg = s.cfg
+    s.model.train()
+    rows: list[dict[str, float]] = []
+    window: list = []
+    t_epoch = t_window = time.perf_counter()
+    for batch in epoch_batches(s.images, s.params, cfg.batch_size, cfg.seed, epoch):
+        global_step = epoch * s.per_epoch + batch.step
+        lr = lr_at(global_step, s.per_epoch, cfg)
+        set_lr(s.optimizer, lr)
+        terms = s.step_fn(s.model, s.optimizer, to_channels_last(batch.view_a, s.device),
+                          to_channels_last(batch.view_b, s.device), cfg, s.amp)
+        window.append((epoch, batch.step, terms))
+        bar.update(1)
+        if len(window) == cfg.log_every or batch.step == s.per_epoch - 1:
+            means = _check_finite(window, s.run_dir)
+            pairs_per_s = len(window) * cfg.batch_size / (time.perf_counter() - t_window)
+            s.metrics.write({"kind": "step", "epoch": epoch, "step": global_step + 1, "lr": lr,
+                             "pairs_per_s": pairs_per_s, "images_per_s": 2 * pairs_per_s, **means})
+            rows += [means] * len(window)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{means['loss']:.3f}",
+                            img_s=f"{2 * pairs_per_s:.0f}")
+            window, t_window = [], time.perf_counter()
+    epoch_time = time.perf_counter() - t_epoch
+    pairs_per_s = s.per_epoch * cfg.batch_size / epoch_time
+    record = {"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * s.per_epoch, "lr": lr,
+              "epoch_time_s": epoch_time, "pairs_per_s": pairs_per_s,
+              "images_per_s": 2 * pairs_per_s,
+              **{k: float(np.mean([r[k] for r in rows])) for k in TERMS}}
+    s.metrics.write(record)
+    return record
+
+
+def start_session(cfg: Config, resume: bool) -> tuple[Session, int, float]:
+    """Load data, build or restore model and optimizer: (session, first epoch, train time so far)."""
+    device = pick_device()
+    images = train_images(cfg)
+    per_epoch = steps_per_epoch(len(images), cfg.batch_size)
+    run_dir = prepare_run_dir(cfg, resume, CHECKPOINT_FILE)
+    model = build_model(cfg, device)
+    s = Session(cfg, run_dir, images, per_epoch, device, autocast_dtype(cfg.precision, device),
+                model, build_optimizer(model, cfg), MetricsLog(run_dir))
+    if not resume:
+        return s, 0, 0.0
+    path = run_dir / CHECKPOINT_FILE
+    state = load_checkpoint(path)
+    load_model_state(model, state["model"], path, f"{cfg.arch} width {cfg.width} expander {cfg.mlp}")
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.metrics.truncate(state["metrics_bytes"])
+    write_json(run_dir / CONFIG_FILE, asdict(cfg))
+    return s, state["epoch"], state["train_time_s"]
+
+
+def run(cfg: Config, resume: bool) -> dict:
+    """Train (or resume) as `cfg` says, then probe; returns the summary written to summary.json."""
+    s, start_epoch, train_time = start_session(cfg, resume)
+    print(f"torch_impl: {cfg.arch} width {cfg.width}, expander {cfg.mlp}, {len(s.images)} images, "
+          f"{s.per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size}, "
+          f"{s.device.type} {'bf16' if s.amp else 'fp32'}, run folder {s.run_dir}", flush=True)
+    record: dict[str, float] = {}
+    with tqdm(total=cfg.epochs * s.per_epoch, initial=start_epoch * s.per_epoch, unit="step",
+              dynamic_ncols=True, mininterval=1.0, file=sys.stderr) as bar:
+        for epoch in range(start_epoch, cfg.epochs):
+            record = train_epoch(s, epoch, bar)
+            train_time += record["epoch_time_s"]
+            save_checkpoint(s.run_dir / CHECKPOINT_FILE, {
+                "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
+                "epoch": epoch + 1, "global_step": (epoch + 1) * s.per_epoch,
+                "train_time_s": train_time, "metrics_bytes": s.metrics.size(),
+                "config": asdict(cfg)})
+    steps = cfg.epochs * s.per_epoch
+    summary = {"framework": "torch", "device": s.device.type,
+               "precision": "bf16" if s.amp else "fp32", "epochs": cfg.epochs, "steps": steps,
+               "train_images": len(s.images), "train_time_s": train_time,
+               "pairs_per_s": steps * cfg.batch_size / max(train_time, 1e-9),
+               "final": {k: record.get(k) for k in TERMS}}
+    write_json(s.run_dir / SUMMARY_FILE, summary)
+    print(f"trained {cfg.epochs} epochs in {train_time / 60:.1f} min", flush=True)
+    if cfg.probe:
+        from torch_impl.probe import probe_after_training
+        summary["probe"] = probe_after_training(cfg, s.run_dir, s.model.backbone)
+        write_json(s.run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, resume = parse_train_args(argv, "torch")
+        run(cfg, resume)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
