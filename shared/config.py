@@ -196,7 +196,7 @@ def _flag(name: str) -> str:
 def _add_config_flags(parser: argparse.ArgumentParser, defaults: Config) -> None:
     for f in fields(Config):
         default = getattr(defaults, f.name)
-        help_text = f"{_HELP[f.name]} (default: {default!r})"
+        help_text = f"{_HELP[f.name]} (default: {default})"
         if f.type == "bool" or isinstance(default, bool):
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
@@ -215,7 +215,9 @@ def build_train_parser(framework: str) -> argparse.ArgumentParser:
                     "CIFAR-10 and GTSRB. Defaults are solo-learn's CIFAR recipe (ResNet-18, "
                     "2048-2048-2048 expander, LARS, 1000 epochs); `--preset cpu` trains in "
                     "minutes on a laptop CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="presets (flags given override them): " + "; ".join(
+            f"{name}: " + (", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults")
+            for name, values in PRESETS.items()))
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint.pt")
     _add_config_flags(parser, Config())

@@ -1,0 +1,85 @@
+"""shared.config: presets, flag precedence, config.json round trip, and bad settings."""
+import json
+
+import pytest
+
+from shared.config import (PRESETS, Config, build_train_parser, load_run_config, make_config,
+                           parse_mlp, parse_train_args)
+from shared.errors import UserError
+
+
+def test_defaults_are_solo_learns_cifar_recipe():
+    cfg = make_config({})
+    assert (cfg.arch, cfg.width, cfg.mlp, cfg.epochs, cfg.batch_size) == \
+        ("resnet18", 64, "2048-2048-2048", 1000, 256)
+    assert (cfg.optimizer, cfg.base_lr, cfg.lars_eta, cfg.wd) == ("lars", 0.3, 0.02, 1e-4)
+    assert (cfg.warmup_epochs, cfg.final_lr_ratio, cfg.schedule_unit) == (10.0, 0.001, "step")
+    assert (cfg.solarize_p, cfg.blur_p, cfg.loss_variant) == (0.1, 0.0, "official")
+    assert cfg.peak_lr() == pytest.approx(0.3)
+    assert make_config({"batch_size": 1024}).peak_lr() == pytest.approx(1.2)
+
+
+def test_homework_preset_is_the_seed_course():
+    cfg = make_config({"preset": "homework"})
+    assert (cfg.batch_size, cfg.epochs, cfg.optimizer, cfg.base_lr, cfg.wd) == \
+        (512, 100, "adam", 2e-4, 1e-6)
+    assert (cfg.blur_p, cfg.blur_kernel, cfg.solarize_p, cfg.loss_variant) == \
+        (0.5, 3, 0.2, "homework")
+    assert cfg.schedule_unit == "epoch" and cfg.peak_lr() == 2e-4
+
+
+def test_flags_override_the_preset_and_keep_the_rest():
+    cfg, resume = parse_train_args(["--preset", "cpu", "--epochs", "3", "--no-probe",
+                                    "--std-coeff", "10"], "torch")
+    assert not resume
+    assert (cfg.epochs, cfg.probe, cfg.std_coeff) == (3, False, 10.0)
+    assert cfg.width == PRESETS["cpu"]["width"] and cfg.out == "runs/torch-cpu"
+
+
+def test_every_field_has_a_flag_with_help_naming_its_default():
+    help_text = build_train_parser("torch").format_help()
+    for flag in ("--arch", "--mlp", "--epochs", "--batch-size", "--base-lr", "--wd",
+                 "--sim-coeff", "--std-coeff", "--cov-coeff", "--preset", "--resume"):
+        assert flag in help_text
+    assert "(default: 1000)" in help_text and "homework:" in help_text
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = make_config({"preset": "smoke", "std_coeff": 5.0})
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    assert load_run_config(tmp_path) == cfg
+    assert json.loads(cfg.to_json())["std_coeff"] == 5.0
+
+
+def test_resume_reads_the_stored_config_and_applies_new_flags(tmp_path):
+    cfg = make_config({"preset": "smoke", "out": str(tmp_path)})
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    resumed, resume = parse_train_args(["--resume", "--out", str(tmp_path), "--epochs", "5"], "jax")
+    assert resume and resumed.epochs == 5 and resumed.width == cfg.width
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"preset": "fast"}, "unknown preset"),
+    ({"arch": "vgg"}, "unknown arch"),
+    ({"mlp": "2048--2048"}, "malformed expander spec"),
+    ({"mlp": "0-8"}, "malformed expander spec"),
+    ({"batch_size": 1}, "at least 2"),
+    ({"blur_kernel": 4}, "odd"),
+    ({"optimizer": "sgd"}, "unknown optimizer"),
+    ({"nonsense": 1}, "unknown setting"),
+])
+def test_bad_settings_raise_user_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        make_config(overrides)
+
+
+def test_bad_config_json_is_a_user_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_run_config(tmp_path)
+
+
+def test_parse_mlp():
+    assert parse_mlp("2048-2048-2048") == [2048, 2048, 2048]
+    assert parse_mlp("64") == [64]
+    assert Config().mlp_dims() == [2048, 2048, 2048]
