@@ -1,4 +1,4 @@
-"""Epochs of (view_a, view_b) batches, augmented in a background thread so the model never waits.
+"""Epochs of (view_a, view_b) batches, augmented in background threads so the model never waits.
 
 The batch at (seed, epoch, step) is a pure function of those three numbers and the images: the
 image order is a permutation seeded by (seed, epoch), the views come from `shared.augment`. So both
@@ -6,9 +6,12 @@ frameworks, and a resumed run, consume byte-identical batches.
 """
 from __future__ import annotations
 
-import queue
-import threading
+import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from itertools import islice
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,41 +57,30 @@ def batch_at(images: np.ndarray, params: AugmentParams, batch_size: int, seed: i
     return _make_batch(images, order, params, batch_size, seed, epoch, step)
 
 
+def auto_workers() -> int:
+    """Augmentation threads when --workers is 0: half the cores, 1 to 8 (numpy releases the GIL
+    inside its array operations, so threads scale while the trainer keeps the other cores)."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 def epoch_batches(images: np.ndarray, params: AugmentParams, batch_size: int, seed: int,
-                  epoch: int, start_step: int = 0, prefetch: int = 3) -> Iterator[ViewBatch]:
-    """Yield the batches of `epoch` from `start_step` on, `prefetch` of them computed ahead."""
+                  epoch: int, start_step: int = 0, prefetch: int = 3,
+                  workers: int = 1) -> Iterator[ViewBatch]:
+    """Yield the batches of `epoch` from `start_step` on, in order, computed ahead by `workers`
+    background threads with up to `prefetch + workers` batches in flight."""
     total = steps_per_epoch(len(images), batch_size)
-    order = epoch_order(len(images), seed, epoch)
-    ready: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def produce():
+    make = partial(_make_batch, images, epoch_order(len(images), seed, epoch), params, batch_size,
+                   seed, epoch)
+    steps = iter(range(start_step, total))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"views-epoch{epoch}") as pool:
+        pending = deque(pool.submit(make, step) for step in islice(steps, prefetch + workers))
         try:
-            for step in range(start_step, total):
-                item = _make_batch(images, order, params, batch_size, seed, epoch, step)
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            ready.put(exc)
-            return
-        ready.put(None)
-
-    worker = threading.Thread(target=produce, name=f"views-epoch{epoch}", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item = ready.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        worker.join(timeout=5)
+            while pending:
+                batch = pending.popleft().result()
+                following = next(steps, None)
+                if following is not None:
+                    pending.append(pool.submit(make, following))
+                yield batch
+        finally:
+            for future in pending:
+                future.cancel()

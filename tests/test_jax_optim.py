@@ -1,16 +1,13 @@
 """jax_impl.optim (LARS, Adam with L2, the schedule) against numpy hand computations in float64."""
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 import torch
 
-from jax_impl.optim import build_optimizer, lr_at, set_lr
+from jax_impl.optim import build_optimizer, set_lr
 from shared.config import make_config
-from torch_impl.optim import lr_at as torch_lr_at
 
 LRS = (0.5, 0.3, 0.1)  # a different learning rate at each of the 3 steps
 
@@ -90,20 +87,6 @@ def test_adam_coupled_l2_three_steps_match_numpy_and_torch():
     for value, expected, tensor in zip(jax.tree.leaves(got), jax.tree.leaves(ref), tensors):
         np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(value, tensor.detach().numpy(), rtol=1e-10, atol=1e-12)
-
-
-def test_lr_schedule_by_hand_and_equal_to_torch():
-    cfg = make_config({"epochs": 10, "warmup_epochs": 2.0, "batch_size": 512, "base_lr": 0.3})
-    peak = 0.3 * 512 / 256
-    assert lr_at(0, 100, cfg) == 0.0
-    assert lr_at(100, 100, cfg) == pytest.approx(peak / 2)
-    q = 0.5 * (1 + math.cos(math.pi * 400 / 800))
-    assert lr_at(600, 100, cfg) == pytest.approx(peak * q + peak * 0.001 * (1 - q))
-    homework = make_config({"preset": "homework"})
-    assert lr_at(49, 50, homework) == pytest.approx(2e-4)  # constant within an epoch
-    for c in (cfg, homework, make_config({"preset": "cpu"})):
-        for step in (0, 1, 37, 99, 250, 999):
-            assert lr_at(step, 100, c) == torch_lr_at(step, 100, c)
 
 
 def test_set_lr_replaces_only_the_learning_rate():

@@ -47,3 +47,12 @@ def test_abandoning_an_epoch_stops_the_producer():
     it = epoch_batches(images(), AugmentParams(), 8, 0, 0, prefetch=1)
     next(it)
     it.close()  # must return promptly (the worker is joined in the generator's finally)
+
+
+def test_several_workers_deliver_the_same_bytes_in_order():
+    x, params = images(64), AugmentParams()
+    one = list(epoch_batches(x, params, 8, 5, 1, workers=1))
+    four = list(epoch_batches(x, params, 8, 5, 1, workers=4, prefetch=1))
+    assert [b.step for b in four] == list(range(8))
+    assert all(a.view_a.tobytes() == b.view_a.tobytes() and a.view_b.tobytes() == b.view_b.tobytes()
+               for a, b in zip(one, four))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from shared.config import make_config
-from torch_impl.optim import LARS, build_optimizer, lr_at
+from shared.schedule import lr_at
+from torch_impl.optim import LARS, build_optimizer
 from torch_impl.model import VICReg
 
 

@@ -184,3 +184,24 @@ def test_probe_errors_for_missing_corrupt_and_foreign_checkpoints(tiny_data_dir,
 
     assert probe_cli.main(["--run", str(tmp_path / "missing")]) == 2
     assert "config.json is missing" in error_line(capsys)
+
+
+def test_views_reach_torch_as_channels_last_without_a_copy():
+    from torch_impl.runtime import to_channels_last
+    view = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    tensor = to_channels_last(view, torch.device("cpu"))
+    assert tensor.shape == (4, 3, 32, 32)
+    assert tensor.is_contiguous(memory_format=torch.channels_last)
+    assert tensor.data_ptr() == view.ctypes.data
+    assert torch.equal(tensor[1, 2], torch.from_numpy(view[1, :, :, 2]))
+
+
+def test_command_line_error_is_one_line_with_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "torch_impl.train", "--preset", "nope",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown preset 'nope'; choose one of: default, " \
+                                    "homework, cpu, smoke"
+    assert not (tmp_path / "run").exists()

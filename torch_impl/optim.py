@@ -1,7 +1,6 @@
-"""LARS with the official VICReg semantics, Adam for the homework preset, and the lr schedule."""
+"""LARS with the official VICReg semantics and Adam for the homework preset (the learning rate
+follows shared.schedule.lr_at, set before every step)."""
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -49,24 +48,6 @@ class LARS(torch.optim.Optimizer):
                 mu = state["mu"]
                 mu.mul_(group["momentum"]).add_(update)
                 p.add_(mu, alpha=-group["lr"])
-
-
-def lr_at(step: int, steps_per_epoch: int, cfg: Config) -> float:
-    """Learning rate at global step `step` (0-based).
-
-    Warmup: lr = peak * t / T_w; then cosine: q = (1 + cos(pi * (t - T_w) / (T - T_w))) / 2,
-    lr = peak * q + peak * final_lr_ratio * (1 - q). t counts steps, or whole epochs when
-    schedule_unit is "epoch".
-    """
-    peak = cfg.peak_lr()
-    if cfg.schedule_unit == "epoch":
-        t, total, warmup = step // steps_per_epoch, cfg.epochs, cfg.warmup_epochs
-    else:
-        t, total, warmup = step, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    if t < warmup:
-        return peak * t / warmup
-    q = 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / max(total - warmup, 1)))
-    return peak * q + peak * cfg.final_lr_ratio * (1.0 - q)
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:

@@ -16,10 +16,9 @@ from tqdm import tqdm
 
 from shared.config import Config, parse_probe_args
 from shared.data import CIFAR10_MEAN, CIFAR10_STD, NUM_CLASSES, load_split
-from shared.errors import UserError
-from shared.linear_probe import (PROTOCOL, normalize_images, per_class_accuracy, probe_batches,
-                                 probe_lr, standardize, top1)
-from shared.runio import probe_result_path, write_json
+from shared.linear_probe import (normalize_images, probe_batches, probe_lr, probe_record,
+                                 report_probe, standardize)
+from shared.training import cli_main, gtsrb_available
 from torch_impl.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model_state
 from torch_impl.model import VICReg
 from torch_impl.runtime import autocast_dtype, memory_format, pick_device, to_channels_last
@@ -75,26 +74,10 @@ def probe(cfg: Config, run_dir: Path, dataset: str, backbone: nn.Module, random_
     f_train = extract_features(backbone, x_train, cfg, f"{dataset} train features")
     f_test = extract_features(backbone, x_test, cfg, f"{dataset} test features")
     logits = train_linear(f_train, y_train, f_test, NUM_CLASSES[dataset], cfg)
-    result = {
-        "framework": "torch", "dataset": dataset, "top1": top1(logits, y_test),
-        "per_class_top1": per_class_accuracy(logits, y_test, NUM_CLASSES[dataset]),
-        "num_train": int(len(y_train)), "num_test": int(len(y_test)),
-        "num_classes": NUM_CLASSES[dataset], "feature_dim": int(f_train.shape[1]),
-        "random_init": random_init, "checkpoint_epoch": checkpoint_epoch, "protocol": PROTOCOL,
-        "settings": {"arch": cfg.arch, "width": cfg.width, "epochs": cfg.probe_epochs,
-                     "lr": cfg.probe_lr, "wd": cfg.probe_wd, "batch_size": cfg.probe_batch_size,
-                     "seed": cfg.seed, "normalisation": "CIFAR-10 mean/std (as in pretraining)"},
-        "time_s": time.perf_counter() - started,
-    }
-    write_json(probe_result_path(run_dir, dataset, random_init), result)
-    label = f"{dataset} linear probe{' (random init)' if random_init else ''}"
-    print(f"{label}: top-1 {100 * result['top1']:.2f}% ({result['num_train']} train / "
-          f"{result['num_test']} test images, {cfg.arch} width {cfg.width})", flush=True)
+    result = probe_record("torch", dataset, logits, len(y_train), y_test, f_train.shape[1], cfg,
+                          random_init, checkpoint_epoch, time.perf_counter() - started)
+    report_probe(result, run_dir, cfg)
     return result
-
-
-def gtsrb_available(cfg: Config) -> bool:
-    return cfg.download or (Path(cfg.data_dir) / "gtsrb").is_dir()
 
 
 def probe_after_training(cfg: Config, run_dir: Path, backbone: nn.Module) -> dict:
@@ -122,14 +105,11 @@ def load_backbone(cfg: Config, run_dir: Path, random_init: bool) -> tuple[nn.Mod
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body():
         cfg, args = parse_probe_args(argv, "torch")
         backbone, epoch = load_backbone(cfg, Path(args.run), args.random_init)
         probe(cfg, Path(args.run), args.dataset, backbone, args.random_init, epoch)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(body)
 
 
 if __name__ == "__main__":

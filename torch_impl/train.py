@@ -6,7 +6,6 @@ runs the linear probe on CIFAR-10 and, when its data is present, GTSRB.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,36 +14,22 @@ import torch
 from tqdm import tqdm
 
 from shared.config import Config, parse_train_args
-from shared.data import CIFAR10_MEAN, CIFAR10_STD, load_split, stratified_subset
-from shared.errors import UserError
+from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.loader import epoch_batches, steps_per_epoch
 from shared.runio import CONFIG_FILE, SUMMARY_FILE, MetricsLog, prepare_run_dir, write_json
+from shared.schedule import lr_at
+from shared.training import EpochLog, cli_main, run_summary, train_images
 from torch_impl.checkpoint import (CHECKPOINT_FILE, load_checkpoint, load_model_state,
                                    save_checkpoint)
 from torch_impl.loss import vicreg_loss
 from torch_impl.model import VICReg
-from torch_impl.optim import build_optimizer, lr_at, set_lr
+from torch_impl.optim import build_optimizer, set_lr
 from torch_impl.runtime import autocast_dtype, memory_format, pick_device, to_channels_last
-
-TERMS = ("loss", "invariance", "variance", "covariance", "embedding_std")
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or inf; the last checkpoint is kept."""
-
 
 def build_model(cfg: Config, device: torch.device) -> VICReg:
     """The VICReg network, initialised from cfg.seed, channels_last on `device`."""
     torch.manual_seed(cfg.seed)
     return VICReg(cfg.arch, cfg.width, cfg.mlp_dims()).to(device, memory_format=memory_format(cfg.width))
-
-
-def train_images(cfg: Config) -> np.ndarray:
-    """CIFAR-10 train images uint8 [N, 32, 32, 3] (a stratified subset when cfg.subset > 0)."""
-    images, labels = load_split("cifar10", cfg.data_dir, "train", download=cfg.download)
-    if cfg.subset:
-        images = images[stratified_subset(labels, cfg.subset, cfg.seed)]
-    return np.ascontiguousarray(images)
 
 
 def step_loss(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, cfg: Config,
@@ -68,17 +53,6 @@ def train_step(model, optimizer, x_a, x_b, cfg: Config, amp) -> dict[str, torch.
     return {k: v.detach() for k, v in terms.items()}
 
 
-def _check_finite(window: list[tuple[int, int, dict]], run_dir: Path) -> dict[str, float]:
-    """Bring a window of step terms to the host; stop on the first non-finite loss."""
-    rows = [(epoch, step, {k: float(v) for k, v in terms.items()}) for epoch, step, terms in window]
-    for epoch, step, values in rows:
-        if not np.isfinite(values["loss"]):
-            raise TrainingDiverged(
-                f"loss became {values['loss']} at epoch {epoch} step {step}; stopped. The last "
-                f"good checkpoint stays in {run_dir} (try a lower --base-lr)")
-    return {k: float(np.mean([v[k] for _, _, v in rows])) for k in TERMS}
-
-
 @dataclass
 class Session:
     """What one training process holds: settings, data, model, optimizer and the run folder."""
@@ -99,37 +73,17 @@ class Session:
 
 
 def train_epoch(s: Session, epoch: int, bar: tqdm) -> dict[str, float]:
-    """One epoch of steps, logging every cfg.log_every steps; returns the epoch record."""
-    cfg = s.cfg
+    """One epoch of steps, logged every cfg.log_every steps; returns the epoch record."""
     s.model.train()
-    rows: list[dict[str, float]] = []
-    window: list = []
-    t_epoch = t_window = time.perf_counter()
-    for batch in epoch_batches(s.images, s.params, cfg.batch_size, cfg.seed, epoch):
-        global_step = epoch * s.per_epoch + batch.step
-        lr = lr_at(global_step, s.per_epoch, cfg)
+    log = EpochLog(s.cfg, s.metrics, s.run_dir, bar, epoch, s.per_epoch)
+    for batch in epoch_batches(s.images, s.params, s.cfg.batch_size, s.cfg.seed, epoch,
+                               workers=s.cfg.loader_workers()):
+        lr = lr_at(epoch * s.per_epoch + batch.step, s.per_epoch, s.cfg)
         set_lr(s.optimizer, lr)
         terms = s.step_fn(s.model, s.optimizer, to_channels_last(batch.view_a, s.device),
-                          to_channels_last(batch.view_b, s.device), cfg, s.amp)
-        window.append((epoch, batch.step, terms))
-        bar.update(1)
-        if len(window) == cfg.log_every or batch.step == s.per_epoch - 1:
-            means = _check_finite(window, s.run_dir)
-            pairs_per_s = len(window) * cfg.batch_size / (time.perf_counter() - t_window)
-            s.metrics.write({"kind": "step", "epoch": epoch, "step": global_step + 1, "lr": lr,
-                             "pairs_per_s": pairs_per_s, "images_per_s": 2 * pairs_per_s, **means})
-            rows += [means] * len(window)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{means['loss']:.3f}",
-                            img_s=f"{2 * pairs_per_s:.0f}")
-            window, t_window = [], time.perf_counter()
-    epoch_time = time.perf_counter() - t_epoch
-    pairs_per_s = s.per_epoch * cfg.batch_size / epoch_time
-    record = {"kind": "epoch", "epoch": epoch, "step": (epoch + 1) * s.per_epoch, "lr": lr,
-              "epoch_time_s": epoch_time, "pairs_per_s": pairs_per_s,
-              "images_per_s": 2 * pairs_per_s,
-              **{k: float(np.mean([r[k] for r in rows])) for k in TERMS}}
-    s.metrics.write(record)
-    return record
+                          to_channels_last(batch.view_b, s.device), s.cfg, s.amp)
+        log.add(batch.step, lr, terms)
+    return log.close()
 
 
 def start_session(cfg: Config, resume: bool) -> tuple[Session, int, float]:
@@ -169,12 +123,8 @@ def run(cfg: Config, resume: bool) -> dict:
                 "epoch": epoch + 1, "global_step": (epoch + 1) * s.per_epoch,
                 "train_time_s": train_time, "metrics_bytes": s.metrics.size(),
                 "config": asdict(cfg)})
-    steps = cfg.epochs * s.per_epoch
-    summary = {"framework": "torch", "device": s.device.type,
-               "precision": "bf16" if s.amp else "fp32", "epochs": cfg.epochs, "steps": steps,
-               "train_images": len(s.images), "train_time_s": train_time,
-               "pairs_per_s": steps * cfg.batch_size / max(train_time, 1e-9),
-               "final": {k: record.get(k) for k in TERMS}}
+    summary = run_summary("torch", s.device.type, "bf16" if s.amp else "fp32", cfg, s.per_epoch,
+                          len(s.images), train_time, record)
     write_json(s.run_dir / SUMMARY_FILE, summary)
     print(f"trained {cfg.epochs} epochs in {train_time / 60:.1f} min", flush=True)
     if cfg.probe:
@@ -185,13 +135,7 @@ def run(cfg: Config, resume: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, resume = parse_train_args(argv, "torch")
-        run(cfg, resume)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(lambda: run(*parse_train_args(argv, "torch")))
 
 
 if __name__ == "__main__":

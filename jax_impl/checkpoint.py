@@ -1,0 +1,106 @@
+"""jax_impl's checkpoint.msgpack: variables, optimizer state, progress and settings.
+
+The twin of torch_impl.checkpoint: flax.serialization's msgpack of {"format", "params",
+"batch_stats", "opt_state", "epoch", "global_step", "train_time_s", "metrics_bytes", "config"},
+written atomically; every problem reading one is a one-line UserError.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import msgpack
+import numpy as np
+from flax import serialization
+from flax.traverse_util import flatten_dict
+
+from shared.config import Config
+from shared.errors import UserError
+from shared.runio import atomic_write_bytes
+
+CHECKPOINT_FILE = "checkpoint.msgpack"
+FORMAT = "vicreg-interop/jax"
+TORCH_CHECKPOINT_FILE = "checkpoint.pt"
+# What garbage or a cut-off file can raise inside msgpack_restore (bad bytes, wrong ext payloads).
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+_READ_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError,
+                msgpack.exceptions.UnpackException)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write {"format", **state} atomically; arrays are fetched to the host, namedtuples become dicts."""
+    tree = serialization.to_state_dict({"format": FORMAT, **jax.device_get(state)})
+    atomic_write_bytes(path, serialization.msgpack_serialize(tree))
+
+
+def require_checkpoint(path: Path) -> None:
+    """UserError unless `path` is a file; it names jax_impl.convert when a torch checkpoint sits there."""
+    path = Path(path)
+    if path.is_file():
+        return
+    torch_twin = path.with_name(TORCH_CHECKPOINT_FILE)
+    if torch_twin.is_file():
+        raise UserError(f"{path.parent} holds a PyTorch checkpoint ({torch_twin.name}), not a JAX one; "
+                        f"convert it with: python -m jax_impl.convert {path.parent} --to flax")
+    raise UserError(f"no checkpoint at {path} (train first, or check --run/--out)")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by save_checkpoint (numpy leaves); UserError if missing, corrupt or foreign."""
+    path = Path(path)
+    require_checkpoint(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if blob[:4] == _ZIP_MAGIC:
+        raise UserError(f"{path} is a PyTorch checkpoint (torch.save's zip), not a JAX one; rename it "
+                        f"to {TORCH_CHECKPOINT_FILE} and convert it with: python -m jax_impl.convert "
+                        f"{path.parent} --to flax")
+    try:
+        state = serialization.msgpack_restore(blob)
+    except _READ_ERRORS as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is corrupt or truncated and cannot be loaded ({reason[:120]})") \
+            from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path} is not a vicreg-interop JAX checkpoint")
+    return state
+
+
+def model_description(cfg: Config) -> str:
+    """How error messages name the model a run folder's config.json asks for."""
+    return f"{cfg.arch} width {cfg.width} expander {cfg.mlp}"
+
+
+def _shapes(tree: dict) -> dict[str, tuple]:
+    return {"/".join(k): tuple(np.shape(v)) for k, v in flatten_dict(tree).items()}
+
+
+def check_variables(variables: dict, expected: dict, path: Path, what: str) -> dict:
+    """The {"params", "batch_stats"} of a checkpoint as float32/int32 jax arrays, if they fit `expected`.
+
+    expected: the model's tree of shapes (model.variable_shapes); a missing, extra or reshaped
+    variable is a one-line UserError naming `what` (the run's architecture).
+    """
+    got, want = _shapes(variables), _shapes(expected)
+    if got != want:
+        missing = sorted(set(want) - set(got))
+        extra = sorted(set(got) - set(want))
+        reshaped = sorted(k for k in set(got) & set(want) if got[k] != want[k])
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra else
+                  f"{reshaped[0]} is {got[reshaped[0]]}, expected {want[reshaped[0]]}")
+        raise UserError(f"{path} does not fit {what}: it was written for another architecture "
+                        f"({detail}; {len(missing)} missing, {len(extra)} unexpected, "
+                        f"{len(reshaped)} reshaped)")
+    return jax.tree.map(lambda v, e: jax.numpy.asarray(v, e.dtype), variables, expected)
+
+
+def restore_opt_state(template, stored: dict, path: Path):
+    """The optimizer state `stored` (a state dict) in the structure of `template` (optimizer.init)."""
+    try:
+        restored = serialization.from_state_dict(template, stored)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} holds optimizer state for another optimizer or model "
+                        f"({str(exc).splitlines()[0][:120]}); start a new run") from None
+    return jax.tree.map(lambda v, t: jax.numpy.asarray(v, t.dtype), restored, template)

@@ -1,0 +1,141 @@
+"""Linear probe of a frozen backbone: `python -m jax_impl.probe --run RUN_DIR --dataset cifar10|gtsrb`.
+
+The twin of torch_impl.probe (same protocol, through shared.linear_probe): writes
+RUN_DIR/probe_<dataset>.json (probe_<dataset>_random_init.json with --random-init) and prints one
+line with the top-1 accuracy.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from jax_impl.checkpoint import (CHECKPOINT_FILE, check_variables, load_checkpoint,
+                                 model_description)
+from jax_impl.model import (ResNet, backbone_of, backbone_variables, build_model, init_variables,
+                            torch_uniform, variable_shapes)
+from jax_impl.optim import set_lr
+from jax_impl.runtime import compute_dtype, pick_device
+from shared.config import Config, parse_probe_args
+from shared.data import CIFAR10_MEAN, CIFAR10_STD, NUM_CLASSES, load_split
+from shared.linear_probe import (normalize_images, probe_batches, probe_lr, probe_record,
+                                 report_probe, standardize)
+from shared.training import cli_main, gtsrb_available
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_features(backbone: ResNet, variables: dict, x: jax.Array) -> jax.Array:
+    return backbone.apply(variables, x, train=False)
+
+
+def extract_features(backbone: ResNet, variables: dict, images: np.ndarray, desc: str,
+                     batch_size: int = 500) -> np.ndarray:
+    """uint8 [N, 32, 32, 3] -> float32 features [N, F] of the backbone in eval mode."""
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
+                      file=sys.stderr, mininterval=1.0):
+        x = normalize_images(images[start:start + batch_size], CIFAR10_MEAN, CIFAR10_STD)
+        rows = len(x)
+        # Eval-mode rows are independent, so padding the last chunk costs nothing but saves a compile.
+        x = np.pad(x, ((0, batch_size - rows), (0, 0), (0, 0), (0, 0)))
+        chunks.append(np.asarray(_eval_features(backbone, variables, x))[:rows])
+    return np.concatenate(chunks)
+
+
+def _classifier_step(classifier: nn.Dense, optimizer: optax.GradientTransformation):
+    """jit(step)(params, opt_state, x [B, F], y int [B], lr) -> (params, opt_state): one SGD step on CE."""
+
+    def loss(params, x, y):
+        logits = classifier.apply({"params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def step(params, opt_state, x, y, lr):
+        grads = jax.grad(loss)(params, x, y)
+        updates, opt_state = optimizer.update(grads, set_lr(opt_state, lr), params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.jit(step)
+
+
+def train_linear(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_classes: int,
+                 cfg: Config) -> np.ndarray:
+    """Fit a linear classifier on standardised features [N, F]; return test logits [M, C] float32."""
+    train_x, test_x = standardize(train_x, test_x)
+    dim = train_x.shape[1]
+    classifier = nn.Dense(num_classes, kernel_init=torch_uniform(), bias_init=torch_uniform(dim))
+    params = classifier.init(jax.random.key(cfg.seed), jnp.zeros((1, dim)))["params"]
+    # torch.optim.SGD(momentum=0.9, weight_decay=wd): g' = g + wd * p; b = 0.9 b + g'; p -= lr * b
+    optimizer = optax.inject_hyperparams(lambda learning_rate: optax.chain(
+        optax.add_decayed_weights(cfg.probe_wd), optax.sgd(learning_rate, momentum=0.9)))(
+        learning_rate=cfg.probe_lr)
+    opt_state = optimizer.init(params)
+    step_fn = _classifier_step(classifier, optimizer)
+    features, labels = jnp.asarray(train_x), jnp.asarray(train_y.astype(np.int32))
+    batches_per_epoch = len(probe_batches(len(train_x), cfg.probe_batch_size, cfg.seed, 0))
+    total, step = cfg.probe_epochs * batches_per_epoch, 0
+    for epoch in range(cfg.probe_epochs):
+        for index in probe_batches(len(train_x), cfg.probe_batch_size, cfg.seed, epoch):
+            params, opt_state = step_fn(params, opt_state, features[index], labels[index],
+                                        probe_lr(step, total, cfg.probe_lr))
+            step += 1
+    return np.asarray(classifier.apply({"params": params}, jnp.asarray(test_x)), np.float32)
+
+
+def probe(cfg: Config, run_dir: Path, dataset: str, backbone: ResNet, variables: dict,
+          random_init: bool, checkpoint_epoch: int | None) -> dict:
+    """Run the protocol on `dataset`, write probe_<dataset>[_random_init].json, return its dict."""
+    started = time.perf_counter()
+    x_train, y_train = load_split(dataset, cfg.data_dir, "train", download=cfg.download)
+    x_test, y_test = load_split(dataset, cfg.data_dir, "test", download=cfg.download)
+    f_train = extract_features(backbone, variables, x_train, f"{dataset} train features")
+    f_test = extract_features(backbone, variables, x_test, f"{dataset} test features")
+    logits = train_linear(f_train, y_train, f_test, NUM_CLASSES[dataset], cfg)
+    result = probe_record("jax", dataset, logits, len(y_train), y_test, f_train.shape[1], cfg,
+                          random_init, checkpoint_epoch, time.perf_counter() - started)
+    report_probe(result, run_dir, cfg)
+    return result
+
+
+def probe_after_training(cfg: Config, run_dir: Path, backbone: ResNet, variables: dict) -> dict:
+    """The probes that end a training run: CIFAR-10, and GTSRB when its data is there."""
+    results = {"cifar10": probe(cfg, run_dir, "cifar10", backbone, variables, False,
+                                cfg.epochs)["top1"]}
+    if gtsrb_available(cfg):
+        results["gtsrb"] = probe(cfg, run_dir, "gtsrb", backbone, variables, False,
+                                 cfg.epochs)["top1"]
+    else:
+        print(f"GTSRB probe skipped: no {Path(cfg.data_dir) / 'gtsrb'} (pass --download)")
+    return results
+
+
+def load_backbone(cfg: Config, run_dir: Path, random_init: bool) -> tuple[ResNet, dict, int | None]:
+    """The run's backbone and its variables: trained ones from the checkpoint, or fresh from cfg.seed."""
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), compute_dtype(cfg.precision, pick_device()))
+    if random_init:
+        return backbone_of(model), backbone_variables(init_variables(model, cfg.seed)), None
+    path = run_dir / CHECKPOINT_FILE
+    stored = load_checkpoint(path)
+    variables = check_variables({"params": stored["params"], "batch_stats": stored["batch_stats"]},
+                                variable_shapes(model), path,
+                                f"{model_description(cfg)} (from config.json)")
+    return backbone_of(model), backbone_variables(variables), int(stored["epoch"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body():
+        cfg, args = parse_probe_args(argv, "jax")
+        backbone, variables, epoch = load_backbone(cfg, Path(args.run), args.random_init)
+        probe(cfg, Path(args.run), args.dataset, backbone, variables, args.random_init, epoch)
+    return cli_main(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

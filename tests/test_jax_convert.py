@@ -1,0 +1,162 @@
+"""jax_impl.convert: exact round trips, equal features across frameworks, probes of converted runs, errors."""
+import json
+from dataclasses import asdict
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from jax_impl import convert
+from jax_impl import probe as jax_probe
+from jax_impl.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from jax_impl.model import build_model, init_variables
+from jax_impl.optim import build_optimizer
+from shared.config import make_config
+from torch_impl import probe as torch_probe
+from torch_impl.checkpoint import load_checkpoint as load_torch, save_checkpoint as save_torch
+from torch_impl.model import VICReg as TorchVICReg
+from torch_impl.optim import build_optimizer as build_torch_optimizer
+
+PROGRESS = {"epoch": 3, "global_step": 12, "train_time_s": 5.0, "metrics_bytes": 0}
+
+
+def config_for(run, data_dir, width=4):
+    return make_config({"preset": "smoke", "width": width, "data_dir": str(data_dir), "out": str(run)})
+
+
+def torch_run(run, data_dir, width=4, config_width=None):
+    """A torch run folder: config.json and checkpoint.pt of a resnet18 whose BN statistics moved."""
+    torch.manual_seed(0)
+    model = TorchVICReg("resnet18", width, [32, 32])
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 32, 32) + 0.5)
+    cfg = config_for(run, data_dir, config_width or width)
+    run.mkdir()
+    (run / "config.json").write_text(cfg.to_json())
+    save_torch(run / "checkpoint.pt", {"model": model.state_dict(),
+                                       "optimizer": build_torch_optimizer(model, cfg).state_dict(),
+                                       "config": asdict(cfg), **PROGRESS})
+    return run
+
+
+def jax_run(run, data_dir):
+    """A JAX run folder: config.json and checkpoint.msgpack with random BN statistics."""
+    cfg = config_for(run, data_dir)
+    variables = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims()), seed=5)
+    rng = np.random.default_rng(5)
+    stats = jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(s.dtype) if s.dtype == np.float32
+                         else np.full(s.shape, 7, s.dtype), variables["batch_stats"])
+    run.mkdir()
+    (run / "config.json").write_text(cfg.to_json())
+    save_checkpoint(run / CHECKPOINT_FILE, {
+        "params": variables["params"], "batch_stats": stats,
+        "opt_state": build_optimizer(cfg).init(variables["params"]), "config": asdict(cfg), **PROGRESS})
+    return run
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_torch_to_flax_to_torch_is_exact(tiny_data_dir, tmp_path, capsys):
+    run, back = torch_run(tmp_path / "run", tiny_data_dir), tmp_path / "back"
+    assert convert.main([str(run), "--to", "flax"]) == 0
+    assert "optimizer state not converted" in capsys.readouterr().out
+    assert convert.main([str(run), "--to", "torch", "--out", str(back)]) == 0
+    assert (back / "config.json").read_bytes() == (run / "config.json").read_bytes()
+    original, restored = load_torch(run / "checkpoint.pt"), load_torch(back / "checkpoint.pt")
+    assert list(restored["model"]) == list(original["model"])
+    for key, tensor in original["model"].items():
+        assert restored["model"][key].dtype == tensor.dtype, key
+        assert torch.equal(restored["model"][key], tensor), key
+    assert {k: restored[k] for k in [*PROGRESS, "config"]} == {k: original[k] for k in [*PROGRESS, "config"]}
+    assert restored["optimizer"]["state"] == {}  # weights only: a fresh optimizer
+
+    flax = load_checkpoint(run / CHECKPOINT_FILE)  # the layouts, by hand
+    weight = original["model"]["backbone.layer2.0.conv1.weight"].numpy()  # OIHW
+    np.testing.assert_array_equal(flax["params"]["backbone"]["layer2"]["0"]["conv1"]["kernel"],
+                                  weight.transpose(2, 3, 1, 0))
+    linear = original["model"]["projector.3.weight"].numpy()  # [out, in]
+    np.testing.assert_array_equal(flax["params"]["projector"]["3"]["kernel"], linear.T)
+    bn = flax["batch_stats"]["backbone"]["layer1"]["1"]["bn2"]
+    np.testing.assert_array_equal(bn["running_var"], original["model"]["backbone.layer1.1.bn2.running_var"])
+    assert bn["num_batches_tracked"] == 1
+    assert flax["epoch"] == 3 and flax["config"] == original["config"]
+
+
+def test_flax_to_torch_features_match_and_both_probes_read_it(tiny_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 parity on a GPU too
+    run = jax_run(tmp_path / "run", tiny_data_dir)
+    assert convert.main([str(run), "--to", "torch"]) == 0
+    cfg = config_for(run, tiny_data_dir)
+    images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), np.uint8)
+    backbone, variables, epoch = jax_probe.load_backbone(cfg, run, random_init=False)
+    with jax.default_matmul_precision("highest"):
+        mine = jax_probe.extract_features(backbone, variables, images, "jax")
+    torch_backbone, _ = torch_probe.load_backbone(cfg, run, random_init=False)
+    theirs = torch_probe.extract_features(torch_backbone, images, cfg, "torch")
+    assert mine.shape == theirs.shape == (20, 32) and epoch == 3
+    np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+
+    results = {}
+    for name, module in (("torch", torch_probe), ("jax", jax_probe)):
+        assert module.main(["--run", str(run), "--dataset", "cifar10", "--probe-epochs", "2",
+                            "--data-dir", str(tiny_data_dir)]) == 0
+        results[name] = json.loads((run / "probe_cifar10.json").read_text())
+    assert results["torch"].keys() == results["jax"].keys()
+    assert (results["torch"]["framework"], results["jax"]["framework"]) == ("torch", "jax")
+    for key in ("num_train", "num_test", "feature_dim", "checkpoint_epoch", "settings", "protocol"):
+        assert results["torch"][key] == results["jax"][key], key
+
+
+def test_torch_run_converted_to_flax_is_probed_by_jax(tiny_data_dir, tmp_path):
+    run = torch_run(tmp_path / "run", tiny_data_dir)
+    assert convert.main([str(run), "--to", "flax"]) == 0
+    assert jax_probe.main(["--run", str(run), "--dataset", "gtsrb", "--probe-epochs", "2",
+                           "--data-dir", str(tiny_data_dir)]) == 0
+    result = json.loads((run / "probe_gtsrb.json").read_text())
+    assert (result["framework"], result["checkpoint_epoch"], result["num_classes"]) == ("jax", 3, 43)
+
+
+def test_refuses_to_overwrite_unless_forced(tiny_data_dir, tmp_path, capsys):
+    run = torch_run(tmp_path / "run", tiny_data_dir)
+    assert convert.main([str(run), "--to", "flax"]) == 0
+    before = (run / CHECKPOINT_FILE).read_bytes()
+    assert convert.main([str(run), "--to", "flax"]) == 2
+    assert "already exists; pass --force" in error_line(capsys)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    assert convert.main([str(run), "--to", "flax", "--out", str(other)]) == 2
+    assert "holds other settings" in error_line(capsys)
+    assert convert.main([str(run), "--to", "flax", "--force"]) == 0
+    assert (run / CHECKPOINT_FILE).read_bytes() == before
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("wrong direction", ["--to", "flax"], "holds a flax checkpoint (checkpoint.msgpack) and no torch one"),
+    ("other architecture", ["--to", "flax"], "does not fit resnet18 width 8 expander 32-32"),
+    ("corrupt", ["--to", "flax"], "is corrupt or truncated"),
+    ("no run folder", ["--to", "flax"], "config.json is missing"),
+    ("bad target", ["--to", "tf"], "invalid choice: 'tf'"),
+])
+def test_bad_input(case, args, message, tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    if case == "wrong direction":
+        jax_run(run, tiny_data_dir)
+    elif case == "other architecture":
+        torch_run(run, tiny_data_dir, width=4, config_width=8)
+    elif case == "corrupt":
+        torch_run(run, tiny_data_dir)
+        blob = (run / "checkpoint.pt").read_bytes()
+        (run / "checkpoint.pt").write_bytes(blob[:len(blob) // 3])
+    assert convert.main([str(run), *args]) == 2
+    assert message in error_line(capsys)
+    assert not (run / CHECKPOINT_FILE).exists() or case == "wrong direction"
+
+
+def test_help_says_the_optimizer_state_does_not_convert():
+    assert "the optimizer state does not" in " ".join(convert.build_parser().format_help().split())
