@@ -4,8 +4,9 @@
 
 Rows: the torch train step (two views forward + VICReg loss + backward + optimizer step) as eager
 fp32 NCHW (the baseline), channels_last fp32, channels_last bf16 autocast, optionally
-torch.compile; the same step fed by the shared loader (augmentation in its background thread);
-and the augmentation pipeline alone. Ratios are against the baseline measured in the same run.
+torch.compile; the same step fed by the shared loader (augmentation in background threads);
+jax_impl's jitted step in fp32 and with bf16 compute (same preset and batch); and the augmentation
+pipeline alone. Ratios are against the baseline measured in the same run.
 """
 from __future__ import annotations
 
@@ -55,6 +56,29 @@ def torch_step_rate(cfg, device, layout, amp, compile_step, steps) -> float:
     return cfg.batch_size / time_steps(lambda: fn(model, optimizer, *views, cfg, amp), steps, device)
 
 
+def jax_step_rate(cfg, bf16: bool, steps: int) -> float:
+    """Image pairs per second of jax_impl's jitted train step on fixed random NHWC views."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_impl.model import build_model
+    from jax_impl.optim import build_optimizer as build_jax_optimizer
+    from jax_impl.train import initial_state, make_train_step
+
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), jnp.bfloat16 if bf16 else jnp.float32)
+    optimizer = build_jax_optimizer(cfg)
+    step_fn = make_train_step(model, optimizer, cfg)
+    rng = np.random.default_rng(0)
+    views = [jnp.asarray(rng.normal(size=(cfg.batch_size, 32, 32, 3)).astype(np.float32))
+             for _ in range(2)]
+    holder = [initial_state(model, optimizer, cfg)]
+
+    def step():
+        holder[0], terms = step_fn(holder[0], *views, 0.01)
+        jax.block_until_ready(terms)
+    return cfg.batch_size / time_steps(step, steps, torch.device("cpu"))
+
+
 def loader_fed_rate(cfg, device, amp, steps) -> float:
     """Image pairs per second of the chosen step fed by the shared loader (as in training)."""
     torch.manual_seed(0)
@@ -91,6 +115,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row (slow "
                         "to compile on CPU)")
+    parser.add_argument("--no-jax", action="store_true", help="skip the jax_impl rows")
     args = parser.parse_args()
     overrides = {"preset": args.preset}
     if args.batch_size:
@@ -113,14 +138,22 @@ def main() -> None:
     best_name, best = max(results[1:], key=lambda r: r[1])
     best_amp = next(amp for name, _, amp, _ in rows if name == best_name)
     results.append((f"loader-fed: {best_name}", loader_fed_rate(cfg, device, best_amp, args.steps)))
+    if not args.no_jax:
+        for name, bf16 in (("jax jit fp32", False), ("jax jit bf16 compute", True)):
+            results.append((name, jax_step_rate(cfg, bf16, args.steps)))
+            print(f"  measured {name}", file=sys.stderr, flush=True)
     baseline = results[0][1]
     aug = augment_rate(cfg)
     print("\n| path | pairs/s | images/s | vs baseline |\n|---|---:|---:|---:|")
     for name, rate in results:
         print(f"| {name} | {rate:.1f} | {2 * rate:.1f} | {rate / baseline:.2f}x |")
-    print(f"| augmentation pipeline ({cfg.loader_workers()} loader threads) | {aug / 2:.1f} | {aug:.1f} | |")
+    threads = cfg.loader_workers()
+    print(f"| augmentation pipeline ({threads} loader thread{'s' if threads > 1 else ''}) | {aug / 2:.1f} | {aug:.1f} | |")
     print(f"\nfastest step: {best_name}, {best / baseline:.2f}x the eager fp32 baseline")
     print(f"augmentation: {aug / (2 * best):.1f}x the images/s the fastest step consumes")
+    if not args.no_jax:
+        jax_best = max(rate for name, rate in results if name.startswith("jax"))
+        print(f"jax_impl: fastest jitted step {jax_best / best:.2f}x torch's fastest step")
 
 
 if __name__ == "__main__":
