@@ -18,12 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shared.errors import UserError
+from shared.archs import BLOCKS, EXPANSION, check_arch
 
-# Mirrors torch_impl.model.BLOCKS / EXPANSION (kept here so jax_impl does not import torch).
-BLOCKS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
-          "resnet50": ("bottleneck", (3, 4, 6, 3))}
-EXPANSION = {"basic": 1, "bottleneck": 4}
 IMAGE_SHAPE = (32, 32, 3)
 
 
@@ -161,18 +157,6 @@ class Stage(nn.Module):
         for i in range(self.depth):
             x = block(self.planes, self.stride if i == 0 else 1, self.dtype, name=str(i))(x, train)
         return x
-
-
-def check_arch(arch: str) -> None:
-    """UserError for an architecture torch_impl.model does not know either."""
-    if arch not in BLOCKS:
-        raise UserError(f"unknown architecture {arch!r}; choose one of: {', '.join(BLOCKS)}")
-
-
-def feature_dim(arch: str, width: int) -> int:
-    """Pooled feature size of the backbone: 8 * width * expansion (512 / 2048 at width 64)."""
-    check_arch(arch)
-    return width * 8 * EXPANSION[BLOCKS[arch][0]]
 
 
 class ResNet(nn.Module):

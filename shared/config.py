@@ -16,12 +16,13 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from shared.archs import BLOCKS
 from shared.augment import AugmentParams
 from shared.data import default_data_dir
 from shared.errors import UserError
 from shared.loader import auto_workers
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+ARCHS = tuple(BLOCKS)
 OPTIMIZERS = ("lars", "adam")
 LOSS_VARIANTS = ("official", "homework")
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -9,7 +9,8 @@ from flax.traverse_util import flatten_dict
 from jax_impl import runtime
 from jax_impl.convert import from_torch_state, to_torch_state, torch_name
 from jax_impl.model import (BatchNorm, Bottleneck, ResNet, _conv, backbone_of, backbone_variables,
-                            build_model, feature_dim, init_variables, variable_shapes)
+                            build_model, init_variables, variable_shapes)
+from shared.archs import feature_dim
 from shared.errors import UserError
 from torch_impl.model import Bottleneck as TorchBottleneck, VICReg as TorchVICReg
 

@@ -10,11 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.errors import UserError
+from shared.archs import BLOCKS, EXPANSION, check_arch
 
-BLOCKS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
-          "resnet50": ("bottleneck", (3, 4, 6, 3))}
-EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -74,8 +71,7 @@ class ResNet(nn.Module):
 
     def __init__(self, arch: str = "resnet18", width: int = 64):
         super().__init__()
-        if arch not in BLOCKS:
-            raise UserError(f"unknown architecture {arch!r}; choose one of: {', '.join(BLOCKS)}")
+        check_arch(arch)
         kind, depths = BLOCKS[arch]
         block = BasicBlock if kind == "basic" else Bottleneck
         self.conv1 = _conv3x3(3, width)
