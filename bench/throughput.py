@@ -5,7 +5,8 @@
 Rows: the torch train step (two views forward + VICReg loss + backward + optimizer step) as eager
 fp32 NCHW (the baseline), channels_last fp32, channels_last bf16 autocast, optionally
 torch.compile; the same step fed by the shared loader (augmentation in background threads);
-jax_impl's jitted step in fp32 and with bf16 compute (same preset and batch); and the augmentation
+jax_impl's jitted step with XLA's convolution and with im2col convolutions (jax_impl's CPU
+default), in fp32 and with bf16 compute (same preset and batch); and the augmentation
 pipeline alone. Ratios are against the baseline measured in the same run.
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ def torch_step_rate(cfg, device, layout, amp, compile_step, steps) -> float:
     return cfg.batch_size / time_steps(lambda: fn(model, optimizer, *views, cfg, amp), steps, device)
 
 
-def jax_step_rate(cfg, bf16: bool, steps: int) -> float:
+def jax_step_rate(cfg, bf16: bool, conv_impl: str, steps: int) -> float:
     """Image pairs per second of jax_impl's jitted train step on fixed random NHWC views."""
     import jax
     import jax.numpy as jnp
@@ -65,7 +66,8 @@ def jax_step_rate(cfg, bf16: bool, steps: int) -> float:
     from jax_impl.optim import build_optimizer as build_jax_optimizer
     from jax_impl.train import initial_state, make_train_step
 
-    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), jnp.bfloat16 if bf16 else jnp.float32)
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), jnp.bfloat16 if bf16 else jnp.float32,
+                        conv_impl)
     optimizer = build_jax_optimizer(cfg)
     step_fn = make_train_step(model, optimizer, cfg)
     rng = np.random.default_rng(0)
@@ -139,8 +141,10 @@ def main() -> None:
     best_amp = next(amp for name, _, amp, _ in rows if name == best_name)
     results.append((f"loader-fed: {best_name}", loader_fed_rate(cfg, device, best_amp, args.steps)))
     if not args.no_jax:
-        for name, bf16 in (("jax jit fp32", False), ("jax jit bf16 compute", True)):
-            results.append((name, jax_step_rate(cfg, bf16, args.steps)))
+        for name, bf16, impl in (("jax jit fp32, lax conv", False, "lax"),
+                                 ("jax jit fp32, im2col conv", False, "im2col"),
+                                 ("jax jit bf16 compute, im2col conv", True, "im2col")):
+            results.append((name, jax_step_rate(cfg, bf16, impl, args.steps)))
             print(f"  measured {name}", file=sys.stderr, flush=True)
     baseline = results[0][1]
     aug = augment_rate(cfg)

@@ -8,8 +8,9 @@ from flax.traverse_util import flatten_dict
 
 from jax_impl import runtime
 from jax_impl.convert import from_torch_state, to_torch_state, torch_name
-from jax_impl.model import (BatchNorm, Bottleneck, ResNet, _conv, backbone_of, backbone_variables,
-                            build_model, init_variables, variable_shapes)
+from jax_impl.model import (CONV_IMPLS, BatchNorm, Bottleneck, Conv, ResNet, backbone_of,
+                            backbone_variables, build_model, default_conv_impl, init_variables,
+                            variable_shapes)
 from shared.archs import feature_dim
 from shared.errors import UserError
 from torch_impl.model import Bottleneck as TorchBottleneck, VICReg as TorchVICReg
@@ -48,15 +49,27 @@ def test_expander_last_linear_has_no_bias_and_others_do():
     assert params["6"]["kernel"].shape == (24, 8)
 
 
-def test_stride2_conv_pads_like_torch():
-    # 'SAME' would pad a stride-2 3x3 conv by (0, 1); torch (and _conv) pad (1, 1).
+@pytest.mark.parametrize("impl", CONV_IMPLS)
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (1, 1), (1, 2)])
+def test_conv_equals_torch_conv2d_with_symmetric_padding(impl, kernel, stride):
+    # 'SAME' would pad a stride-2 3x3 conv by (0, 1); torch (and Conv) pad (1, 1) on both sides.
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
-    kernel = rng.normal(size=(3, 3, 3, 5)).astype(np.float32)
-    got = _conv(5, 3, 2, jnp.float32, "c").apply({"params": {"kernel": kernel}}, x)
+    weights = rng.normal(size=(kernel, kernel, 3, 5)).astype(np.float32)
+    with exact_float32():
+        got = Conv(5, kernel, stride, jnp.float32, impl).apply({"params": {"kernel": weights}}, x)
     ref = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2),
-                                     torch.from_numpy(kernel).permute(3, 2, 0, 1), stride=2, padding=1)
+                                     torch.from_numpy(weights).permute(3, 2, 0, 1), stride=stride,
+                                     padding=(kernel - 1) // 2)
     np.testing.assert_allclose(np.asarray(got), ref.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_impl_is_im2col_on_cpu_and_checked():
+    assert default_conv_impl() == ("im2col" if jax.default_backend() == "cpu" else "lax")
+    assert build_model("resnet18", 8, MLP).conv_impl == default_conv_impl()
+    assert build_model("resnet18", 8, MLP, conv_impl="lax").conv_impl == "lax"
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        build_model("resnet18", 8, MLP, conv_impl="winograd")
 
 
 @pytest.mark.parametrize("shape", [(6, 3), (4, 5, 5, 3)])
@@ -117,14 +130,14 @@ def exact_float32():
     return jax.default_matmul_precision("highest")
 
 
-def torch_and_converted(arch, seed=0):
+def torch_and_converted(arch, conv_impl, seed=0):
     """A torch VICReg whose BN statistics moved (one train forward) and the same weights for flax."""
     torch.manual_seed(seed)
     torch_model = TorchVICReg(arch, 4, MLP)
     with torch.no_grad():
         torch_model.train()(torch.randn(8, 3, 32, 32) * 2 + 0.5)
     weights = {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
-    model = build_model(arch, 4, MLP)
+    model = build_model(arch, 4, MLP, conv_impl=conv_impl)
     return torch_model, model, from_torch_state(weights, variable_shapes(model), "test", arch)
 
 
@@ -133,8 +146,9 @@ def images(n=6, seed=3):
     return x, torch.from_numpy(x).permute(0, 3, 1, 2)
 
 
-def test_eval_outputs_and_features_match_torch_with_converted_weights():
-    torch_model, model, variables = torch_and_converted("resnet18")
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
+def test_eval_outputs_and_features_match_torch_with_converted_weights(conv_impl):
+    torch_model, model, variables = torch_and_converted("resnet18", conv_impl)
     x, x_torch = images()
     with torch.no_grad():
         ref = torch_model.eval()(x_torch).numpy()
@@ -149,8 +163,9 @@ def test_eval_outputs_and_features_match_torch_with_converted_weights():
                                atol=1e-4 * np.abs(ref_features).max())
 
 
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_strided_bottleneck_block_matches_torch(precision):
+def test_strided_bottleneck_block_matches_torch(precision, conv_impl):
     # resnet50's block: stride on the 3x3 (torchvision v1.5), expansion 4, projected shortcut.
     torch.manual_seed(1)
     block = TorchBottleneck(8, 4, stride=2)
@@ -158,7 +173,7 @@ def test_strided_bottleneck_block_matches_torch(precision):
         block.train()(torch.randn(8, 8, 8, 8) + 1.0)  # move the BN statistics
     weights = {k: v.detach().numpy().copy() for k, v in block.state_dict().items()}
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
-    mine = Bottleneck(4, 2, dtype)
+    mine = Bottleneck(4, 2, dtype, conv_impl)
     x = np.random.default_rng(2).normal(size=(4, 8, 8, 8)).astype(np.float32)
     variables = from_torch_state(weights, variable_shapes(mine, x.shape), "test", "bottleneck")
     with torch.no_grad():
@@ -182,8 +197,9 @@ def test_bf16_model_computes_in_bf16_with_float32_parameters():
     assert (features.shape, features.dtype) == ((2, 128), jnp.float32)  # pooled in float32
 
 
-def test_train_mode_outputs_and_running_stats_match_torch():
-    torch_model, model, variables = torch_and_converted("resnet18")
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
+def test_train_mode_outputs_and_running_stats_match_torch(conv_impl):
+    torch_model, model, variables = torch_and_converted("resnet18", conv_impl)
     x, x_torch = images(seed=4)
     with torch.no_grad():
         ref = torch_model.train()(x_torch).numpy()
