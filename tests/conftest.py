@@ -4,14 +4,20 @@
     make_images                 callable: class-structured random images
     write_cifar10, write_gtsrb  callables that write custom datasets in the standard layouts
     real_data_dir               $VICREG_DATA_DIR, or the test is skipped
+    in_process_launcher         a shared.sweep launcher that runs commands in this process, recording them
+    smoke_sweep                 a finished shared.sweep folder of 3 smoke runs (read-only), and its launcher
 
 Images are structured by class (a class colour, stripes whose direction and period depend on the
 class, plus noise), so a short self-supervised train followed by a linear probe beats chance.
 """
 import colorsys
 import csv
+import importlib
 import os
 import pickle
+import shlex
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,3 +179,44 @@ def real_data_dir() -> Path:
     if not os.environ.get("VICREG_DATA_DIR"):
         pytest.skip("VICREG_DATA_DIR is unset")
     return Path(os.environ["VICREG_DATA_DIR"])
+
+
+class InProcessLauncher:
+    """A shared.sweep launcher: `python -m MODULE ARGS` runs as MODULE.main(ARGS) in this process
+    (no interpreter start or torch import per command), its output appended to the log. Keeps the
+    commands it ran."""
+
+    def __init__(self):
+        self.commands: list[tuple[str, ...]] = []
+
+    def __call__(self, command, log_path: Path) -> int:
+        self.commands.append(tuple(command))
+        assert command[1] == "-m", command
+        main = importlib.import_module(command[2]).main
+        with open(log_path, "a") as log, redirect_stdout(log), redirect_stderr(log):
+            print(f"$ {shlex.join(command)}")
+            try:
+                return main(list(command[3:]))
+            except Exception:  # a crash, as a subprocess would have one: traceback, exit 1
+                traceback.print_exc()
+                return 1
+
+
+@pytest.fixture
+def in_process_launcher() -> InProcessLauncher:
+    return InProcessLauncher()
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tiny_data_dir, tmp_path_factory) -> tuple[Path, InProcessLauncher]:
+    """(sweep folder, launcher) of `python -m shared.sweep --framework torch --preset smoke` over
+    std_coeff=5,25,50 (3 runs of 2 steps: subset 32, batch 16) on tiny_data, run to the end
+    in-process. Read-only."""
+    from shared import sweep  # here, so the data fixtures never depend on the sweep module
+    out = tmp_path_factory.mktemp("smoke_sweep") / "std"
+    launcher = InProcessLauncher()
+    args = ["--framework", "torch", "--preset", "smoke", "--out", str(out), "--data-dir",
+            str(tiny_data_dir), "--grid", "std_coeff=5,25,50", "--grid", "subset=32",
+            "--grid", "probe_epochs=2"]
+    assert sweep.main(args, launch=launcher) == 0
+    return out, launcher
