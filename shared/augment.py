@@ -23,7 +23,7 @@ numpy version gives byte-identical outputs on any machine; exp and log only run 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -104,19 +104,33 @@ class ViewParams:
 
 
 def make_views(
-    images: np.ndarray, params: AugmentParams, seed: int, epoch: int, step: int
+    images: np.ndarray, params: AugmentParams, seed: int, epoch: int, step: int,
+    rows: slice = slice(None),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Two augmented views of a batch: uint8 [N, H, W, 3] -> (float32 [N, size, size, 3], same), normalised.
 
     Fully determined by (seed, epoch, step): the same inputs give byte-identical, C-contiguous outputs.
+    rows: only these rows of both views (a data-parallel process's part of the batch), augmenting
+    only those images; the random draws are still made for all N images, since their order decides
+    which image gets which draw, so the parts together equal the whole batch byte for byte.
     """
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    x = to_float01(images)
+    x = to_float01(images[rows])
     n, h, w, _ = images.shape
-    view_a = augment_view(x, sample_view_params(view_rng(seed, epoch, step, 0), n, h, w, params), params)
-    view_b = augment_view(x, sample_view_params(view_rng(seed, epoch, step, 1), n, h, w, params), params)
-    return view_a, view_b
+
+    def view(index: int) -> np.ndarray:
+        draws = sample_view_params(view_rng(seed, epoch, step, index), n, h, w, params)
+        return augment_view(x, rows_of(draws, rows), params)
+
+    return view(0), view(1)
+
+
+def rows_of(draws, rows: slice):
+    """A ViewParams (or its nested dataclasses) with every per-image array cut to `rows`."""
+    values = {f.name: getattr(draws, f.name) for f in fields(draws)}
+    return replace(draws, **{name: rows_of(v, rows) if is_dataclass(v) else v[rows]
+                             for name, v in values.items()})
 
 
 def view_rng(seed: int, epoch: int, step: int, view_index: int) -> np.random.Generator:

@@ -79,6 +79,7 @@ class Config:
     workers: int = 0
     compile: bool = False
     log_every: int = 20
+    sync_bn: bool = True
     # probe
     probe: bool = True
     probe_epochs: int = 100
@@ -172,6 +173,9 @@ _HELP = {
     "workers": "augmentation threads (0 = auto: half the CPU cores, 1 to 8)",
     "compile": "compile the train step (torch.compile); jax always jit-compiles",
     "log_every": "write a metrics.jsonl line every this many steps",
+    "sync_bn": "batch-norm statistics over the global batch when training on several processes "
+               "(torch_impl: SyncBatchNorm; no effect with one process); jax_impl always "
+               "normalises over the global batch",
     "probe": "run the linear probe (CIFAR-10, and GTSRB when present) after training",
     "probe_epochs": "linear probe epochs",
     "probe_lr": "linear probe peak learning rate (SGD, cosine)",

@@ -3,6 +3,10 @@
 The batch at (seed, epoch, step) is a pure function of those three numbers and the images: the
 image order is a permutation seeded by (seed, epoch), the views come from `shared.augment`. So both
 frameworks, and a resumed run, consume byte-identical batches.
+
+Data parallel training splits every batch into equal contiguous parts, one per process (`shard`):
+part i of n holds rows [i B / n, (i + 1) B / n) of the batch a single process sees, so the parts
+together are that batch, byte for byte.
 """
 from __future__ import annotations
 
@@ -10,9 +14,9 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from itertools import islice
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,7 +26,8 @@ from shared.errors import UserError
 
 @dataclass(frozen=True)
 class ViewBatch:
-    """One step's input: two float32 [B, S, S, 3] NHWC views of the same B images."""
+    """One step's input: two float32 [B, S, S, 3] NHWC views of the same B images (B: this
+    process's part of the batch)."""
 
     epoch: int
     step: int
@@ -43,18 +48,36 @@ def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_images)
 
 
+def split_batch(batch_size: int, parts: int, what: str = "processes") -> int:
+    """Rows per part when the batch is split over `parts` processes or devices; UserError unless
+    batch_size is a multiple of parts."""
+    if batch_size % parts:
+        raise UserError(f"--batch-size {batch_size} does not split evenly over {parts} {what}; "
+                        f"use a multiple of {parts}")
+    return batch_size // parts
+
+
+def shard_rows(batch_size: int, shard: tuple[int, int]) -> slice:
+    """Part i of n of a batch, shard = (i, n): rows [i B / n, (i + 1) B / n)."""
+    index, count = shard
+    rows = split_batch(batch_size, count)
+    return slice(index * rows, (index + 1) * rows)
+
+
 def _make_batch(images: np.ndarray, order: np.ndarray, params: AugmentParams, batch_size: int,
-                seed: int, epoch: int, step: int) -> ViewBatch:
+                seed: int, epoch: int, shard: tuple[int, int], step: int) -> ViewBatch:
     index = order[step * batch_size:(step + 1) * batch_size]
-    view_a, view_b = make_views(images[index], params, seed, epoch, step)
+    view_a, view_b = make_views(images[index], params, seed, epoch, step,
+                                shard_rows(batch_size, shard))
     return ViewBatch(epoch, step, view_a, view_b)
 
 
 def batch_at(images: np.ndarray, params: AugmentParams, batch_size: int, seed: int, epoch: int,
-             step: int) -> ViewBatch:
-    """The batch of global position (epoch, step); images uint8 [N, H, W, 3]."""
+             step: int, shard: tuple[int, int] = (0, 1)) -> ViewBatch:
+    """The batch of global position (epoch, step), or part `shard` = (i, n) of it; images uint8
+    [N, H, W, 3]."""
     order = epoch_order(len(images), seed, epoch)
-    return _make_batch(images, order, params, batch_size, seed, epoch, step)
+    return _make_batch(images, order, params, batch_size, seed, epoch, shard, step)
 
 
 def auto_workers() -> int:
@@ -64,13 +87,14 @@ def auto_workers() -> int:
 
 
 def epoch_batches(images: np.ndarray, params: AugmentParams, batch_size: int, seed: int,
-                  epoch: int, start_step: int = 0, prefetch: int = 3,
-                  workers: int = 1) -> Iterator[ViewBatch]:
+                  epoch: int, start_step: int = 0, prefetch: int = 3, workers: int = 1,
+                  shard: tuple[int, int] = (0, 1)) -> Iterator[ViewBatch]:
     """Yield the batches of `epoch` from `start_step` on, in order, computed ahead by `workers`
-    background threads with up to `prefetch + workers` batches in flight."""
+    background threads with up to `prefetch + workers` batches in flight; with shard = (i, n),
+    only part i of n of each batch (see shard_rows)."""
     total = steps_per_epoch(len(images), batch_size)
     make = partial(_make_batch, images, epoch_order(len(images), seed, epoch), params, batch_size,
-                   seed, epoch)
+                   seed, epoch, shard)
     steps = iter(range(start_step, total))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"views-epoch{epoch}") as pool:
         pending = deque(pool.submit(make, step) for step in islice(steps, prefetch + workers))

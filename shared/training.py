@@ -50,9 +50,13 @@ def check_finite(window: list[tuple[int, int, dict]], run_dir: Path) -> dict[str
 
 class EpochLog:
     """Collects one epoch's step terms (device scalars, read back only every cfg.log_every steps,
-    so the device is not synchronised each step) and writes metrics.jsonl lines and the bar."""
+    so the device is not synchronised each step) and writes metrics.jsonl lines and the bar.
 
-    def __init__(self, cfg: Config, metrics: MetricsLog, run_dir: Path, bar, epoch: int,
+    metrics is None in the processes of a data-parallel run other than the first: they check the
+    loss (the same global loss everywhere, so all stop together) but write nothing.
+    """
+
+    def __init__(self, cfg: Config, metrics: MetricsLog | None, run_dir: Path, bar, epoch: int,
                  per_epoch: int):
         self.cfg, self.metrics, self.run_dir, self.bar = cfg, metrics, run_dir, bar
         self.epoch, self.per_epoch = epoch, per_epoch
@@ -69,10 +73,9 @@ class EpochLog:
         if len(self.window) == self.cfg.log_every or step == self.per_epoch - 1:
             means = check_finite(self.window, self.run_dir)
             pairs_per_s = len(self.window) * self.cfg.batch_size / (time.perf_counter() - self.t_window)
-            self.metrics.write({"kind": "step", "epoch": self.epoch,
-                                "step": self.epoch * self.per_epoch + step + 1, "lr": lr,
-                                "pairs_per_s": pairs_per_s, "images_per_s": 2 * pairs_per_s,
-                                **means})
+            self._write({"kind": "step", "epoch": self.epoch,
+                         "step": self.epoch * self.per_epoch + step + 1, "lr": lr,
+                         "pairs_per_s": pairs_per_s, "images_per_s": 2 * pairs_per_s, **means})
             self.rows += [means] * len(self.window)
             self.bar.set_postfix(epoch=self.epoch + 1, loss=f"{means['loss']:.3f}",
                                  img_s=f"{2 * pairs_per_s:.0f}")
@@ -86,8 +89,12 @@ class EpochLog:
                   "lr": self.lr, "epoch_time_s": epoch_time, "pairs_per_s": pairs_per_s,
                   "images_per_s": 2 * pairs_per_s,
                   **{k: float(np.mean([r[k] for r in self.rows])) for k in TERMS}}
-        self.metrics.write(record)
+        self._write(record)
         return record
+
+    def _write(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
 
 
 def run_summary(framework: str, device: str, precision: str, cfg: Config, per_epoch: int,
