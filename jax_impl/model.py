@@ -50,7 +50,8 @@ class BatchNorm(nn.Module):
 
     train: y = (x - mean_B) / sqrt(var_B + eps) * weight + bias with the biased batch variance, and
     running = (1 - momentum) * running + momentum * batch_stat, where running_var takes the UNBIASED
-    variance var_B * n / (n - 1) as torch does; eval: the running statistics. Statistics in float32.
+    variance var_B * n / (n - 1) as torch does; eval: the running statistics. Statistics in float32
+    (float64 for a float64 model, as the parity tests run it).
     """
 
     momentum: float = 0.1  # torch's convention: the weight of the new batch (flax's momentum 0.9)
@@ -65,7 +66,7 @@ class BatchNorm(nn.Module):
         running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, (channels,), jnp.float32)
         running_var = self.variable("batch_stats", "running_var", jnp.ones, (channels,), jnp.float32)
         tracked = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32)
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if train:
             axes = tuple(range(x.ndim - 1))
             mean = x32.mean(axes)
@@ -212,7 +213,7 @@ class ResNet(nn.Module):
         for stage, depth in enumerate(depths):
             x = Stage(kind, self.width * 2 ** stage, depth, 2 if stage > 0 else 1, self.dtype,
                       self.conv_impl, name=f"layer{stage + 1}")(x, train)
-        return x.astype(jnp.float32).mean(axis=(1, 2))
+        return x.astype(jnp.promote_types(x.dtype, jnp.float32)).mean(axis=(1, 2))
 
 
 class Expander(nn.Module):

@@ -1,0 +1,55 @@
+"""Group 7: the linear probe. Frozen features agree, and the same features give the same top-1."""
+import jax
+import numpy as np
+import torch
+
+from jax_impl.model import backbone_of, backbone_variables
+from jax_impl.probe import extract_features as jax_extract_features, train_linear as jax_train_linear
+from parity_tests.models import images, jax_twin, nchw, torch_vicreg
+from parity_tests.tolerances import PROBE_TOP1_POINTS
+from shared.config import make_config
+from shared.linear_probe import top1
+from torch_impl.probe import (extract_features as torch_extract_features,
+                              train_linear as torch_train_linear)
+
+WIDTH, MLP = 8, [32, 16]
+
+
+def test_frozen_features_agree(dtype, parity):
+    torch_model = torch_vicreg("resnet18", WIDTH, MLP, dtype, seed=41)
+    model, variables = jax_twin(torch_model, "resnet18", WIDTH, MLP, dtype)
+    backbone, backbone_vars = backbone_of(model), backbone_variables(variables)
+    if dtype == "float32":  # the probes' own feature extraction, from uint8 images
+        cfg = make_config({"preset": "smoke", "width": WIDTH})
+        pixels = np.random.default_rng(42).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+        t_features = torch_extract_features(torch_model.backbone, pixels, cfg, "torch", batch_size=40)
+        j_features = jax_extract_features(backbone, backbone_vars, pixels, "jax", batch_size=40)
+    else:  # the probes read pixels as float32, so float64 features are the eval forward itself
+        x = images(64, seed=42)
+        with torch.no_grad():
+            t_features = torch_model.backbone.eval()(nchw(x, dtype))
+        j_features = jax.jit(lambda v, x: backbone.apply(v, x, train=False))(backbone_vars,
+                                                                             x.astype(dtype))
+    parity.check("probe_features", dtype, "backbone features in eval mode", t_features, j_features)
+
+
+def blobs(num_train: int, num_test: int, classes: int = 10, dim: int = 64):
+    """Gaussian class clusters that overlap enough for a linear probe to reach ~80%, not 100%."""
+    rng = np.random.default_rng(43)
+    centres = rng.normal(size=(classes, dim)) * 0.45
+    labels = rng.integers(0, classes, num_train + num_test)
+    features = (centres[labels] + rng.normal(size=(len(labels), dim))).astype(np.float32)
+    return features[:num_train], labels[:num_train], features[num_train:], labels[num_train:]
+
+
+def test_same_features_give_the_same_probe_top1(parity):
+    cfg = make_config({"probe_epochs": 30})
+    train_x, train_y, test_x, test_y = blobs(4000, 2000)
+    t_top1 = 100 * top1(torch_train_linear(train_x, train_y, test_x, 10, cfg), test_y)
+    j_top1 = 100 * top1(jax_train_linear(train_x, train_y, test_x, 10, cfg), test_y)
+    assert 50 < t_top1 < 95, f"the blobs should be neither trivial nor hopeless: {t_top1:.2f}%"
+    parity.record("probe_top1_points", "float32", f"torch {t_top1:.2f}% vs jax {j_top1:.2f}%",
+                  abs(t_top1 - j_top1))
+    assert abs(t_top1 - j_top1) <= PROBE_TOP1_POINTS, (
+        f"probe top-1 parts: torch {t_top1:.2f}% vs jax {j_top1:.2f}% "
+        f"(more than {PROBE_TOP1_POINTS} points apart)")
