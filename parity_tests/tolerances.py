@@ -29,9 +29,10 @@ TOLERANCES = {
     ("forward", "float32"): 1e-4,
     # 4. Gradients of the objective wrt every parameter: backprop through the same ~20 layers, and
     #    BN's backward divides by the batch std of small batches, which amplifies rounding
-    #    (measured 4.7e-3 in float32 on ResNet-50's first conv, 2.4e-12 in float64).
+    #    (measured 1.3e-2 in float32 on ResNet-50's first BN weight, 50 layers from the loss at
+    #    width 4 and batch 16, against 2.4e-12 in float64: rounding, not a difference in formulas).
     ("param_grad", "float64"): 1e-9,
-    ("param_grad", "float32"): 1e-2,
+    ("param_grad", "float32"): 5e-2,
     # 5. One optimizer step (params and state); LARS divides by gradient norms, Adam by sqrt(v).
     ("optimizer_step", "float64"): 1e-9,
     ("optimizer_step", "float32"): 2e-3,
