@@ -16,7 +16,7 @@ from flax.traverse_util import flatten_dict
 
 from shared.config import Config
 from shared.errors import UserError
-from shared.runio import atomic_write_bytes
+from shared.runio import atomic_write_bytes, corrupt_checkpoint_error
 
 CHECKPOINT_FILE = "checkpoint.msgpack"
 FORMAT = "vicreg-interop/jax"
@@ -60,9 +60,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = serialization.msgpack_restore(blob)
     except _READ_ERRORS as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} is corrupt or truncated and cannot be loaded ({reason[:120]})") \
-            from None
+        raise corrupt_checkpoint_error(path, exc) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a vicreg-interop JAX checkpoint")
     return state

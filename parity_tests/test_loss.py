@@ -10,12 +10,12 @@ import torch
 from jax_impl.loss import vicreg_loss as jax_vicreg_loss
 from parity_tests.compare import ParityReport
 from parity_tests.conftest import torch_dtype
+from shared.config import LOSS_VARIANTS
 from torch_impl.loss import vicreg_loss as torch_vicreg_loss
 
 # (N, D): two embeddings, one dimension, N < D (rank-deficient covariance), N > D, the largest.
 SHAPES = [(2, 1), (2, 2048), (3, 5), (16, 64), (64, 16), (128, 2048), (512, 1), (512, 256),
           (512, 2048)]
-VARIANTS = ("official", "homework")
 TERMS = ("invariance", "variance", "covariance")
 
 
@@ -42,9 +42,9 @@ def coefficients(case: int, random: bool) -> dict:
 
 # Every shape with each variant; the constant-column and random-coefficient cases on a few shapes.
 SPECIAL_SHAPES = [(3, 5), (64, 16), (128, 2048)]
-CASES = ([(n, d, variant, False, False) for n, d in SHAPES for variant in VARIANTS]
-         + [(n, d, variant, True, False) for n, d in SPECIAL_SHAPES for variant in VARIANTS]
-         + [(n, d, variant, False, True) for n, d in SPECIAL_SHAPES for variant in VARIANTS])
+CASES = ([(n, d, variant, False, False) for n, d in SHAPES for variant in LOSS_VARIANTS]
+         + [(n, d, variant, True, False) for n, d in SPECIAL_SHAPES for variant in LOSS_VARIANTS]
+         + [(n, d, variant, False, True) for n, d in SPECIAL_SHAPES for variant in LOSS_VARIANTS])
 
 
 def case_id(case) -> str:

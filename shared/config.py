@@ -28,6 +28,8 @@ LOSS_VARIANTS = ("official", "homework")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULE_UNITS = ("step", "epoch")
 PROBE_DATASETS = ("cifar10", "gtsrb")
+# the augmentation defaults live in AugmentParams; Config exposes them as flags
+_VIEWS = AugmentParams()
 
 
 @dataclass
@@ -60,17 +62,17 @@ class Config:
     cov_coeff: float = 1.0
     loss_variant: str = "official"
     # augmentation
-    crop_min_scale: float = 0.2
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    gray_p: float = 0.2
-    blur_p: float = 0.0
-    blur_kernel: int = 3
-    solarize_p: float = 0.1
+    crop_min_scale: float = _VIEWS.crop_scale[0]
+    flip_p: float = _VIEWS.flip_p
+    jitter_p: float = _VIEWS.jitter_p
+    brightness: float = _VIEWS.brightness
+    contrast: float = _VIEWS.contrast
+    saturation: float = _VIEWS.saturation
+    hue: float = _VIEWS.hue
+    gray_p: float = _VIEWS.gray_p
+    blur_p: float = _VIEWS.blur_p
+    blur_kernel: int = _VIEWS.blur_kernel
+    solarize_p: float = _VIEWS.solarize_p
     # run
     seed: int = 0
     out: str = ""

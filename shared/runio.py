@@ -34,6 +34,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def corrupt_checkpoint_error(path: Path, exc: BaseException) -> UserError:
+    """The error both frameworks raise for a checkpoint file that exists but cannot be decoded."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserError(f"{path} is corrupt or truncated and cannot be loaded ({reason[:120]})")
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from shared.errors import UserError
-from shared.runio import atomic_write_bytes
+from shared.runio import atomic_write_bytes, corrupt_checkpoint_error
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = "vicreg-interop/torch"
@@ -37,9 +37,7 @@ def load_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
             zipfile.BadZipFile) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} is corrupt or truncated and cannot be loaded ({reason[:120]})") \
-            from None
+        raise corrupt_checkpoint_error(path, exc) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a vicreg-interop PyTorch checkpoint")
     return state

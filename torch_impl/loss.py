@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shared.errors import UserError
-
-VARIANTS = ("official", "homework")
+from shared.loss_inputs import check_loss_inputs
 
 
 def off_diagonal(m: torch.Tensor) -> torch.Tensor:
@@ -43,14 +41,7 @@ def vicreg_loss(z_a: torch.Tensor, z_b: torch.Tensor, *, sim_coeff: float = 25.0
     `official` (the halving is the official code's), v(Z) + v(Z') with eps = 0 for `homework`;
     `covariance` = c(Z) + c(Z').
     """
-    if variant not in VARIANTS:
-        raise UserError(f"unknown loss variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
-    if z_a.ndim != 2 or z_a.shape != z_b.shape:
-        raise UserError(f"embeddings must be two [N, D] batches of one shape, got "
-                        f"{tuple(z_a.shape)} and {tuple(z_b.shape)}")
-    if z_a.shape[0] < 2:
-        raise UserError("VICReg needs at least 2 embeddings per batch: the variance and "
-                        "covariance terms are estimated across the batch (N - 1 = 0)")
+    check_loss_inputs(variant, tuple(z_a.shape), tuple(z_b.shape))
     invariance = F.mse_loss(z_a, z_b)
     if variant == "official":
         variance = (variance_term(z_a, eps) + variance_term(z_b, eps)) / 2

@@ -1,0 +1,22 @@
+"""The input checks the two VICReg loss twins (torch_impl.loss, jax_impl.loss) share.
+
+They depend on shapes and settings only, so the JAX twin runs them while tracing and both raise
+the same message for the same mistake.
+"""
+from __future__ import annotations
+
+from shared.config import LOSS_VARIANTS
+from shared.errors import UserError
+
+
+def check_loss_inputs(variant: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> None:
+    """Raise UserError unless `variant` is known and the embeddings are two [N, D] with N >= 2."""
+    if variant not in LOSS_VARIANTS:
+        raise UserError(f"unknown loss variant {variant!r}; choose one of: "
+                        f"{', '.join(LOSS_VARIANTS)}")
+    if len(shape_a) != 2 or tuple(shape_a) != tuple(shape_b):
+        raise UserError(f"embeddings must be two [N, D] batches of one shape, got "
+                        f"{tuple(shape_a)} and {tuple(shape_b)}")
+    if shape_a[0] < 2:
+        raise UserError("VICReg needs at least 2 embeddings per batch: the variance and "
+                        "covariance terms are estimated across the batch (N - 1 = 0)")
