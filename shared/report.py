@@ -409,9 +409,10 @@ def status_note(results: list[RunResult]) -> str:
             + ". Failed runs show the last line of their log in the table.\n\n")
 
 
-def report_markdown(sources: Sources, figures: dict[str, Path], report_command: str) -> str:
+def report_markdown(sources: Sources, figures: dict[str, Path], report_command: str,
+                    notes: str = "") -> str:
     """The whole report; figures maps figure name -> PNG path (linked by file name, as the
-    figures sit next to the report)."""
+    figures sit next to the report); `notes` (Markdown) become its "Findings" section."""
     results = sources.results
     trained = sum(r.status == "done" for r in results)
     times = [r.summary["train_time_s"] for r in results if r.summary]
@@ -419,6 +420,7 @@ def report_markdown(sources: Sources, figures: dict[str, Path], report_command: 
         "# VICReg on CIFAR-10: results\n",
         f"{len(results)} runs ({trained} finished)"
         + (f", {format_duration(sum(times))} of training in total" if times else "") + ".\n",
+        *([f"## Findings\n\n{notes.strip()}\n"] if notes.strip() else []),
         vicreg_section(results), expander_section(results), probe_section(results),
         gtsrb_section(results),
         "## Results\n",
@@ -447,16 +449,27 @@ def report_markdown(sources: Sources, figures: dict[str, Path], report_command: 
     return "\n".join(parts)
 
 
-def write_report(paths: list[Path], out: Path | None) -> Path:
+def read_notes(path: Path) -> str:
+    """The text of a --notes file, or a UserError saying why it cannot be read."""
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--notes {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") \
+            from None
+
+
+def write_report(paths: list[Path], out: Path | None, notes_path: Path | None = None) -> Path:
     """Read the folders, draw the figures next to `out`, write the Markdown; returns its path."""
     out = Path(out) if out else Path(paths[0]) / "report.md"
     if out.suffix.lower() != ".md":
         raise UserError(f"--out {out}: the report is Markdown, give a file name ending in .md")
+    notes = read_notes(notes_path) if notes_path else ""
     sources = collect_runs(paths)
     out.parent.mkdir(parents=True, exist_ok=True)
     figures = write_figures(sources.results, out)
-    command = shlex.join(["python", "-m", "shared.report", *map(str, paths), "--out", str(out)])
-    out.write_text(report_markdown(sources, figures, command))
+    command = shlex.join(["python", "-m", "shared.report", *map(str, paths), "--out", str(out),
+                          *(["--notes", str(notes_path)] if notes_path else [])])
+    out.write_text(report_markdown(sources, figures, command, notes))
     return out
 
 
@@ -473,13 +486,16 @@ def build_report_parser() -> argparse.ArgumentParser:
                         help="the Markdown file to write; figures go next to it as "
                              "<name>_loss_curves.png, <name>_embedding_std.png, "
                              "<name>_probe_accuracy.png (default: report.md in the first folder)")
+    parser.add_argument("--notes", type=Path, metavar="NOTES.md",
+                        help="your findings in Markdown, placed under the title as the report's "
+                             "\"Findings\" section (the numbers themselves are read from the runs)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     def body():
         args = build_report_parser().parse_args(argv)
-        print(f"wrote {write_report(args.paths, args.out)}")
+        print(f"wrote {write_report(args.paths, args.out, args.notes)}")
     return cli_main(body)
 
 

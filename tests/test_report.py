@@ -124,6 +124,22 @@ def test_the_commands_reproduce_every_run(written_report):
     assert f"python -m shared.report {sweep_dir} --out {path}" in text
 
 
+def test_notes_become_the_findings_section_under_the_title(smoke_sweep, tmp_path):
+    sweep_dir, _ = smoke_sweep
+    notes = tmp_path / "notes.md"
+    notes.write_text("The variance term matters: *std_coeff=10* probes worse.\n\n")
+    out = tmp_path / "r.md"
+    assert report.main([str(sweep_dir), "--out", str(out), "--notes", str(notes)]) == 0
+    headings = [line for line in out.read_text().splitlines() if line.startswith("## ")]
+    assert headings[:2] == ["## Findings", "## The principle of VICReg"]
+    text = out.read_text()
+    assert "## Findings\n\nThe variance term matters: *std_coeff=10* probes worse.\n\n## " in text
+    assert f"python -m shared.report {sweep_dir} --out {out} --notes {notes}" in text
+    plain = tmp_path / "plain.md"
+    assert report.main([str(sweep_dir), "--out", str(plain)]) == 0
+    assert "## Findings" not in plain.read_text()
+
+
 def test_run_folders_join_a_sweep_in_one_report(smoke_sweep, tmp_path):
     sweep_dir, _ = smoke_sweep
     first = run_dirs(sweep_dir)[0]
@@ -198,6 +214,8 @@ def test_bad_folders_and_files_are_one_line_errors(tmp_path, capsys):
             ([str(bad_probe)], f"{bad_probe / 'probe_gtsrb.json'} is not valid JSON"),
             ([str(bad_probe), "--out", str(tmp_path / "report.txt")],
              "the report is Markdown, give a file name ending in .md"),
+            ([str(bad_probe), "--notes", str(tmp_path / "missing.md")],
+             f"--notes {tmp_path / 'missing.md'}: cannot read it (No such file or directory)"),
             ([], "the following arguments are required: RUN_OR_SWEEP_DIR")):
         assert report.main(argv) == 2
         assert message in error_line(capsys)
@@ -208,4 +226,5 @@ def test_help_explains_every_argument(capsys):
         report.main(["--help"])
     text = capsys.readouterr().out
     assert "RUN_OR_SWEEP_DIR" in text and "sweep.json" in text and "--out" in text
+    assert "--notes" in text and "Findings" in text
     assert "_loss_curves.png" in text
