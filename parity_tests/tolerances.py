@@ -39,11 +39,12 @@ TOLERANCES = {
     # 6. 20 training steps: the loss at each step, and every weight. float64 stays tight. In
     #    float32, training amplifies rounding differences (a chaotic map: LARS at batch 16 turns a
     #    1e-7 difference at step 1 into ~0.5 of a BN bias's scale by step 20, while the float64 runs
-    #    agree to 1e-13), so float32 bounds the loss drift (measured 2e-2 LARS, 2e-3 Adam) and only
+    #    agree to 1e-13), so float32 bounds the loss drift (measured 2.0e-2 and 4.0e-2 LARS in two
+    #    sessions, 2e-3 Adam; the bound leaves room for that spread) and only
     #    reports the weights' drift, bounded at their own scale: "the same training", not the same
     #    bits.
     ("trajectory", "float64"): 1e-7,
-    ("trajectory", "float32"): 5e-2,
+    ("trajectory", "float32"): 1e-1,
     ("trajectory_weights", "float64"): 1e-7,
     ("trajectory_weights", "float32"): 1.0,
     # 7. Frozen features (a forward in eval mode) feeding the probe.
