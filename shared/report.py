@@ -144,7 +144,8 @@ def plot_embedding_std(results: list[RunResult], path: Path) -> bool:
     series = {label: s for label, s in series.items() if s[0]}
     if not series:
         return False
-    fig = Figure(figsize=(9, 5))
+    rows = (len(series) + 1 + 2) // 3
+    fig = Figure(figsize=(9, 5 + 0.3 * rows))
     ax = fig.subplots()
     for label, (steps, values) in series.items():
         ax.plot(steps, values, label=label, **_line_style(len(steps)))
@@ -154,8 +155,8 @@ def plot_embedding_std(results: list[RunResult], path: Path) -> bool:
     ax.set_ylabel("embedding std (mean over dimensions)")
     ax.set_title("Embedding standard deviation: near 0 means collapse")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="medium")
-    fig.tight_layout()
+    # below the axes: inside, the legend would cover the target line or the runs near it
+    _legend_below(fig, ax, rows)
     fig.savefig(path, dpi=120)
     return True
 
