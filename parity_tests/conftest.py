@@ -1,19 +1,22 @@
 """Shared pieces of the parity suite: the report of measured differences, float64 for JAX.
 
-The table printed at the end of `pytest parity_tests` lists, for each group and dtype, the largest
-difference measured (relative to the tensor's scale) and the tensor where it occurred.
+Every comparison runs in float64 and in float32 (see tolerances.py). The table printed at the end
+of `pytest parity_tests` lists, per group, the largest float64 difference against its bound and the
+float32 comparison that came closest to its derived bound, with both sides' distances from float64.
 """
+import contextlib
+
 import jax
 import numpy as np
 import pytest
 import torch
 
 from parity_tests.compare import ParityReport
-from parity_tests.tolerances import PROBE_TOP1_POINTS, TOLERANCES
+from parity_tests.tolerances import FLOAT64, PROBE_TOP1_POINTS
 
 _REPORT = ParityReport()
 
-DTYPES = ("float32", "float64")
+DTYPES = ("float64", "float32")
 
 
 @pytest.fixture(scope="session")
@@ -21,14 +24,9 @@ def parity() -> ParityReport:
     return _REPORT
 
 
-@pytest.fixture(params=DTYPES)
-def dtype(request) -> str:
-    """Each test using it runs once in float32 and once in float64 (JAX x64 switched on for it)."""
-    if request.param == "float64":
-        with jax.enable_x64(True):
-            yield request.param
-    else:
-        yield request.param
+def jax_precision(dtype: str):
+    """A context in which JAX computes in `dtype`: x64 switched on for float64."""
+    return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -40,13 +38,28 @@ def np_dtype(name: str) -> np.dtype:
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _REPORT.largest:
+    if not (_REPORT.largest or _REPORT.float32):
         return
     write = terminalreporter.write_line
-    terminalreporter.section("parity: largest difference per group (max|torch - jax| / max|torch|)")
-    write(f"{'group':<16} {'dtype':<8} {'measured':>10} {'tolerance':>10}  where")
-    for (group, dtype), (rel, name) in sorted(_REPORT.largest.items()):
+    terminalreporter.section("parity: largest differences per group (relative to the tensor's "
+                             "scale)")
+    write(f"{'group':<18} {'float64':>9} {'bound':>7}  {'float32':>9} {'torch32':>9} "
+          f"{'jax32':>9} {'kink':>9} {'of bound':>8}  where (float32)")
+    for group in sorted(set(_REPORT.largest) | set(_REPORT.float32)):
+        if group == "loader":
+            write(f"{group:<18} {'bytes equal':>17}")
+            continue
         if group == "probe_top1_points":  # in percentage points, not relative
-            write(f"{group:<16} {dtype:<8} {rel:>10.2f} {PROBE_TOP1_POINTS:>10.2f}  {name}")
-        else:
-            write(f"{group:<16} {dtype:<8} {rel:>10.2e} {TOLERANCES[(group, dtype)]:>10.0e}  {name}")
+            points, name = _REPORT.largest[group]
+            write(f"{group:<18} {points:>9.2f} {PROBE_TOP1_POINTS:>7.2f}  {name}")
+            continue
+        rel64, _ = _REPORT.largest.get(group, (float("nan"), ""))
+        row = f"{group:<18} {rel64:>9.2e} {FLOAT64.get(group, 0.0):>7.0e}"
+        if group in _REPORT.float32:
+            measure, name = _REPORT.float32[group]
+            row += (f"  {measure.difference:>9.2e} {measure.error_torch:>9.2e} "
+                    f"{measure.error_jax:>9.2e} {measure.kink_allowance:>9.2e} "
+                    f"{measure.used:>8.1%}  {name}")
+        write(row)
+    write("float32: the two sides' difference, each side's distance from float64, the kink "
+          "allowance, and the share of the derived bound used (parity_tests/tolerances.py)")

@@ -9,7 +9,7 @@ import torch
 
 from jax_impl.loss import vicreg_loss as jax_vicreg_loss
 from parity_tests.compare import ParityReport
-from parity_tests.conftest import torch_dtype
+from parity_tests.conftest import DTYPES, jax_precision, torch_dtype
 from shared.config import LOSS_VARIANTS
 from torch_impl.loss import vicreg_loss as torch_vicreg_loss
 
@@ -79,24 +79,30 @@ def both_losses(z_a: np.ndarray, z_b: np.ndarray, dtype: str, variant: str, coef
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_loss_terms_and_gradients_agree(case, dtype, parity):
+def test_loss_terms_and_gradients_agree(case, parity):
     n, d, variant, constant, random_coeffs = case
-    z_a, z_b = embeddings(n, d, constant, seed=n * 10007 + d)
+    z_a, z_b = (z.astype(np.float32) for z in embeddings(n, d, constant, seed=n * 10007 + d))
     coeffs = coefficients(n * 10007 + d, random_coeffs)
-    (t_loss, t_terms, t_ga, t_gb), (j_loss, j_terms, j_ga, j_gb) = both_losses(
-        z_a, z_b, dtype, variant, coeffs)
+    results = {}
+    for dtype in DTYPES:
+        with jax_precision(dtype):
+            results[dtype] = both_losses(z_a.astype(dtype), z_b.astype(dtype), dtype, variant,
+                                         coeffs)
+    (t64, j64), (t32, j32) = results["float64"], results["float32"]
     label = case_id(case)
-    parity.check("loss", dtype, f"{label} loss", t_loss, j_loss)
+    parity.check("loss", f"{label} loss", t64[0], j64[0], t32[0], j32[0])
     for term in TERMS:
-        parity.check("loss", dtype, f"{label} {term}", t_terms[term], j_terms[term])
+        parity.check("loss", f"{label} {term}", t64[1][term], j64[1][term], t32[1][term],
+                     j32[1][term])
     columns = np.ones(d, bool)
     if constant and variant == "homework":
         # eps = 0: sqrt(Var) has no derivative at Var = 0, so on z_a's constant columns each side
         # returns what its rounding of Var gives (torch: +-inf where its Var is exactly 0; JAX: large
         # finite values where its mean rounds off). Compare where the derivative exists.
         columns[::3] = False
-    parity.check("loss_grad", dtype, f"{label} dL/dz_a", t_ga[:, columns], j_ga[:, columns])
-    parity.check("loss_grad", dtype, f"{label} dL/dz_b", t_gb, j_gb)
+    parity.check("loss_grad", f"{label} dL/dz_a", t64[2][:, columns], j64[2][:, columns],
+                 t32[2][:, columns], j32[2][:, columns])
+    parity.check("loss_grad", f"{label} dL/dz_b", t64[3], j64[3], t32[3], j32[3])
 
 
 def test_a_parity_failure_names_the_tensor_index_and_both_values():
@@ -104,9 +110,23 @@ def test_a_parity_failure_names_the_tensor_index_and_both_values():
     torch_value = np.array([[1.0, 2.0], [3.0, 4.0]])
     jax_value = torch_value.copy()
     jax_value[1, 0] = 3.5
-    with pytest.raises(AssertionError, match=r"dL/dz_a\[1, 0\]: torch 3\.0 vs jax 3\.5 \(largest "
+    with pytest.raises(AssertionError, match=r"dL/dz_a\[1, 0\] in float64: torch 3\.0 vs jax 3\.5 \(largest "
                                              r"difference relative to max\|torch\| = 0\.125"):
-        parity.check("loss_grad", "float32", "dL/dz_a", torch_value, jax_value, tol=1e-3)
+        parity.check_float64("loss_grad", "dL/dz_a", torch_value, jax_value, tol=1e-3)
     jax_value[1, 0] = np.nan
-    with pytest.raises(AssertionError, match=r"dL/dz_a\[1, 0\]: torch 3\.0 vs jax nan \(non-finite"):
-        parity.check("loss_grad", "float32", "dL/dz_a", torch_value, jax_value, tol=1e-3)
+    with pytest.raises(AssertionError, match=r"dL/dz_a\[1, 0\] in float64: torch 3\.0 vs jax nan \(non-finite"):
+        parity.check_float64("loss_grad", "dL/dz_a", torch_value, jax_value, tol=1e-3)
+
+
+def test_the_float32_bound_passes_two_roundings_and_fails_a_precision_loss():
+    parity = ParityReport()  # its own report: these made-up differences are not measurements
+    rng = np.random.default_rng(3)
+    exact = rng.normal(size=1000)
+    torch32 = exact.astype(np.float32)
+    # another float32 evaluation: a few ulps off the exact value before rounding
+    jax32 = (exact * (1 + rng.uniform(-4, 4, exact.size) * 2.0 ** -24)).astype(np.float32)
+    parity.check_float32("loss", "two float32 roundings", torch32, jax32, exact)
+    jax_bf16 = torch.from_numpy(exact).to(torch.bfloat16).double().numpy()  # 8 bits of mantissa
+    with pytest.raises(AssertionError, match=r"bf16\[\d+\] in float32: .*distance from float64: torch "
+                                             r"[0-9.e-]+, jax [0-9.e-]+"):
+        parity.check_float32("loss", "bf16", torch32, jax_bf16, exact)

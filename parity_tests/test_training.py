@@ -4,11 +4,13 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from jax_impl.optim import build_optimizer as jax_build_optimizer
 from jax_impl.model import build_model
 from jax_impl.train import TrainState, make_train_step
+from parity_tests.compare import as_numpy
+from parity_tests.conftest import DTYPES, jax_precision
+from parity_tests.kinks import branch_taken, float32_reach, kink_allowance, relu_inputs
 from parity_tests.models import inert_under_batchnorm, jax_twin, nchw, torch_named, torch_vicreg
 from shared.config import make_config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
@@ -50,32 +52,66 @@ def train_images() -> np.ndarray:
     return np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2).astype(np.uint8)
 
 
-class Twins:
-    """A torch model + optimizer and the JAX train state + jitted step, from the same weights."""
+class TorchRun:
+    """torch_impl's model and optimizer in `dtype` from torch_vicreg(seed); with `derivative`, its
+    ReLUs take that derivative at the kinks float32 could cross (kinks.branch_taken)."""
+
+    def __init__(self, optimizer: str, dtype: str, seed: int, derivative: float | None = None):
+        self.cfg, self.dtype, self.derivative = config(optimizer), dtype, derivative
+        self.model = torch_vicreg(self.cfg.arch, WIDTH, MLP, dtype, seed).train()
+        self.optimizer = torch_build_optimizer(self.model, self.cfg)
+
+    def step(self, x_a: np.ndarray, x_b: np.ndarray, lr: float,
+             reach: float | None = None) -> tuple[dict, list]:
+        """One train step: (its terms as numpy values, the ReLU inputs of its forwards)."""
+        set_lr(self.optimizer, lr)
+        with relu_inputs(self.model) as inputs, branch_taken(
+                self.model, reach if self.derivative is not None else None, self.derivative or 0):
+            terms = torch_train_step(self.model, self.optimizer, nchw(x_a, self.dtype),
+                                     nchw(x_b, self.dtype), self.cfg, None)
+        return {k: as_numpy(v) for k, v in terms.items()}, inputs
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {k: as_numpy(v) for k, v in self.model.state_dict().items()}
+
+    def optimizer_state(self) -> dict[str, dict[str, np.ndarray]]:
+        """{moment name ("mu", or "exp_avg"/"exp_avg_sq"): {param name: array}}."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        moments: dict[str, dict] = {}
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if key != "step":
+                    moments.setdefault(key, {})[names[id(p)]] = as_numpy(value)
+        return moments
+
+    def steps_taken(self) -> set[int]:
+        return {int(s["step"]) for s in self.optimizer.state.values()}
+
+
+class JaxRun:
+    """jax_impl's train state and jitted step in `dtype`, converted from torch_vicreg(seed)."""
 
     def __init__(self, optimizer: str, dtype: str, seed: int):
         self.cfg, self.dtype = config(optimizer), dtype
-        self.torch_model = torch_vicreg(self.cfg.arch, WIDTH, MLP, dtype, seed).train()
-        self.torch_optimizer = torch_build_optimizer(self.torch_model, self.cfg)
-        _, variables = jax_twin(self.torch_model, self.cfg.arch, WIDTH, MLP, dtype)
-        jax_optimizer, self.jax_step = jax_optimizer_and_step(optimizer, dtype)
-        self.state = TrainState(variables["params"], variables["batch_stats"],
-                                jax_optimizer.init(variables["params"]))
+        torch_model = torch_vicreg(self.cfg.arch, WIDTH, MLP, dtype, seed)
+        with jax_precision(dtype):
+            _, variables = jax_twin(torch_model, self.cfg.arch, WIDTH, MLP, dtype)
+            jax_optimizer, self.jax_step = jax_optimizer_and_step(optimizer, dtype)
+            self.state = TrainState(variables["params"], variables["batch_stats"],
+                                    jax_optimizer.init(variables["params"]))
 
-    def step(self, x_a: np.ndarray, x_b: np.ndarray, lr: float) -> tuple[dict, dict]:
-        """One step on both sides; returns (torch terms, jax terms)."""
-        set_lr(self.torch_optimizer, lr)
-        t_terms = torch_train_step(self.torch_model, self.torch_optimizer, nchw(x_a, self.dtype),
-                                   nchw(x_b, self.dtype), self.cfg, None)
-        self.state, j_terms = self.jax_step(self.state, x_a.astype(self.dtype),
-                                            x_b.astype(self.dtype), lr)
-        return t_terms, j_terms
+    def step(self, x_a: np.ndarray, x_b: np.ndarray, lr: float) -> dict:
+        """One train step; its terms as numpy values."""
+        with jax_precision(self.dtype):
+            self.state, terms = self.jax_step(self.state, x_a.astype(self.dtype),
+                                              x_b.astype(self.dtype), lr)
+            return {k: np.asarray(v) for k, v in terms.items()}
 
-    def jax_weights(self) -> dict[str, np.ndarray]:
+    def weights(self) -> dict[str, np.ndarray]:
         return torch_named({"params": self.state.params, "batch_stats": self.state.batch_stats})
 
-    def jax_optimizer_state(self) -> dict[str, dict[str, np.ndarray]]:
-        """{torch moment name ("mu", or "exp_avg"/"exp_avg_sq"): {param name: array}}."""
+    def optimizer_state(self) -> dict[str, dict[str, np.ndarray]]:
+        """As TorchRun.optimizer_state, by torch's names."""
         inner = self.state.opt_state.inner_state
         if self.cfg.optimizer == "lars":
             moments = {"mu": inner[0].mu}
@@ -84,99 +120,129 @@ class Twins:
             moments = {"exp_avg": adam.mu, "exp_avg_sq": adam.nu}
         return {k: torch_named({"params": v}) for k, v in moments.items()}
 
-    def torch_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        names = {id(p): n for n, p in self.torch_model.named_parameters()}
-        moments: dict[str, dict] = {}
-        for p, state in self.torch_optimizer.state.items():
-            for key, value in state.items():
-                if key != "step":
-                    moments.setdefault(key, {})[names[id(p)]] = value
-        return moments
+    def steps_taken(self) -> set[int]:
+        return {int(self.state.opt_state.inner_state[1].count)}
 
 
-def check_weights(parity, group: str, dtype: str, label: str, twins: Twins,
-                  lr_sum: float) -> float:
-    """All parameters and BN statistics; returns the largest relative difference.
+class Runs:
+    """The same training in torch and jax, float64 and float32, plus torch in float64 taking the
+    other branch at every kink float32 could cross ("on", "off"): see kinks.py."""
+
+    def __init__(self, optimizer: str, seed: int):
+        self.optimizer = optimizer
+        self.torch = {dtype: TorchRun(optimizer, dtype, seed) for dtype in DTYPES}
+        self.jax = {dtype: JaxRun(optimizer, dtype, seed) for dtype in DTYPES}
+        self.branches = {name: TorchRun(optimizer, "float64", seed, derivative)
+                         for name, derivative in (("on", 1.0), ("off", 0.0))}
+
+    def step(self, x_a: np.ndarray, x_b: np.ndarray, lr: float) -> dict[str, tuple[dict, dict]]:
+        """One step of every run on the same float32 inputs: {dtype: (torch terms, jax terms)}."""
+        terms, inputs = {}, {}
+        for dtype in DTYPES:
+            torch_terms, inputs[dtype] = self.torch[dtype].step(x_a, x_b, lr)
+            terms[dtype] = (torch_terms, self.jax[dtype].step(x_a, x_b, lr))
+        reach = float32_reach(inputs["float32"], inputs["float64"])
+        self.branch_losses = {name: run.step(x_a, x_b, lr, reach)[0]["loss"]
+                              for name, run in self.branches.items()}
+        return terms
+
+    def check_terms(self, parity, group: str, label: str, terms: dict) -> float:
+        """The step's loss (computed before the step's update, so continuous in the inputs only
+        at the first step: later ones follow weights that kinks moved); returns the float32
+        difference."""
+        (t64, j64), (t32, j32) = terms["float64"], terms["float32"]
+        on, off = self.branch_losses["on"], self.branch_losses["off"]
+        return parity.check(group, f"{label} loss", t64["loss"], j64["loss"], t32["loss"],
+                            j32["loss"], kink_allowance=kink_allowance(t64["loss"], on, off))[1]
+
+
+def check_weights(parity, group: str, label: str, runs: Runs, lr_sum: float) -> float:
+    """All parameters and BN statistics; returns the largest float32 difference.
 
     lr_sum: the learning rates of the steps taken so far. Under Adam the inert biases (see
     models.inert_under_batchnorm) take steps of up to lr in directions set by rounding noise, so
     for them only that bound is checked: the two sides lie within 2 * lr_sum of each other.
     """
-    jax_weights = twins.jax_weights()
+    t64, j64 = runs.torch["float64"].weights(), runs.jax["float64"].weights()
+    t32, j32 = runs.torch["float32"].weights(), runs.jax["float32"].weights()
+    on, off = (run.weights() for run in runs.branches.values())
     largest = 0.0
-    for key, value in twins.torch_model.state_dict().items():
+    for key, value in t64.items():
         if key.endswith("num_batches_tracked"):
-            assert int(value) == int(jax_weights[key]), key
-        elif twins.cfg.optimizer == "adam" and inert_under_batchnorm(key):
-            gap = float(np.abs(value.numpy() - jax_weights[key]).max())
-            assert gap <= 2 * lr_sum * (1 + 1e-3), f"{label} {key}: {gap} > 2 * {lr_sum}"
+            assert int(value) == int(j64[key]) == int(t32[key]) == int(j32[key]), key
+        elif runs.optimizer == "adam" and inert_under_batchnorm(key):
+            for dtype, t, j in (("float64", t64, j64), ("float32", t32, j32)):
+                gap = float(np.abs(t[key] - j[key]).max())
+                assert gap <= 2 * lr_sum * (1 + 1e-3), f"{label} {key} ({dtype}): {gap} > 2 * {lr_sum}"
         else:
-            largest = max(largest, parity.check(group, dtype, f"{label} {key}", value,
-                                                jax_weights[key]))
+            _, rel32 = parity.check(group, f"{label} {key}", value, j64[key], t32[key], j32[key],
+                                    kink_allowance=kink_allowance(value, on[key], off[key]))
+            largest = max(largest, rel32)
     return largest
 
 
-def check_moments(parity, dtype: str, label: str, twins: Twins) -> None:
+def check_moments(parity, label: str, runs: Runs) -> None:
     """The optimizer's per-parameter state (LARS momentum; Adam's two moments), matched by name;
     an inert bias's moments are noise, compared against the moment's scale over the model."""
-    jax_moments = twins.jax_optimizer_state()
-    torch_moments = twins.torch_optimizer_state()
-    assert set(torch_moments) == set(jax_moments)
-    for moment, tensors in torch_moments.items():
-        model_scale = max(float(v.abs().max()) for v in tensors.values())
-        assert set(tensors) == set(jax_moments[moment])
+    t64, j64 = runs.torch["float64"].optimizer_state(), runs.jax["float64"].optimizer_state()
+    t32, j32 = runs.torch["float32"].optimizer_state(), runs.jax["float32"].optimizer_state()
+    on, off = (run.optimizer_state() for run in runs.branches.values())
+    assert set(t64) == set(j64) == set(t32) == set(j32)
+    for moment, tensors in t64.items():
+        model_scale = max(float(np.abs(v).max()) for v in tensors.values())
+        assert set(tensors) == set(j64[moment])
         for name, value in tensors.items():
-            parity.check("optimizer_step", dtype, f"{label} {moment} of {name}", value,
-                         jax_moments[moment][name],
-                         scale=model_scale if inert_under_batchnorm(name) else 0.0)
+            scale = model_scale if inert_under_batchnorm(name) else 0.0
+            parity.check("optimizer_step", f"{label} {moment} of {name}", value,
+                         j64[moment][name], t32[moment][name], j32[moment][name], scale=scale,
+                         kink_allowance=kink_allowance(value, on[moment][name],
+                                                       off[moment][name], scale))
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("phase", ["warmup", "cosine"])
-def test_optimizer_step_updates_params_and_state_alike(optimizer, phase, dtype, parity):
+def test_optimizer_step_updates_params_and_state_alike(optimizer, phase, parity):
     cfg = config(optimizer)
     per_epoch = steps_per_epoch(NUM_IMAGES, BATCH)
     first = WARMUP_STEP if phase == "warmup" else COSINE_STEP
     lrs = [lr_at(first + i, per_epoch, cfg) for i in range(2)]
     warmup_steps = cfg.warmup_epochs * per_epoch
     assert (lrs[1] < cfg.peak_lr()) if phase == "warmup" else (first >= warmup_steps)
-    twins = Twins(optimizer, dtype, seed=21)
+    runs = Runs(optimizer, seed=21)
     rng = np.random.default_rng(22)
     # Two steps, so the second one starts from a non-zero momentum / moment state.
     for i, lr in enumerate(lrs):
         x_a, x_b = (rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32) for _ in range(2))
-        t_terms, j_terms = twins.step(x_a, x_b, lr)
+        terms = runs.step(x_a, x_b, lr)
         label = f"{optimizer} {phase} step {first + i} (lr {lr:.3g})"
-        parity.check("optimizer_step", dtype, f"{label} loss", t_terms["loss"], j_terms["loss"])
-        check_weights(parity, "optimizer_step", dtype, label, twins, sum(lrs[:i + 1]))
-        check_moments(parity, dtype, label, twins)
+        runs.check_terms(parity, "optimizer_step", label, terms)
+        check_weights(parity, "optimizer_step", label, runs, sum(lrs[:i + 1]))
+        check_moments(parity, label, runs)
     if optimizer == "adam":
-        steps = {int(s["step"]) for s in twins.torch_optimizer.state.values()}
-        assert steps == {2} == {int(twins.state.opt_state.inner_state[1].count)}
+        for run in (*runs.torch.values(), *runs.jax.values()):
+            assert run.steps_taken() == {2}
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_twenty_training_steps_on_the_loader_batches_stay_together(optimizer, dtype, parity,
-                                                                   capsys):
+def test_twenty_training_steps_on_the_loader_batches_stay_together(optimizer, parity, capsys):
     cfg = config(optimizer)
     images = train_images()
     params = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
     per_epoch = steps_per_epoch(len(images), cfg.batch_size)
-    twins = Twins(optimizer, dtype, seed=31)
+    runs = Runs(optimizer, seed=31)
     drift, lr_sum = [], 0.0
     for epoch in range(cfg.epochs):
         for batch in epoch_batches(images, params, cfg.batch_size, cfg.seed, epoch, workers=2):
             step = epoch * per_epoch + batch.step
             lr = lr_at(step, per_epoch, cfg)
             lr_sum += lr
-            t_terms, j_terms = twins.step(batch.view_a, batch.view_b, lr)
+            terms = runs.step(batch.view_a, batch.view_b, lr)
             label = f"{optimizer} step {step + 1}"
-            loss_rel = parity.check("trajectory", dtype, f"{label} loss", t_terms["loss"],
-                                    j_terms["loss"])
-            weights_rel = check_weights(parity, "trajectory_weights", dtype, label, twins, lr_sum)
-            drift.append((step + 1, float(t_terms["loss"]), loss_rel, weights_rel))
+            loss_rel = runs.check_terms(parity, "trajectory", label, terms)
+            weights_rel = check_weights(parity, "trajectory_weights", label, runs, lr_sum)
+            drift.append((step + 1, float(terms["float32"][0]["loss"]), loss_rel, weights_rel))
     assert len(drift) == 20
     with capsys.disabled():
-        print(f"\n{optimizer} {dtype}: step, torch loss, rel. diff of loss, of weights (largest)")
+        print(f"\n{optimizer} float32: step, torch loss, rel. diff of loss, of weights (largest)")
         for step, loss, loss_rel, weights_rel in drift[::5] + drift[-1:]:
             print(f"  {step:>2} {loss:10.5f} {loss_rel:9.2e} {weights_rel:9.2e}")
