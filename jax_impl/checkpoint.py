@@ -14,13 +14,12 @@ import numpy as np
 from flax import serialization
 from flax.traverse_util import flatten_dict
 
-from shared.config import Config
 from shared.errors import UserError
-from shared.runio import atomic_write_bytes, corrupt_checkpoint_error
+from shared.runio import CHECKPOINT_FILES, atomic_write_bytes, corrupt_checkpoint_error
 
-CHECKPOINT_FILE = "checkpoint.msgpack"
+CHECKPOINT_FILE = CHECKPOINT_FILES["jax"]
 FORMAT = "vicreg-interop/jax"
-TORCH_CHECKPOINT_FILE = "checkpoint.pt"
+TORCH_CHECKPOINT_FILE = CHECKPOINT_FILES["torch"]
 # What garbage or a cut-off file can raise inside msgpack_restore (bad bytes, wrong ext payloads).
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 _READ_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError,
@@ -64,11 +63,6 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a vicreg-interop JAX checkpoint")
     return state
-
-
-def model_description(cfg: Config) -> str:
-    """How error messages name the model a run folder's config.json asks for."""
-    return f"{cfg.arch} width {cfg.width} expander {cfg.mlp}"
 
 
 def _shapes(tree: dict) -> dict[str, tuple]:

@@ -15,12 +15,12 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jax_impl.checkpoint import (CHECKPOINT_FILE, TORCH_CHECKPOINT_FILE, check_variables,
-                                 load_checkpoint, model_description, save_checkpoint)
+                                 load_checkpoint, save_checkpoint)
 from jax_impl.model import build_model, variable_shapes
 from jax_impl.optim import build_optimizer
 from shared.config import Config, UserErrorParser, load_run_config
 from shared.errors import UserError
-from shared.runio import CONFIG_FILE, atomic_write_bytes
+from shared.runio import CONFIG_FILE, atomic_write_bytes, make_folder, run_folder_lock
 from shared.training import cli_main
 
 FORMATS = {"flax": CHECKPOINT_FILE, "torch": TORCH_CHECKPOINT_FILE}
@@ -80,7 +80,7 @@ def from_torch_state(state: dict[str, np.ndarray], expected: dict, source: Path,
 
 
 def _describe(cfg: Config) -> str:
-    return f"{model_description(cfg)} (from config.json)"
+    return f"{cfg.model_description()} (from config.json)"
 
 
 def _progress(state: dict) -> dict:
@@ -105,14 +105,14 @@ def flax_to_torch(source: Path, target: Path, cfg: Config) -> int:
     import torch  # lazy: only conversion needs torch
 
     from torch_impl.checkpoint import load_model_state, save_checkpoint as save_torch
-    from torch_impl.model import VICReg as TorchVICReg
+    from torch_impl.model import build_model as build_torch_model
     from torch_impl.optim import build_optimizer as build_torch_optimizer
 
     state = load_checkpoint(source)
     model = build_model(cfg.arch, cfg.width, cfg.mlp_dims())
     variables = check_variables({"params": state["params"], "batch_stats": state["batch_stats"]},
                                 variable_shapes(model), source, _describe(cfg))
-    torch_model = TorchVICReg(cfg.arch, cfg.width, cfg.mlp_dims())
+    torch_model = build_torch_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.seed)
     weights = {k: torch.from_numpy(v) for k, v in to_torch_state(variables).items()}
     load_model_state(torch_model, weights, source, _describe(cfg))
     save_torch(target, {"model": torch_model.state_dict(),
@@ -141,10 +141,11 @@ def convert(run_dir: Path, to: str, out: Path | None = None, force: bool = False
     if out_config.exists() and out_config.read_bytes() != config_bytes and not force:
         raise UserError(f"{out_config} holds other settings than {run_dir / CONFIG_FILE}; pass --force "
                         "to overwrite it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    epoch = (torch_to_flax if to == "flax" else flax_to_torch)(source, target, cfg)
-    if out_config != run_dir / CONFIG_FILE:
-        atomic_write_bytes(out_config, config_bytes)
+    make_folder(out, "output folder")
+    with run_folder_lock(out, "python -m jax_impl.convert"):
+        epoch = (torch_to_flax if to == "flax" else flax_to_torch)(source, target, cfg)
+        if out_config != run_dir / CONFIG_FILE:
+            atomic_write_bytes(out_config, config_bytes)
     print(f"converted {source} ({other}, epoch {epoch}) -> {target} ({to}); optimizer state not "
           "converted", flush=True)
     return target

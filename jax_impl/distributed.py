@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shared.errors import UserError
-from shared.loader import split_batch
+from shared.training import World
 
 DATA_AXIS = "data"
 _JAX_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -50,17 +50,13 @@ def distributed_env(environ: Mapping[str, str]) -> dict | None:
     return None
 
 
-def initialize_from_env(environ: Mapping[str, str] = os.environ) -> None:
-    """Join the job the environment describes (see distributed_env); nothing for one process.
-    Must run before anything asks jax for its devices."""
+def world_from_env(environ: Mapping[str, str] = os.environ) -> World:
+    """Join the job the environment describes (see distributed_env; nothing for one process) and
+    return this process's place in it. Must run before anything asks jax for its devices."""
     args = distributed_env(environ)
     if args is not None:
         jax.distributed.initialize(**args, shutdown_timeout_seconds=_SHUTDOWN_TIMEOUT_S)
-
-
-def is_main() -> bool:
-    """Process 0 alone writes the run folder, prints, shows the progress bar and runs the probe."""
-    return jax.process_index() == 0
+    return World(jax.process_index(), jax.process_count())
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
@@ -80,13 +76,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def process_shard(mesh: Mesh, batch_size: int) -> tuple[int, int]:
-    """(process index, process count): the part of every batch this process loads (see
-    shared.loader); UserError unless the batch splits evenly over the mesh's devices."""
-    split_batch(batch_size, mesh.size, "devices")
-    return jax.process_index(), jax.process_count()
-
-
 def global_batch(rows: np.ndarray, sharding: NamedSharding, batch_size: int) -> jax.Array:
     """This process's rows [B / P, ...] of a view -> the global [B, ...] array, sharded."""
     return jax.make_array_from_process_local_data(sharding, rows, (batch_size, *rows.shape[1:]))
@@ -98,14 +87,14 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(jax.device_get(tree), replicated(mesh))
 
 
-def on_main(action: Callable[[], object]) -> None:
+def on_main(world: World, action: Callable[[], object]) -> None:
     """action() on process 0 only; a UserError there is raised in every process (its message cut
     to 1 KiB), so the job stops as one instead of leaving the others waiting in the first step."""
-    if jax.process_count() == 1:
+    if world.size == 1:
         action()
         return
     message = b""
-    if is_main():
+    if world.is_main:
         try:
             action()
         except UserError as exc:

@@ -1,14 +1,13 @@
 """Linear probe of a frozen backbone: `python -m jax_impl.probe --run RUN_DIR --dataset cifar10|gtsrb`.
 
 The twin of torch_impl.probe (same protocol, through shared.linear_probe): writes
-RUN_DIR/probe_<dataset>.json (probe_<dataset>_random_init.json with --random-init) and prints one
-line with the top-1 accuracy.
+RUN_DIR/probe_<dataset>.json (probe_<dataset>_random_init.json with --random-init; ..._jax.json for
+a run trained by torch_impl) and prints one line with the top-1 accuracy.
 """
 from __future__ import annotations
 
 import functools
 import sys
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -18,17 +17,16 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jax_impl.checkpoint import (CHECKPOINT_FILE, check_variables, load_checkpoint,
-                                 model_description)
+from jax_impl.checkpoint import CHECKPOINT_FILE, check_variables, load_checkpoint
 from jax_impl.model import (ResNet, backbone_of, backbone_variables, build_model, init_variables,
                             torch_uniform, variable_shapes)
 from jax_impl.optim import set_lr
 from jax_impl.runtime import compute_dtype, pick_device
-from shared.config import Config, parse_probe_args
-from shared.data import CIFAR10_MEAN, CIFAR10_STD, NUM_CLASSES, load_split
-from shared.linear_probe import (normalize_images, probe_batches, probe_lr, probe_record,
-                                 report_probe, standardize)
-from shared.training import cli_main, gtsrb_available
+from shared.config import Config
+from shared.data import CIFAR10_MEAN, CIFAR10_STD
+from shared.linear_probe import (Features, normalize_images, probe_batches, probe_lr, probe_main,
+                                 standardize)
+from shared.linear_probe import probe_after_training as shared_probe_after_training
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -89,35 +87,21 @@ def train_linear(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n
     return np.asarray(classifier.apply({"params": params}, jnp.asarray(test_x)), np.float32)
 
 
-def probe(cfg: Config, run_dir: Path, dataset: str, backbone: ResNet, variables: dict,
-          random_init: bool, checkpoint_epoch: int | None) -> dict:
-    """Run the protocol on `dataset`, write probe_<dataset>[_random_init].json, return its dict."""
-    started = time.perf_counter()
-    x_train, y_train = load_split(dataset, cfg.data_dir, "train", download=cfg.download)
-    x_test, y_test = load_split(dataset, cfg.data_dir, "test", download=cfg.download)
-    f_train = extract_features(backbone, variables, x_train, f"{dataset} train features")
-    f_test = extract_features(backbone, variables, x_test, f"{dataset} test features")
-    logits = train_linear(f_train, y_train, f_test, NUM_CLASSES[dataset], cfg)
-    result = probe_record("jax", dataset, logits, len(y_train), y_test, f_train.shape[1], cfg,
-                          random_init, checkpoint_epoch, time.perf_counter() - started)
-    report_probe(result, run_dir, cfg)
-    return result
+def features_of(backbone: ResNet, variables: dict) -> Features:
+    """The frozen backbone as the protocol's feature extractor."""
+    return lambda images, desc: extract_features(backbone, variables, images, desc)
 
 
 def probe_after_training(cfg: Config, run_dir: Path, backbone: ResNet, variables: dict) -> dict:
-    """The probes that end a training run: CIFAR-10, and GTSRB when its data is there."""
-    results = {"cifar10": probe(cfg, run_dir, "cifar10", backbone, variables, False,
-                                cfg.epochs)["top1"]}
-    if gtsrb_available(cfg):
-        results["gtsrb"] = probe(cfg, run_dir, "gtsrb", backbone, variables, False,
-                                 cfg.epochs)["top1"]
-    else:
-        print(f"GTSRB probe skipped: no {Path(cfg.data_dir) / 'gtsrb'} (pass --download)")
-    return results
+    """The probes that end a training run (shared.linear_probe.probe_after_training)."""
+    return shared_probe_after_training(cfg, run_dir, framework="jax",
+                                       features=features_of(backbone, variables),
+                                       train_linear=train_linear)
 
 
 def load_backbone(cfg: Config, run_dir: Path, random_init: bool) -> tuple[ResNet, dict, int | None]:
-    """The run's backbone and its variables: trained ones from the checkpoint, or fresh from cfg.seed."""
+    """The run's backbone and its variables: trained ones from the checkpoint, or fresh from
+    cfg.seed; and the checkpoint's epoch (None at random init)."""
     model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), compute_dtype(cfg.precision, pick_device()))
     if random_init:
         return backbone_of(model), backbone_variables(init_variables(model, cfg.seed)), None
@@ -125,16 +109,16 @@ def load_backbone(cfg: Config, run_dir: Path, random_init: bool) -> tuple[ResNet
     stored = load_checkpoint(path)
     variables = check_variables({"params": stored["params"], "batch_stats": stored["batch_stats"]},
                                 variable_shapes(model), path,
-                                f"{model_description(cfg)} (from config.json)")
+                                f"{cfg.model_description()} (from config.json)")
     return backbone_of(model), backbone_variables(variables), int(stored["epoch"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body():
-        cfg, args = parse_probe_args(argv, "jax")
-        backbone, variables, epoch = load_backbone(cfg, Path(args.run), args.random_init)
-        probe(cfg, Path(args.run), args.dataset, backbone, variables, args.random_init, epoch)
-    return cli_main(body)
+    def load(cfg: Config, run_dir: Path, random_init: bool) -> tuple[Features, int | None]:
+        backbone, variables, epoch = load_backbone(cfg, run_dir, random_init)
+        return features_of(backbone, variables), epoch
+
+    return probe_main(argv, "jax", load, train_linear)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 Each trainer's epoch loop runs as in training, with its step replaced by a recorder of what it is
 handed (the steps themselves are compared in test_training.py).
 """
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,12 +17,10 @@ from jax_impl.model import build_model
 from jax_impl.optim import build_optimizer as jax_build_optimizer
 from shared.config import make_config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
-from shared.loader import batch_at, steps_per_epoch
+from shared.loader import batch_at
 from shared.runio import MetricsLog
-from shared.training import TERMS
+from shared.training import TERMS, World
 from torch_impl import train as torch_train
-from torch_impl.distributed import World
-from torch_impl.optim import build_optimizer as torch_build_optimizer
 
 
 def pixels(n: int = 48) -> np.ndarray:
@@ -31,30 +31,29 @@ def torch_consumed(cfg, images, run_dir, epoch) -> list[tuple[np.ndarray, np.nda
     """The (view_a, view_b) tensors torch_impl.train's epoch loop hands its step, as NHWC numpy."""
     device = torch.device("cpu")
     run_dir.mkdir()
-    model = torch_train.build_model(cfg, device)
-    session = torch_train.Session(cfg, run_dir, images, steps_per_epoch(len(images), cfg.batch_size),
-                                  device, None, model, torch_build_optimizer(model, cfg),
-                                  MetricsLog(run_dir), World())
+    cfg = dataclasses.replace(cfg, out=str(run_dir))
+    session = torch_train.Session(cfg, images, device, None, World(), MetricsLog(run_dir))
     seen = []
 
-    def recording_step(model, optimizer, x_a, x_b, cfg, amp):
+    def recording_step(state, x_a, x_b, lr):
         seen.append(tuple(x.permute(0, 2, 3, 1).contiguous().numpy().copy() for x in (x_a, x_b)))
-        return {key: torch.tensor(1.0) for key in TERMS}
+        return state, {key: torch.tensor(1.0) for key in TERMS}
 
     session.step_fn = recording_step
     with tqdm(disable=True) as bar:
-        torch_train.train_epoch(session, epoch, bar)
+        torch_train.train_epoch(session, torch_train.initial_state(cfg, device, World()), epoch,
+                                bar)
     return seen
 
 
 def jax_consumed(cfg, images, run_dir, epoch) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (view_a, view_b) arrays jax_impl.train's epoch loop hands its jitted step."""
     run_dir.mkdir()
+    cfg = dataclasses.replace(cfg, out=str(run_dir))
     model = build_model(cfg.arch, cfg.width, cfg.mlp_dims())
     optimizer = jax_build_optimizer(cfg)
-    session = jax_train.Session(cfg, run_dir, images, steps_per_epoch(len(images), cfg.batch_size),
-                                None, None, model, optimizer, MetricsLog(run_dir), data_mesh(),
-                                (0, 1))
+    session = jax_train.Session(cfg, images, None, None, World(), MetricsLog(run_dir), model,
+                                optimizer, data_mesh())
     seen = []
 
     def recording_step(state, x_a, x_b, lr):
@@ -85,5 +84,6 @@ def test_trainers_consume_byte_identical_batches(workers, tmp_path, parity):
             assert t_view.dtype == j_view.dtype == np.float32
             name = f"step {step} view {view}"
             assert t_view.tobytes() == j_view.tobytes() == r_view.tobytes(), (
-                parity.check("loader", "float32", name, t_view, j_view))
-            parity.record("loader", "float32", name, 0.0)
+                f"{name}: the batches differ (largest difference torch - jax "
+                f"{np.abs(t_view - j_view).max():.3g})")
+            parity.record("loader", name, 0.0)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from shared.augment import AugmentParams
 from shared.data import default_data_dir
 from shared.errors import UserError
 from shared.loader import auto_workers
+from shared.runio import CHECKPOINT_FILES, CONFIG_FILE
 
 ARCHS = tuple(BLOCKS)
 OPTIMIZERS = ("lars", "adam")
@@ -30,88 +33,6 @@ SCHEDULE_UNITS = ("step", "epoch")
 PROBE_DATASETS = ("cifar10", "gtsrb")
 # the augmentation defaults live in AugmentParams; Config exposes them as flags
 _VIEWS = AugmentParams()
-
-
-@dataclass
-class Config:
-    """All settings of a pretraining run (and of the probe that ends it)."""
-
-    # model
-    arch: str = "resnet18"
-    width: int = 64
-    mlp: str = "2048-2048-2048"
-    # data
-    data_dir: str = dataclasses.field(default_factory=lambda: str(default_data_dir()))
-    download: bool = False
-    subset: int = 0
-    # optimisation
-    epochs: int = 1000
-    batch_size: int = 256
-    optimizer: str = "lars"
-    base_lr: float = 0.3
-    lr_scaling: bool = True
-    wd: float = 1e-4
-    momentum: float = 0.9
-    lars_eta: float = 0.02
-    warmup_epochs: float = 10.0
-    final_lr_ratio: float = 0.001
-    schedule_unit: str = "step"
-    # loss
-    sim_coeff: float = 25.0
-    std_coeff: float = 25.0
-    cov_coeff: float = 1.0
-    loss_variant: str = "official"
-    # augmentation
-    crop_min_scale: float = _VIEWS.crop_scale[0]
-    flip_p: float = _VIEWS.flip_p
-    jitter_p: float = _VIEWS.jitter_p
-    brightness: float = _VIEWS.brightness
-    contrast: float = _VIEWS.contrast
-    saturation: float = _VIEWS.saturation
-    hue: float = _VIEWS.hue
-    gray_p: float = _VIEWS.gray_p
-    blur_p: float = _VIEWS.blur_p
-    blur_kernel: int = _VIEWS.blur_kernel
-    solarize_p: float = _VIEWS.solarize_p
-    # run
-    seed: int = 0
-    out: str = ""
-    preset: str = "default"
-    precision: str = "auto"
-    workers: int = 0
-    compile: bool = False
-    log_every: int = 20
-    sync_bn: bool = True
-    # probe
-    probe: bool = True
-    probe_epochs: int = 100
-    probe_lr: float = 0.1
-    probe_wd: float = 0.0
-    probe_batch_size: int = 256
-
-    def augment_params(self, mean: tuple, std: tuple) -> AugmentParams:
-        """The view pipeline's parameters, normalising with the pretraining data's mean and std."""
-        return AugmentParams(
-            crop_scale=(self.crop_min_scale, 1.0), flip_p=self.flip_p, jitter_p=self.jitter_p,
-            brightness=self.brightness, contrast=self.contrast, saturation=self.saturation,
-            hue=self.hue, gray_p=self.gray_p, blur_p=self.blur_p, blur_kernel=self.blur_kernel,
-            solarize_p=self.solarize_p, mean=tuple(mean), std=tuple(std))
-
-    def mlp_dims(self) -> list[int]:
-        """The expander spec as layer widths, e.g. "2048-2048-2048" -> [2048, 2048, 2048]."""
-        return parse_mlp(self.mlp)
-
-    def loader_workers(self) -> int:
-        """Augmentation threads: --workers, or the automatic choice when it is 0."""
-        return self.workers or auto_workers()
-
-    def peak_lr(self) -> float:
-        """lr = base_lr x batch_size / 256 with linear scaling (the official rule), else base_lr."""
-        return self.base_lr * self.batch_size / 256 if self.lr_scaling else self.base_lr
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
 
 PRESETS: dict[str, dict] = {
     # solo-learn's CIFAR-10 recipe: the dataclass defaults.
@@ -127,70 +48,215 @@ PRESETS: dict[str, dict] = {
         width=16, mlp="1024-1024-1024", epochs=3, subset=40000, batch_size=256, optimizer="adam",
         base_lr=1e-3, lr_scaling=False, wd=1e-6, warmup_epochs=0.25, final_lr_ratio=0.01,
         probe_epochs=50),
-    # Seconds, for tests: a tiny network on a tiny subset.
+    # Seconds, for tests: a tiny network on a tiny subset, probed on a small subset.
     "smoke": dict(
         width=8, mlp="32-32", epochs=1, batch_size=16, subset=64, optimizer="lars",
-        warmup_epochs=0.0, log_every=1, probe_epochs=5, probe_batch_size=32, precision="fp32"),
+        warmup_epochs=0.0, log_every=1, probe_epochs=5, probe_batch_size=32, probe_subset=500,
+        precision="fp32"),
 }
 
-_HELP = {
-    "arch": "backbone: " + ", ".join(ARCHS),
-    "width": "channels of the first stage (64 is the standard ResNet; smaller is faster)",
-    "mlp": "expander layer widths, e.g. 2048-2048-2048 (Linear+BN+ReLU, last Linear without bias)",
-    "data_dir": "folder holding cifar-10-batches-py/ and gtsrb/ (env VICREG_DATA_DIR, else ./data)",
-    "download": "download missing datasets through torchvision's downloaders (md5-checked)",
-    "subset": "train on a stratified, seeded subset of this many images (0 = all)",
-    "epochs": "pretraining epochs",
-    "batch_size": "images per view per step (the global batch)",
-    "optimizer": "optimizer: " + ", ".join(OPTIMIZERS),
-    "base_lr": "base learning rate (scaled by batch_size/256 when lr scaling is on)",
-    "lr_scaling": "scale the learning rate by batch_size/256",
-    "wd": "weight decay (LARS: biases and norm parameters excluded)",
-    "momentum": "LARS momentum",
-    "lars_eta": "LARS trust coefficient eta",
-    "warmup_epochs": "linear warmup length in epochs (may be fractional)",
-    "final_lr_ratio": "cosine schedule ends at this fraction of the peak learning rate",
-    "schedule_unit": "update the learning rate every step or every epoch",
-    "sim_coeff": "weight of the invariance term (lambda)",
-    "std_coeff": "weight of the variance term (mu)",
-    "cov_coeff": "weight of the covariance term (nu)",
-    "loss_variant": "official (facebookresearch/vicreg) or homework (the seed course's)",
-    "crop_min_scale": "smallest area fraction of the random resized crop",
-    "flip_p": "horizontal flip probability",
-    "jitter_p": "colour jitter probability",
-    "brightness": "colour jitter brightness strength",
-    "contrast": "colour jitter contrast strength",
-    "saturation": "colour jitter saturation strength",
-    "hue": "colour jitter hue strength",
-    "gray_p": "grayscale probability",
-    "blur_p": "Gaussian blur probability",
-    "blur_kernel": "Gaussian blur kernel size (odd)",
-    "solarize_p": "solarize probability",
-    "seed": "seed of initialisation, data order and augmentation",
-    "out": "run folder (config.json, metrics.jsonl, checkpoint, summary.json); "
-           "default runs/<framework>-<preset>",
-    "preset": "named settings: " + ", ".join(PRESETS) + " (flags given override the preset)",
-    "precision": "auto (bf16 where the CPU or GPU supports it), bf16 or fp32; "
-                 "the loss is always computed in float32",
-    "workers": "augmentation threads (0 = auto: half the CPU cores, 1 to 8)",
-    "compile": "compile the train step (torch.compile); jax always jit-compiles",
-    "log_every": "write a metrics.jsonl line every this many steps",
-    "sync_bn": "batch-norm statistics over the global batch when training on several processes "
-               "(torch_impl: SyncBatchNorm; no effect with one process); jax_impl always "
-               "normalises over the global batch",
-    "probe": "run the linear probe (CIFAR-10, and GTSRB when present) after training",
-    "probe_epochs": "linear probe epochs",
-    "probe_lr": "linear probe peak learning rate (SGD, cosine)",
-    "probe_wd": "linear probe weight decay",
-    "probe_batch_size": "linear probe batch size",
-}
+# What a setting shapes, which decides how the tools treat it:
+#   BACKBONE     the untrained network (the random-init baseline depends on it); fixed once trained
+#   PRETRAINING  what is learned, nothing else; fixed once trained
+#   PROBE        the linear probe's protocol; may change on --resume, and between probes
+#   RUN          where and how the run executes, not what it learns; may change on --resume
+BACKBONE, PRETRAINING, PROBE, RUN = "backbone", "pretraining", "probe", "run"
+# GTSRB has 43 classes, so a stratified probe subset needs at least that many images.
+MIN_PROBE_SUBSET = 43
 
-_CHOICES = {"arch": ARCHS, "optimizer": OPTIMIZERS, "loss_variant": LOSS_VARIANTS,
-            "precision": PRECISIONS, "schedule_unit": SCHEDULE_UNITS}
+
+@dataclass(frozen=True)
+class Range:
+    """A condition a setting's value must meet, and how an error states it."""
+
+    holds: Callable[[float], bool]
+    says: str
+
+
+POSITIVE = Range(lambda v: v > 0, "must be positive")
+NON_NEGATIVE = Range(lambda v: v >= 0, "must be 0 or more")
+PROBABILITY = Range(lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
+
+
+def setting(default, help: str, role: str, *, choices: tuple = (), check: Range | None = None,
+            sweep_owned: str = "", factory: Callable[[], object] | None = None):
+    """A Config field with everything the tools need to know about it: its --help text, its
+    choices, the range it must lie in, its role (BACKBONE, PRETRAINING, PROBE or RUN), and, when a
+    sweep sets it itself, what to use instead."""
+    metadata = {"help": help, "role": role, "choices": tuple(choices), "check": check,
+                "sweep_owned": sweep_owned}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass
+class Config:
+    """All settings of a pretraining run (and of the probe that ends it)."""
+
+    # model
+    arch: str = setting("resnet18", "backbone: " + ", ".join(ARCHS), BACKBONE, choices=ARCHS)
+    width: int = setting(64, "channels of the first stage (64 is the standard ResNet; smaller is "
+                         "faster)", BACKBONE, check=POSITIVE)
+    mlp: str = setting("2048-2048-2048", "expander layer widths, e.g. 2048-2048-2048 "
+                       "(Linear+BN+ReLU, last Linear without bias)", BACKBONE)
+    # data
+    data_dir: str = setting(None, "folder holding cifar-10-batches-py/ and gtsrb/ (env "
+                            "VICREG_DATA_DIR, else ./data)", RUN,
+                            sweep_owned="use --data-dir",
+                            factory=lambda: str(default_data_dir()))
+    download: bool = setting(False, "download missing datasets through torchvision's "
+                             "downloaders (md5-checked)", RUN)
+    subset: int = setting(0, "train on a stratified, seeded subset of this many images "
+                          "(0 = all)", PRETRAINING, check=NON_NEGATIVE)
+    # optimisation
+    epochs: int = setting(1000, "pretraining epochs (with --resume: at least the run's; more "
+                          "extends it)", PRETRAINING, check=POSITIVE)
+    batch_size: int = setting(256, "images per view per step (the global batch)", PRETRAINING,
+                              check=Range(lambda v: v >= 2, "VICReg needs at least 2 images "
+                                          "per batch (the variance and covariance terms are "
+                                          "computed across the batch)"))
+    optimizer: str = setting("lars", "optimizer: " + ", ".join(OPTIMIZERS), PRETRAINING,
+                             choices=OPTIMIZERS)
+    base_lr: float = setting(0.3, "base learning rate (scaled by batch_size/256 when lr scaling "
+                             "is on)", PRETRAINING, check=POSITIVE)
+    lr_scaling: bool = setting(True, "scale the learning rate by batch_size/256", PRETRAINING)
+    wd: float = setting(1e-4, "weight decay (LARS: biases and norm parameters excluded)",
+                        PRETRAINING, check=NON_NEGATIVE)
+    momentum: float = setting(0.9, "LARS momentum", PRETRAINING,
+                              check=Range(lambda v: 0 <= v < 1, "must lie in [0, 1)"))
+    lars_eta: float = setting(0.02, "LARS trust coefficient eta", PRETRAINING, check=POSITIVE)
+    warmup_epochs: float = setting(10.0, "linear warmup length in epochs (may be fractional; at "
+                                   "most --epochs)", PRETRAINING, check=NON_NEGATIVE)
+    final_lr_ratio: float = setting(0.001, "cosine schedule ends at this fraction of the peak "
+                                    "learning rate", PRETRAINING,
+                                    check=Range(lambda v: 0 <= v <= 1, "must lie in [0, 1]"))
+    schedule_unit: str = setting("step", "update the learning rate every step or every epoch",
+                                 PRETRAINING, choices=SCHEDULE_UNITS)
+    # loss
+    sim_coeff: float = setting(25.0, "weight of the invariance term (lambda)", PRETRAINING,
+                               check=NON_NEGATIVE)
+    std_coeff: float = setting(25.0, "weight of the variance term (mu)", PRETRAINING,
+                               check=NON_NEGATIVE)
+    cov_coeff: float = setting(1.0, "weight of the covariance term (nu)", PRETRAINING,
+                               check=NON_NEGATIVE)
+    loss_variant: str = setting("official", "official (facebookresearch/vicreg) or homework "
+                                "(the seed course's)", PRETRAINING, choices=LOSS_VARIANTS)
+    # augmentation
+    crop_min_scale: float = setting(_VIEWS.crop_scale[0], "smallest area fraction of the random "
+                                    "resized crop", PRETRAINING,
+                                    check=Range(lambda v: 0 < v <= 1, "must lie in (0, 1]"))
+    flip_p: float = setting(_VIEWS.flip_p, "horizontal flip probability", PRETRAINING,
+                            check=PROBABILITY)
+    jitter_p: float = setting(_VIEWS.jitter_p, "colour jitter probability", PRETRAINING,
+                              check=PROBABILITY)
+    brightness: float = setting(_VIEWS.brightness, "colour jitter brightness strength",
+                                PRETRAINING, check=NON_NEGATIVE)
+    contrast: float = setting(_VIEWS.contrast, "colour jitter contrast strength", PRETRAINING,
+                              check=NON_NEGATIVE)
+    saturation: float = setting(_VIEWS.saturation, "colour jitter saturation strength",
+                                PRETRAINING, check=NON_NEGATIVE)
+    hue: float = setting(_VIEWS.hue, "colour jitter hue strength", PRETRAINING,
+                         check=Range(lambda v: 0 <= v <= 0.5, "must lie in [0, 0.5]"))
+    gray_p: float = setting(_VIEWS.gray_p, "grayscale probability", PRETRAINING,
+                            check=PROBABILITY)
+    blur_p: float = setting(_VIEWS.blur_p, "Gaussian blur probability", PRETRAINING,
+                            check=PROBABILITY)
+    blur_kernel: int = setting(_VIEWS.blur_kernel, "Gaussian blur kernel size (odd)",
+                               PRETRAINING, check=Range(lambda v: v > 0 and v % 2 == 1,
+                                                        "must be a positive odd number"))
+    solarize_p: float = setting(_VIEWS.solarize_p, "solarize probability", PRETRAINING,
+                                check=PROBABILITY)
+    # run
+    seed: int = setting(0, "seed of initialisation, data order and augmentation", BACKBONE,
+                        check=NON_NEGATIVE)
+    out: str = setting("", "run folder (config.json, metrics.jsonl, checkpoint, summary.json); "
+                       "default runs/<framework>-<preset>", RUN,
+                       sweep_owned="the sweep names each run folder under SWEEP_DIR/runs/")
+    preset: str = setting("default", "named settings: " + ", ".join(PRESETS) + " (flags given "
+                          "override the preset)", PRETRAINING, sweep_owned="use --preset")
+    precision: str = setting("auto", "auto (bf16 where the CPU or GPU supports it), bf16 or "
+                             "fp32; the loss is always computed in float32", BACKBONE,
+                             choices=PRECISIONS)
+    workers: int = setting(0, "augmentation threads (0 = auto: half the CPU cores, 1 to 8)", RUN,
+                           check=NON_NEGATIVE)
+    compile: bool = setting(False, "compile the train step (torch.compile); jax always "
+                            "jit-compiles", RUN)
+    log_every: int = setting(20, "write a metrics.jsonl line every this many steps", RUN,
+                             check=POSITIVE)
+    sync_bn: bool = setting(True, "batch-norm statistics over the global batch when training on "
+                            "several processes (torch_impl: SyncBatchNorm; no effect with one "
+                            "process); jax_impl always normalises over the global batch",
+                            PRETRAINING)
+    # probe
+    probe: bool = setting(True, "run the linear probe (CIFAR-10, and GTSRB when present) after "
+                          "training", RUN, sweep_owned="every sweep run is probed")
+    probe_epochs: int = setting(100, "linear probe epochs", PROBE, check=POSITIVE)
+    probe_lr: float = setting(0.1, "linear probe peak learning rate (SGD, cosine)", PROBE,
+                              check=POSITIVE)
+    probe_wd: float = setting(0.0, "linear probe weight decay", PROBE, check=NON_NEGATIVE)
+    probe_batch_size: int = setting(256, "linear probe batch size", PROBE, check=POSITIVE)
+    probe_subset: int = setting(0, "probe on a stratified subset of this many train and as many "
+                                "test images (0 = all)", PROBE,
+                                check=Range(lambda v: v == 0 or v >= MIN_PROBE_SUBSET,
+                                            f"must be 0 (all) or at least {MIN_PROBE_SUBSET}, "
+                                            "one image of each GTSRB class"))
+
+    def augment_params(self, mean: tuple, std: tuple) -> AugmentParams:
+        """The view pipeline's parameters, normalising with the pretraining data's mean and std."""
+        return AugmentParams(
+            crop_scale=(self.crop_min_scale, 1.0), flip_p=self.flip_p, jitter_p=self.jitter_p,
+            brightness=self.brightness, contrast=self.contrast, saturation=self.saturation,
+            hue=self.hue, gray_p=self.gray_p, blur_p=self.blur_p, blur_kernel=self.blur_kernel,
+            solarize_p=self.solarize_p, mean=tuple(mean), std=tuple(std))
+
+    def mlp_dims(self) -> list[int]:
+        """The expander spec as layer widths, e.g. "2048-2048-2048" -> [2048, 2048, 2048]."""
+        return parse_mlp(self.mlp)
+
+    def model_description(self) -> str:
+        """How messages name the network: "resnet18 width 64 expander 2048-2048-2048"."""
+        return f"{self.arch} width {self.width} expander {self.mlp}"
+
+    def loader_workers(self) -> int:
+        """Augmentation threads: --workers, or the automatic choice when it is 0."""
+        return self.workers or auto_workers()
+
+    def peak_lr(self) -> float:
+        """lr = base_lr x batch_size / 256 with linear scaling (the official rule), else base_lr."""
+        return self.base_lr * self.batch_size / 256 if self.lr_scaling else self.base_lr
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def settings_with_role(*roles: str) -> list[str]:
+    """The names of the Config fields whose role is one of `roles`, in declaration order."""
+    return [f.name for f in fields(Config) if f.metadata["role"] in roles]
+
+
+def sweep_owned() -> dict[str, str]:
+    """Settings a sweep sets itself -> what to use instead of sweeping them."""
+    return {f.name: f.metadata["sweep_owned"] for f in fields(Config) if f.metadata["sweep_owned"]}
+
+
+def setting_types() -> dict[str, type]:
+    """Config field name -> the Python type its value has (bool, int, float or str)."""
+    defaults = Config()
+    return {f.name: type(getattr(defaults, f.name)) for f in fields(Config)}
+
+
+def flag(name: str) -> str:
+    """A setting's command-line flag: base_lr -> --base-lr."""
+    return "--" + name.replace("_", "-")
 
 
 class UserErrorParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UserError (one line, exit 2) instead of exiting."""
+    """argparse that reports a bad flag as a UserError (one line, exit 2) instead of exiting, and
+    takes no abbreviated flags (--epoch is not --epochs)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise UserError(message)
@@ -205,22 +271,16 @@ def parse_mlp(spec: str) -> list[int]:
     return [int(p) for p in parts]
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, defaults: Config) -> None:
-    for f in fields(Config):
-        default = getattr(defaults, f.name)
-        help_text = f"{_HELP[f.name]} (default: {default})"
-        if f.type == "bool" or isinstance(default, bool):
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        else:
-            kind = type(default)
-            parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=argparse.SUPPRESS,
-                                choices=_CHOICES.get(f.name), metavar=f.name.upper(),
-                                help=help_text)
+def _add_setting_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, default,
+                      default_text: str) -> None:
+    help_text = f"{f.metadata['help']} (default: {default_text})"
+    if isinstance(default, bool):
+        parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                            default=argparse.SUPPRESS, help=help_text)
+    else:
+        parser.add_argument(flag(f.name), dest=f.name, type=type(default),
+                            default=argparse.SUPPRESS, choices=f.metadata["choices"] or None,
+                            metavar=f.name.upper(), help=help_text)
 
 
 def build_train_parser(framework: str) -> argparse.ArgumentParser:
@@ -236,8 +296,12 @@ def build_train_parser(framework: str) -> argparse.ArgumentParser:
             for name, values in PRESETS.items()))
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint "
-                             f"({'checkpoint.pt' if framework == 'torch' else 'checkpoint.msgpack'})")
-    _add_config_flags(parser, Config())
+                             f"({CHECKPOINT_FILES[framework]}); only --epochs (to extend it), "
+                             "the probe settings and how the run executes (--data-dir, "
+                             "--workers, --log-every, --compile, --no-probe) may change")
+    defaults = Config()
+    for f in fields(Config):
+        _add_setting_flag(parser, f, getattr(defaults, f.name), str(getattr(defaults, f.name)))
     return parser
 
 
@@ -257,24 +321,33 @@ def make_config(overrides: dict, base: Config | None = None) -> Config:
     return validate(Config(**values))
 
 
+def _check_type(name: str, value, kind: type) -> None:
+    """UserError unless `value` has the setting's type (an int is a valid float)."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if type(value) is not kind:
+        noun = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+        raise UserError(f"{flag(name)} takes {noun}, got {value!r}")
+
+
 def validate(cfg: Config) -> Config:
-    """Check every setting a user can get wrong; raise UserError with the fix."""
-    for name, choices in _CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise UserError(f"unknown {name} {getattr(cfg, name)!r}; choose one of: "
-                            f"{', '.join(choices)}")
+    """Check every setting a user can get wrong; raise UserError naming the flag and the fix."""
+    types = setting_types()
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        _check_type(f.name, value, types[f.name])
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag(f.name)} {value}: must be a finite number")
+        choices = f.metadata["choices"]
+        if choices and value not in choices:
+            raise UserError(f"unknown {f.name} {value!r}; choose one of: {', '.join(choices)}")
+        check = f.metadata["check"]
+        if check is not None and not check.holds(value):
+            raise UserError(f"{flag(f.name)} {value}: {check.says}")
     cfg.mlp_dims()
-    if cfg.batch_size < 2:
-        raise UserError(f"--batch-size {cfg.batch_size}: VICReg needs at least 2 images per batch "
-                        "(the variance and covariance terms are computed across the batch)")
-    if cfg.width < 1 or cfg.epochs < 1 or cfg.subset < 0:
-        raise UserError("--width and --epochs must be positive and --subset non-negative")
-    if cfg.blur_kernel < 1 or cfg.blur_kernel % 2 == 0:
-        raise UserError(f"--blur-kernel {cfg.blur_kernel}: must be a positive odd number")
-    if cfg.workers < 0:
-        raise UserError(f"--workers {cfg.workers}: must be 0 (auto) or positive")
-    if cfg.log_every < 1 or cfg.probe_epochs < 1 or cfg.probe_batch_size < 1:
-        raise UserError("--log-every, --probe-epochs and --probe-batch-size must be positive")
+    if cfg.warmup_epochs > cfg.epochs:
+        raise UserError(f"--warmup-epochs {cfg.warmup_epochs} is longer than the run "
+                        f"(--epochs {cfg.epochs}); the warmup must end within it")
     return cfg
 
 
@@ -284,7 +357,7 @@ def default_out(framework: str, preset: str) -> str:
 
 def load_run_config(run_dir: Path) -> Config:
     """The Config stored in RUN_DIR/config.json; UserError if missing or malformed."""
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"no run folder at {run_dir}: {path} is missing "
                         "(train first, or pass the folder given as --out)")
@@ -292,9 +365,14 @@ def load_run_config(run_dir: Path) -> Config:
         values = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(values, dict):
         raise UserError(f"{path} does not hold a settings object")
-    return make_config(values, base=Config())
+    try:
+        return make_config(values, base=Config())
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
 
 
 def parse_train_args(argv: list[str] | None, framework: str) -> tuple[Config, bool]:
@@ -307,7 +385,7 @@ def parse_train_args(argv: list[str] | None, framework: str) -> tuple[Config, bo
             raise UserError("--resume needs --out RUN_DIR, the run folder to continue")
         stored = load_run_config(Path(out))
         cfg = make_config(args, base=stored)
-        _check_same_model(stored, cfg, Path(out))
+        check_resumable(stored, cfg, Path(out))
         return cfg, True
     cfg = make_config(args)
     if not cfg.out:
@@ -315,12 +393,21 @@ def parse_train_args(argv: list[str] | None, framework: str) -> tuple[Config, bo
     return cfg, False
 
 
-def _check_same_model(stored: Config, cfg: Config, run_dir: Path) -> None:
-    for name in ("arch", "width", "mlp"):
-        if getattr(stored, name) != getattr(cfg, name):
-            raise UserError(f"run folder {run_dir} holds a {stored.arch} (width {stored.width}, "
-                            f"expander {stored.mlp}); it cannot resume as {name}="
-                            f"{getattr(cfg, name)!r}")
+def check_resumable(stored: Config, cfg: Config, run_dir: Path) -> None:
+    """UserError naming every setting in which `cfg` contradicts the run it resumes (`stored`, its
+    config.json): only RUN and PROBE settings may change, and --epochs may only grow."""
+    fixed = settings_with_role(BACKBONE, PRETRAINING)
+    changed = [name for name in fixed if name != "epochs"
+               and getattr(stored, name) != getattr(cfg, name)]
+    problems = [f"{flag(name)} {getattr(cfg, name)} (the run has {getattr(stored, name)})"
+                for name in changed]
+    if cfg.epochs < stored.epochs:
+        problems.append(f"--epochs {cfg.epochs} (the run has {stored.epochs}; a resumed run can "
+                        "only be extended)")
+    if problems:
+        raise UserError(f"cannot resume {run_dir} with settings that contradict its "
+                        f"{CONFIG_FILE}: {'; '.join(problems)}. Drop them, or start a new run "
+                        "in another --out")
 
 
 def build_probe_parser(framework: str) -> argparse.ArgumentParser:
@@ -329,24 +416,18 @@ def build_probe_parser(framework: str) -> argparse.ArgumentParser:
         prog=f"python -m {framework}_impl.probe",
         description="Linear probe: extract features of the frozen backbone (eval-mode BN) for the "
                     "un-augmented train and test images once, train a linear classifier on them "
-                    "(SGD, cosine) and report top-1 on the test split.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "(SGD, cosine) and report top-1 on the test split. Writes "
+                    "RUN/probe_<dataset>.json (a run trained by the other framework: "
+                    f"probe_<dataset>_{framework}.json).")
     parser.add_argument("--run", required=True, help="run folder written by the trainer")
     parser.add_argument("--dataset", default="cifar10", choices=PROBE_DATASETS,
-                        help="dataset to probe on")
+                        help="dataset to probe on (default: cifar10)")
     parser.add_argument("--random-init", action="store_true",
                         help="probe an untrained backbone of the run's architecture (baseline)")
-    for name in ("data_dir", "download", "probe_epochs", "probe_lr", "probe_wd",
-                 "probe_batch_size", "precision"):
-        flag = _flag(name)
-        default = getattr(Config(), name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=_HELP[name])
-        else:
-            parser.add_argument(flag, dest=name, type=type(default), default=argparse.SUPPRESS,
-                                choices=_CHOICES.get(name), help=_HELP[name] + " (default: the "
-                                "run's setting)")
+    defaults = Config()
+    for f in fields(Config):
+        if f.metadata["role"] == PROBE or f.name in ("data_dir", "download", "precision"):
+            _add_setting_flag(parser, f, getattr(defaults, f.name), "the run's setting")
     return parser
 
 

@@ -10,6 +10,7 @@ Layouts under a data directory:
 torch is never imported at module level; torchvision is imported only to download a dataset or to
 list GTSRB's files, so a cached or CIFAR-10-only run needs just numpy.
 """
+import contextlib
 import hashlib
 import os
 import pickle
@@ -17,6 +18,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -145,10 +147,30 @@ def _download_cifar10(data_dir: Path) -> None:
     """Fetch and md5-check the CIFAR-10 archive into data_dir/cifar-10-batches-py/ with torchvision."""
     from torchvision.datasets import CIFAR10  # lazy: torch is heavy and only needed to download
 
-    try:
+    with _cleaned_up_on_failure(data_dir, "CIFAR-10", _CIFAR10_LAYOUT):
         CIFAR10(root=str(data_dir), train=True, download=True)
+
+
+@contextlib.contextmanager
+def _cleaned_up_on_failure(data_dir: Path, name: str, layout: str) -> Iterator[None]:
+    """Run a download; when it fails, remove every file and folder it created (data_dir itself
+    included when it did not exist) and raise a UserError that says how to use a local copy."""
+    existed = data_dir.exists()
+    before = set(data_dir.rglob("*")) if existed else set()
+    try:
+        yield
     except _DOWNLOAD_ERRORS as e:
-        raise UserError(f"downloading CIFAR-10 into {data_dir} failed: {_one_line(e)}") from e
+        created = (set(data_dir.rglob("*")) if data_dir.exists() else set()) - before
+        for path in sorted(created, key=lambda p: len(p.parts), reverse=True):
+            if not (path.is_dir() and not path.is_symlink()):
+                path.unlink(missing_ok=True)
+            elif not any(path.iterdir()):  # its files were created here too, and are gone
+                path.rmdir()
+        if not existed and data_dir.exists() and not any(data_dir.iterdir()):
+            data_dir.rmdir()
+        raise UserError(f"downloading {name} into {data_dir} failed: {_one_line(e)}. If you "
+                        f"have a copy ({layout}), point --data-dir or VICREG_DATA_DIR at the "
+                        "folder holding it") from e
 
 
 def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -219,10 +241,8 @@ def _download_gtsrb(data_dir: Path, split: str) -> None:
     """Fetch and md5-check the GTSRB archives for `split` into data_dir/gtsrb/ with torchvision."""
     from torchvision.datasets import GTSRB  # lazy: torch is heavy and only needed to download or list
 
-    try:
+    with _cleaned_up_on_failure(data_dir, f"GTSRB {split}", _GTSRB_LAYOUT[split]):
         GTSRB(root=str(data_dir), split=split, download=True)
-    except _DOWNLOAD_ERRORS as e:
-        raise UserError(f"downloading GTSRB {split} into {data_dir} failed: {_one_line(e)}") from e
 
 
 def _gtsrb_samples(data_dir: Path, split: str) -> list[tuple[str, int]]:

@@ -4,17 +4,34 @@ Protocol: features of the frozen backbone (eval-mode BN) for un-augmented, norma
 test images, extracted once; features standardised with the train split's mean and std; a linear
 classifier trained with SGD (momentum 0.9, cosine learning rate per step) on shuffled mini-batches;
 top-1 on the test split.
+
+Each framework's probe module supplies two functions, a feature extractor and a classifier trainer;
+everything else (which images, the checks, the result file, the command line) is here.
 """
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from shared.augment import normalize, to_float01
-from shared.data import NUM_CLASSES
-from shared.runio import probe_result_path, write_json
+from shared.config import Config, parse_probe_args
+from shared.data import NUM_CLASSES, load_split, stratified_subset
+from shared.errors import Interrupted, UserError
+from shared.runio import probe_result_path, run_folder_lock, write_json
+from shared.training import cli_main, gtsrb_available
+
+# features(images uint8 [N, 32, 32, 3], description for the progress bar) -> float32 [N, F]
+Features = Callable[[np.ndarray, str], np.ndarray]
+# train_linear(train features [N, F], train labels [N], test features [M, F], classes, cfg)
+#   -> test logits float32 [M, classes]
+LinearTrainer = Callable[[np.ndarray, np.ndarray, np.ndarray, int, Config], np.ndarray]
+# Salt of the probe's shuffling stream, so that it never coincides with the pretraining loader's
+# streams drawn from the same seed (shared.loader).
+_SHUFFLE_SALT = 0xB0B
 
 PROTOCOL = "frozen backbone (eval BN), un-augmented 32x32 images normalised as in pretraining, " \
            "features standardised on train, linear classifier, SGD momentum 0.9, cosine lr"
@@ -39,7 +56,7 @@ def probe_lr(step: int, total_steps: int, peak: float) -> float:
 
 def probe_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """Mini-batch indices of one probe epoch (shuffled by (seed, epoch); last partial kept)."""
-    order = np.random.default_rng([seed, epoch, 0xB0B]).permutation(n)
+    order = np.random.default_rng([seed, epoch, _SHUFFLE_SALT]).permutation(n)
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
@@ -55,8 +72,8 @@ def per_class_accuracy(logits: np.ndarray, labels: np.ndarray, num_classes: int)
             for c in range(num_classes)]
 
 
-def probe_record(framework: str, dataset: str, logits: np.ndarray, num_train: int,
-                 test_labels: np.ndarray, feature_dim: int, cfg, random_init: bool,
+def probe_record(*, framework: str, dataset: str, logits: np.ndarray, num_train: int,
+                 test_labels: np.ndarray, feature_dim: int, cfg: Config, random_init: bool,
                  checkpoint_epoch: int | None, time_s: float) -> dict:
     """The probe_<dataset>.json content: top-1 (fraction), per-class top-1, counts, settings."""
     num_classes = NUM_CLASSES[dataset]
@@ -68,14 +85,85 @@ def probe_record(framework: str, dataset: str, logits: np.ndarray, num_train: in
         "random_init": random_init, "checkpoint_epoch": checkpoint_epoch, "protocol": PROTOCOL,
         "settings": {"arch": cfg.arch, "width": cfg.width, "epochs": cfg.probe_epochs,
                      "lr": cfg.probe_lr, "wd": cfg.probe_wd, "batch_size": cfg.probe_batch_size,
-                     "seed": cfg.seed, "normalisation": "CIFAR-10 mean/std (as in pretraining)"},
+                     "subset": cfg.probe_subset, "seed": cfg.seed,
+                     "normalisation": "CIFAR-10 mean/std (as in pretraining)"},
         "time_s": time_s,
     }
 
 
-def report_probe(result: dict, run_dir: Path, cfg) -> None:
-    """Write probe_<dataset>[_random_init].json and print the one-line result."""
-    write_json(probe_result_path(run_dir, result["dataset"], result["random_init"]), result)
+def report_probe(result: dict, run_dir: Path, cfg: Config) -> None:
+    """Write probe_<dataset>[_random_init][_<framework>].json and print the one-line result."""
+    write_json(probe_result_path(run_dir, result["dataset"], result["random_init"],
+                                 result["framework"]), result)
     label = f"{result['dataset']} linear probe{' (random init)' if result['random_init'] else ''}"
     print(f"{label}: top-1 {100 * result['top1']:.2f}% ({result['num_train']} train / "
           f"{result['num_test']} test images, {cfg.arch} width {cfg.width})", flush=True)
+
+
+def probe_split(cfg: Config, dataset: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A split's images and labels, or a stratified subset of cfg.probe_subset of them."""
+    images, labels = load_split(dataset, cfg.data_dir, split, download=cfg.download)
+    if cfg.probe_subset and cfg.probe_subset < len(labels):
+        index = stratified_subset(labels, cfg.probe_subset, cfg.seed)
+        images, labels = images[index], labels[index]
+    return images, labels
+
+
+def probe(cfg: Config, run_dir: Path, dataset: str, *, framework: str, features: Features,
+          train_linear: LinearTrainer, random_init: bool, checkpoint_epoch: int | None) -> dict:
+    """Run the protocol on `dataset`, write its result file (see report_probe) and return it.
+
+    A classifier that diverges (non-finite logits, say from a too large --probe-lr) is a
+    UserError, and nothing is written: a probe never replaces a result with a broken one.
+    """
+    started = time.perf_counter()
+    x_train, y_train = probe_split(cfg, dataset, "train")
+    x_test, y_test = probe_split(cfg, dataset, "test")
+    f_train = features(x_train, f"{dataset} train features")
+    f_test = features(x_test, f"{dataset} test features")
+    logits = train_linear(f_train, y_train, f_test, NUM_CLASSES[dataset], cfg)
+    if not np.isfinite(logits).all():
+        raise UserError(f"the {dataset} linear probe diverged (non-finite outputs) with "
+                        f"--probe-lr {cfg.probe_lr}; try a lower one. Nothing was written")
+    result = probe_record(framework=framework, dataset=dataset, logits=logits,
+                          num_train=len(y_train), test_labels=y_test,
+                          feature_dim=f_train.shape[1], cfg=cfg, random_init=random_init,
+                          checkpoint_epoch=checkpoint_epoch, time_s=time.perf_counter() - started)
+    report_probe(result, run_dir, cfg)
+    return result
+
+
+def probe_after_training(cfg: Config, run_dir: Path, *, framework: str, features: Features,
+                         train_linear: LinearTrainer) -> dict:
+    """The probes that end a training run, {dataset: top-1}: CIFAR-10, and GTSRB when its data is
+    there."""
+    datasets = ["cifar10"]
+    if gtsrb_available(cfg):
+        datasets.append("gtsrb")
+    else:
+        print(f"GTSRB probe skipped: no {Path(cfg.data_dir) / 'gtsrb'} (pass --download)")
+    return {dataset: probe(cfg, run_dir, dataset, framework=framework, features=features,
+                           train_linear=train_linear, random_init=False,
+                           checkpoint_epoch=cfg.epochs)["top1"]
+            for dataset in datasets}
+
+
+def probe_main(argv: list[str] | None, framework: str,
+               load: Callable[[Config, Path, bool], tuple[Features, int | None]],
+               train_linear: LinearTrainer) -> int:
+    """`python -m {framework}_impl.probe`: parse, lock the run folder, load the backbone
+    (load(cfg, run_dir, random_init) -> (features, checkpoint epoch)) and probe."""
+
+    def body():
+        cfg, args = parse_probe_args(argv, framework)
+        run_dir = Path(args.run)
+        with run_folder_lock(run_dir, f"python -m {framework}_impl.probe"):
+            try:
+                features, epoch = load(cfg, run_dir, args.random_init)
+                probe(cfg, run_dir, args.dataset, framework=framework, features=features,
+                      train_linear=train_linear, random_init=args.random_init,
+                      checkpoint_epoch=epoch)
+            except KeyboardInterrupt:
+                raise Interrupted("the probe stopped; nothing was written") from None
+
+    return cli_main(body)

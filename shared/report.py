@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from shared.config import Config, UserErrorParser, make_config
 from shared.errors import UserError
-from shared.runio import CONFIG_FILE, read_metrics
+from shared.runio import CONFIG_FILE, atomic_write_bytes, make_folder, read_metrics
 from shared.sweep import (DATASET_NAMES, SWEEP_FILE, RunResult, format_duration, format_value,
                           load_run, load_sweep, override_flags, read_sweep_file,
                           results_markdown_table)
@@ -464,13 +464,18 @@ def write_report(paths: list[Path], out: Path | None, notes_path: Path | None = 
     out = Path(out) if out else Path(paths[0]) / "report.md"
     if out.suffix.lower() != ".md":
         raise UserError(f"--out {out}: the report is Markdown, give a file name ending in .md")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the report's file name, e.g. {out}/report.md")
     notes = read_notes(notes_path) if notes_path else ""
     sources = collect_runs(paths)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figures = write_figures(sources.results, out)
+    make_folder(out.parent, "report folder")
     command = shlex.join(["python", "-m", "shared.report", *map(str, paths), "--out", str(out),
                           *(["--notes", str(notes_path)] if notes_path else [])])
-    out.write_text(report_markdown(sources, figures, command, notes))
+    try:
+        figures = write_figures(sources.results, out)
+        atomic_write_bytes(out, report_markdown(sources, figures, command, notes).encode())
+    except OSError as exc:
+        raise UserError(f"cannot write the report {out}: {exc.strerror or exc}") from None
     return out
 
 

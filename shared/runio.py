@@ -1,22 +1,36 @@
 """The run folder both trainers write: config.json, metrics.jsonl, summary.json, probe_*.json.
 
 Files are replaced atomically (temp file in the same folder, then rename), so an interrupted run
-never leaves a half-written file behind.
+never leaves a half-written file behind, and they get the permissions the umask gives any other
+new file. One process at a time writes a folder: trainers, probes and sweeps hold its lock file
+while they work (run_folder_lock).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from shared.config import Config
 from shared.errors import UserError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".lock"
+FRAMEWORKS = ("torch", "jax")
+CHECKPOINT_FILES = {"torch": "checkpoint.pt", "jax": "checkpoint.msgpack"}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -28,6 +42,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a run's files are for sharing
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -44,21 +59,57 @@ def write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def prepare_run_dir(cfg: Config, resume: bool, checkpoint_name: str) -> Path:
-    """Create (or check, when resuming) the run folder; never overwrite an existing run."""
-    run_dir = Path(cfg.out)
-    checkpoint = run_dir / checkpoint_name
-    if resume:
-        if not checkpoint.exists():
-            raise UserError(f"cannot resume: no {checkpoint_name} in {run_dir} "
-                            "(start a new run without --resume)")
-        return run_dir
-    if (run_dir / CONFIG_FILE).exists() or checkpoint.exists():
-        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
-                        "another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / CONFIG_FILE, (cfg.to_json() + "\n").encode())
-    return run_dir
+def read_json(path: Path):
+    """The JSON in `path`, or None when it does not exist; UserError when it is malformed."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def make_folder(path: Path, what: str) -> Path:
+    """mkdir -p `path`; a file in the way or a place that cannot be written is a UserError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{what} {path} is a file, not a folder; choose another path") from None
+    except OSError as exc:
+        raise UserError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
+    return path
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path, command: str) -> Iterator[None]:
+    """Hold FOLDER/.lock while inside, so that no second trainer, probe or sweep writes the same
+    folder: the holder's PID and `command` are written into it, and another process that finds
+    it held gets a UserError naming them. The lock is the kernel's (flock), so it is released
+    on any exit, a crash or kill -9 included, and is never left stale. FOLDER must exist."""
+    path = Path(folder) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise UserError(f"cannot write in {folder}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 1024, 0).decode(errors="replace").strip() or "unknown"
+            pid, _, what = holder.partition(" ")
+            raise UserError(f"{folder} is in use by process {pid} ({what or 'unknown command'}); "
+                            "wait for it to finish or stop it, then try again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {command}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 class MetricsLog:
@@ -84,12 +135,99 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl. A last line without its newline is one being written
+    (or cut off by a kill) and is left out; any other line that is not a JSON object is a
+    UserError naming the file and the line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number} is not a JSON record ({exc.msg}): {line[:60]!r}; "
+                            "delete that line to read the rest") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number} is not a JSON object: {line[:60]!r}")
+        records.append(record)
+    return records
 
 
-def probe_result_path(run_dir: Path, dataset: str, random_init: bool) -> Path:
-    suffix = "_random_init" if random_init else ""
-    return Path(run_dir) / f"probe_{dataset}{suffix}.json"
+def last_epoch_record(run_dir: Path) -> dict:
+    """The last "epoch" record of metrics.jsonl ({} when there is none)."""
+    epochs = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"]
+    return epochs[-1] if epochs else {}
+
+
+def run_framework(run_dir: Path, default: str | None = "torch") -> str | None:
+    """The framework that trained the run: summary.json's, else the one whose checkpoint is the
+    only one there, else `default`."""
+    summary = read_json(Path(run_dir) / SUMMARY_FILE)
+    if isinstance(summary, dict) and summary.get("framework") in FRAMEWORKS:
+        return summary["framework"]
+    present = [fw for fw, name in CHECKPOINT_FILES.items() if (Path(run_dir) / name).exists()]
+    return present[0] if len(present) == 1 else default
+
+
+def probe_result_path(run_dir: Path, dataset: str, random_init: bool,
+                      framework: str | None = None) -> Path:
+    """RUN_DIR/probe_<dataset>[_random_init].json, the result of the run's own framework. A probe
+    by the other framework (of a converted run) gets a file of its own,
+    probe_<dataset>[_random_init]_<framework>.json, so neither replaces the other; where the
+    folder does not tell which framework trained it, the first to write the plain name owns it."""
+    stem = Path(run_dir) / f"probe_{dataset}{'_random_init' if random_init else ''}"
+    plain = stem.with_name(stem.name + ".json")
+    if framework is None:
+        return plain
+    owner = run_framework(run_dir, default=None)
+    if owner is None:
+        existing = read_json(plain)
+        owner = existing.get("framework", framework) if isinstance(existing, dict) else framework
+    return plain if owner == framework else stem.with_name(f"{stem.name}_{framework}.json")
+
+
+def start_run_dir(run_dir: Path, config_json: str, resume: bool, framework: str) -> bool:
+    """Make RUN_DIR ready for training (the caller holds its lock): True when it holds a checkpoint
+    of `framework` to continue from, False when training starts from scratch, after writing
+    config.json.
+
+    A folder whose earlier attempt stopped before its first checkpoint (a crash, a kill, a NaN
+    in the first epoch) holds no training, so the same command, or --resume, starts it again. A
+    folder with a checkpoint, a summary or a probe result is never overwritten.
+    """
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / CHECKPOINT_FILES[framework]
+    if resume and checkpoint.is_file():
+        return True
+    others = [name for fw, name in CHECKPOINT_FILES.items()
+              if fw != framework and (run_dir / name).exists()]
+    trained = others or checkpoint.exists() or (run_dir / SUMMARY_FILE).exists() or any(
+        run_dir.glob("probe_*.json"))
+    if trained:
+        if resume and others:
+            other = next(fw for fw, name in CHECKPOINT_FILES.items() if name == others[0])
+            target = "flax" if framework == "jax" else "torch"
+            raise UserError(f"{run_dir} holds a {other} checkpoint ({others[0]}), not a "
+                            f"{framework} one; convert it with: python -m jax_impl.convert "
+                            f"{run_dir} --to {target}")
+        if resume:
+            raise UserError(f"cannot resume {run_dir}: it holds no {checkpoint.name}")
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
+                        "another --out")
+    if resume and not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"cannot resume: no run in {run_dir} (no {CONFIG_FILE}); start it "
+                        "without --resume")
+    if (run_dir / CONFIG_FILE).is_file():
+        print(f"note: {run_dir} holds a run that stopped before its first checkpoint; starting "
+              "it again", flush=True)
+    MetricsLog(run_dir).truncate(0)
+    atomic_write_bytes(run_dir / CONFIG_FILE, (config_json + "\n").encode())
+    return False

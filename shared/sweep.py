@@ -38,13 +38,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from shared.config import PRESETS, Config, UserErrorParser, load_run_config, make_config
+from shared.config import (BACKBONE, PRESETS, PROBE, RUN, Config, UserErrorParser,
+                           load_run_config, make_config, setting_types, settings_with_role,
+                           sweep_owned)
 from shared.errors import UserError
-from shared.runio import (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, atomic_write_bytes,
-                          probe_result_path, write_json)
+from shared.runio import (CHECKPOINT_FILES, CONFIG_FILE, FRAMEWORKS, SUMMARY_FILE,
+                          atomic_write_bytes, make_folder, probe_result_path, read_json,
+                          run_folder_lock, run_framework, write_json)
 from shared.training import cli_main, gtsrb_available
 
-FRAMEWORKS = ("torch", "jax")
 DATASET_NAMES = {"cifar10": "CIFAR-10", "gtsrb": "GTSRB"}
 SWEEP_FILE = "sweep.json"
 RUNS_DIR = "runs"
@@ -52,29 +54,6 @@ LOG_FILE = "log.txt"
 FAILURE_FILE = "failure.json"
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
-# As torch_impl.checkpoint and jax_impl.checkpoint name them (importing those would load the
-# frameworks into a process that only orchestrates).
-CHECKPOINT_FILES = {"torch": "checkpoint.pt", "jax": "checkpoint.msgpack"}
-
-# Settings a sweep sets itself, so a --grid or runs-file may not: setting -> what to use instead.
-SWEEP_OWNED = {"out": "the sweep names each run folder under SWEEP_DIR/runs/",
-               "preset": "use --preset", "data_dir": "use --data-dir",
-               "probe": "every sweep run is probed"}
-
-# Settings that shape pretraining only. The random-init baseline does not depend on them, so runs
-# differing only here share one baseline, probed once and copied. A setting missing from this list
-# (a new one, say) keeps runs apart, which costs time but is never wrong.
-PRETRAINING_ONLY = frozenset({
-    "subset", "epochs", "batch_size", "optimizer", "base_lr", "lr_scaling", "wd", "momentum",
-    "lars_eta", "warmup_epochs", "final_lr_ratio", "schedule_unit", "sim_coeff", "std_coeff",
-    "cov_coeff", "loss_variant", "crop_min_scale", "flip_p", "jitter_p", "brightness", "contrast",
-    "saturation", "hue", "gray_p", "blur_p", "blur_kernel", "solarize_p", "out", "preset",
-    "workers", "compile", "log_every", "sync_bn", "probe", "download"})
-
-# Settings that do not change what is learned; a difference in them is not worth a table column.
-NOT_EXPERIMENTAL = frozenset({"out", "data_dir", "download", "workers", "compile", "log_every",
-                              "probe"})
-
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 MAX_NAME = 120
 
@@ -94,18 +73,13 @@ class Plan:
                 "runs": [{"name": name, "overrides": overrides} for name, overrides in self.runs]}
 
 
-def setting_types() -> dict[str, type]:
-    """Config field name -> the Python type its value has (bool, int, float or str)."""
-    defaults = Config()
-    return {f.name: type(getattr(defaults, f.name)) for f in fields(Config)}
-
-
 def check_setting_name(key: str, where: str) -> str:
     """The Config field named `key` (flag spelling with '-' accepted); UserError otherwise."""
     name = key.strip().replace("-", "_")
     types = setting_types()
-    if name in SWEEP_OWNED:
-        raise UserError(f"{where}: {name} cannot be swept ({SWEEP_OWNED[name]})")
+    owned = sweep_owned()
+    if name in owned:
+        raise UserError(f"{where}: {name} cannot be swept ({owned[name]})")
     if name not in types:
         close = difflib.get_close_matches(name, types, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
@@ -244,17 +218,6 @@ def plan_from_json(stored: dict, path: Path) -> Plan:
         raise UserError(f"{path} is not a sweep plan (framework, preset, runs)") from None
 
 
-def read_json(path: Path):
-    """The JSON in `path`, or None when it does not exist; UserError when it is malformed."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
-
-
 def sweep_run_dirs(sweep_dir: Path) -> list[tuple[str, Path, dict]]:
     """(run name, run folder, planned config as a dict) for each run of the sweep in SWEEP_DIR."""
     path = Path(sweep_dir) / SWEEP_FILE
@@ -292,7 +255,6 @@ class Step:
     produces: Path
     command: tuple[str, ...] = ()
     copy_from: Path | None = None
-    stale: tuple[Path, ...] = ()  # files of an interrupted start that would block a fresh one
 
 
 def override_flags(overrides: dict) -> list[str]:
@@ -327,8 +289,8 @@ def next_step(job: Job) -> Step | None:
     if not summary.exists():
         if (run_dir / CHECKPOINT_FILES[job.framework]).exists():
             return Step("resume training", summary, train_command(job, resume=True))
-        return Step("train", summary, train_command(job, resume=False),
-                    stale=(run_dir / CONFIG_FILE, run_dir / METRICS_FILE))
+        # a start that stopped before its first checkpoint is started again by the same command
+        return Step("train", summary, train_command(job, resume=False))
     for dataset in job.datasets:
         path = probe_result_path(run_dir, dataset, random_init=False)
         if not path.exists():
@@ -348,8 +310,9 @@ def next_step(job: Job) -> Step | None:
 
 
 def baseline_key(cfg: Config) -> str:
-    """The settings a random-init probe result depends on, as one comparable string."""
-    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PRETRAINING_ONLY}
+    """The settings a random-init probe result depends on (those of the untrained backbone and of
+    the probe), as one comparable string."""
+    values = {name: getattr(cfg, name) for name in settings_with_role(BACKBONE, PROBE)}
     return json.dumps(values, sort_keys=True)
 
 
@@ -429,8 +392,6 @@ def run_job(job: Job, launch: Launcher, echo: Callable[[str], None]) -> dict | N
         if step.copy_from is not None:
             copy_baseline(step.copy_from, step.produces)
             continue
-        for path in step.stale:
-            path.unlink(missing_ok=True)
         code = launch(step.command, log_path)
         if code == 0 and step.produces.exists():
             continue
@@ -506,14 +467,6 @@ class RunResult:
     failure: dict | None
 
 
-def run_framework(run_dir: Path, summary: dict | None, default: str) -> str:
-    """The run's framework: from summary.json, else from its checkpoint's file name."""
-    if summary and summary.get("framework"):
-        return summary["framework"]
-    return next((fw for fw, name in CHECKPOINT_FILES.items() if (run_dir / name).exists()),
-                default)
-
-
 def load_run(run_dir: Path, label: str, planned_config: dict | None = None,
              planned_framework: str = "") -> RunResult:
     """Read a run folder; a sweep run not started yet is described by its planned settings."""
@@ -534,7 +487,7 @@ def load_run(run_dir: Path, label: str, planned_config: dict | None = None,
         status = "done"
     else:
         status = "incomplete" if has_config else "pending"
-    return RunResult(label, run_dir, status, run_framework(run_dir, summary, planned_framework),
+    return RunResult(label, run_dir, status, run_framework(run_dir, planned_framework or "torch"),
                      config, summary, probes, failure)
 
 
@@ -549,7 +502,7 @@ def differing_settings(results: list[RunResult]) -> list[str]:
     """The settings (and framework) whose values are not the same in all runs, in Config order."""
     def values(name):
         return {json.dumps(r.config.get(name)) for r in results if r.config}
-    names = [f.name for f in fields(Config) if f.name not in NOT_EXPERIMENTAL]
+    names = [f.name for f in fields(Config) if f.metadata["role"] != RUN]
     varying = [n for n in names if len(values(n)) > 1]
     frameworks = {r.framework for r in results}
     return (["framework"] if len(frameworks) > 1 else []) + varying
@@ -708,9 +661,10 @@ def main(argv: list[str] | None = None, launch: Launcher = run_logged) -> int:
         data_dir = args.data_dir or (stored or {}).get("data_dir") or Config().data_dir
         command = (stored or {}).get("command") or shlex.join(["python", "-m", "shared.sweep",
                                                                *argv])
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        write_json(sweep_path, {**plan.to_json(), "data_dir": data_dir, "command": command})
-        failed = run_sweep(plan, sweep_dir, data_dir, launch)
+        make_folder(sweep_dir, "sweep folder")
+        with run_folder_lock(sweep_dir, "python -m shared.sweep"):
+            write_json(sweep_path, {**plan.to_json(), "data_dir": data_dir, "command": command})
+            failed = run_sweep(plan, sweep_dir, data_dir, launch)
         if failed:
             raise UserError(f"{len(failed)} of {len(plan.runs)} runs failed ({', '.join(failed)}); "
                             f"see {sweep_dir / RESULTS_MD} and each run's {LOG_FILE}")

@@ -1,21 +1,28 @@
-"""The framework-neutral parts of a training run: data, step logging, divergence, summary, CLI.
+"""The framework-neutral parts of a training run: data, the run folder's life, step logging,
+divergence, the checkpoint's progress record, the summary and probes that end a run, the CLI.
 
 torch_impl.train and jax_impl.train differ only in how a step is computed; what they log, when
 they stop, and what they write come from here, so their run folders have the same shape.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from shared.config import Config
 from shared.data import load_split, stratified_subset
-from shared.errors import UserError
-from shared.runio import MetricsLog
+from shared.errors import Interrupted, UserError
+from shared.runio import (CHECKPOINT_FILES, CONFIG_FILE, LOCK_FILE, SUMMARY_FILE, MetricsLog,
+                          last_epoch_record, make_folder, read_json, run_folder_lock,
+                          start_run_dir, write_json)
 
 TERMS = ("loss", "invariance", "variance", "covariance", "embedding_std")
 
@@ -24,12 +31,171 @@ class TrainingDiverged(UserError):
     """The loss became NaN or inf; the last checkpoint is kept."""
 
 
+@dataclass(frozen=True)
+class World:
+    """This process's place in a data-parallel job: rank in [0, size), local_rank = its device's
+    index on its machine (torch_impl's processes; 0 for jax_impl, whose process drives all of its
+    machine's devices). The default is a job of one process."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes the run folder, prints, shows the progress bar and runs the probe."""
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(rank, size): which part of every batch this process loads (shared.loader)."""
+        return self.rank, self.size
+
+
 def train_images(cfg: Config) -> np.ndarray:
     """CIFAR-10 train images uint8 [N, 32, 32, 3] (a stratified subset when cfg.subset > 0)."""
     images, labels = load_split("cifar10", cfg.data_dir, "train", download=cfg.download)
+    if cfg.subset > len(images):
+        raise UserError(f"--subset {cfg.subset} is larger than the {len(images)} CIFAR-10 "
+                        "training images; use at most that many (or 0 for all)")
     if cfg.subset:
         images = images[stratified_subset(labels, cfg.subset, cfg.seed)]
     return np.ascontiguousarray(images)
+
+
+# ---- the run folder's life -----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def run_folder(cfg: Config, framework: str, world: World) -> Iterator[None]:
+    """Inside: on the main process, the run folder cfg.out exists and this process holds its lock
+    (a second trainer, probe or sweep on it exits with a line naming this one). A folder made here
+    that holds nothing else on the way out (the data was missing, a setting was refused) is
+    removed again."""
+    if not world.is_main:
+        yield
+        return
+    folder = Path(cfg.out)
+    existed = folder.exists()
+    make_folder(folder, "run folder")
+    try:
+        with run_folder_lock(folder, f"python -m {framework}_impl.train"):
+            yield
+    finally:
+        if not existed and {p.name for p in folder.iterdir()} <= {LOCK_FILE}:
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def resumable_on_interrupt(framework: str, run_dir: Path) -> Iterator[None]:
+    """Turn Ctrl-C inside into one line that says what the run folder keeps and how to go on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        checkpoint = Path(run_dir) / CHECKPOINT_FILES[framework]
+        if checkpoint.is_file():
+            raise Interrupted(f"{run_dir} keeps its last checkpoint; continue with: python -m "
+                              f"{framework}_impl.train --resume --out {run_dir}") from None
+        raise Interrupted(f"stopped before the first checkpoint; the same command starts "
+                          f"{run_dir} again") from None
+
+
+def prepare_run_dir(cfg: Config, resume: bool, framework: str) -> bool:
+    """Make the run folder ready (main process, lock held): True when there is a checkpoint of
+    `framework` to continue from (see runio.start_run_dir)."""
+    return start_run_dir(Path(cfg.out), cfg.to_json(), resume, framework)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a run has come, as its checkpoint records it: epochs done, training time so far,
+    and the size of metrics.jsonl when the checkpoint was written (lines after it are rolled
+    back on resume)."""
+
+    epoch: int = 0
+    train_time_s: float = 0.0
+    metrics_bytes: int = 0
+
+    def record(self, per_epoch: int, cfg: Config) -> dict:
+        """The checkpoint's progress entries: these, the global step and the settings."""
+        return {"epoch": self.epoch, "global_step": self.epoch * per_epoch,
+                "train_time_s": self.train_time_s, "metrics_bytes": self.metrics_bytes,
+                "config": dataclasses.asdict(cfg)}
+
+    @classmethod
+    def of_checkpoint(cls, stored: dict) -> Progress:
+        return cls(int(stored["epoch"]), float(stored["train_time_s"]),
+                   int(stored["metrics_bytes"]))
+
+
+def resume_progress(cfg: Config, progress: Progress, metrics: MetricsLog | None) -> None:
+    """On the main process of a run continued from a checkpoint: roll metrics.jsonl back to it,
+    and store the settings the run continues with (a larger --epochs, new probe settings)."""
+    if metrics is None or progress.epoch == 0:
+        return
+    metrics.truncate(progress.metrics_bytes)
+    write_json(Path(cfg.out) / CONFIG_FILE, dataclasses.asdict(cfg))
+
+
+def finished_summary(cfg: Config, progress: Progress, world: World) -> dict | None:
+    """For a resumed run that has already trained all cfg.epochs and holds its summary (and
+    probe results, unless --no-probe): that summary, left as it is (the main process says how to
+    extend the run); None when work remains. Every process reads the same folder, so all agree."""
+    if progress.epoch < cfg.epochs:
+        return None
+    summary = read_json(Path(cfg.out) / SUMMARY_FILE)
+    if not isinstance(summary, dict) or (cfg.probe and "probe" not in summary):
+        return None
+    if world.is_main:
+        print(f"{cfg.out} has trained all its {cfg.epochs} epochs and holds its summary"
+              f"{' and probe results' if cfg.probe else ''}; nothing to do. To train longer: "
+              f"--resume --out {cfg.out} --epochs N with N > {cfg.epochs}", flush=True)
+    return summary
+
+
+def train_remaining(framework: str, s, state, progress: Progress, *, train_epoch,
+                    save_state) -> tuple[object, Progress, dict | None]:
+    """Everything between loading a session and the end of its run: (state, progress, None) after
+    the epochs not yet done, each followed by its checkpoint; or, for a resumed run that has
+    already finished, (state, progress, its summary), with nothing written (finished_summary).
+
+    s: the trainer's Session; train_epoch(s, state, epoch, bar) ->
+    (state, epoch record) and save_state(s, state, progress) are the trainer's own. Before the
+    first epoch metrics.jsonl is rolled back to the checkpoint and config.json holds the settings
+    the run continues with.
+    """
+    done = finished_summary(s.cfg, progress, s.world)
+    if done is not None:
+        return state, progress, done
+    resume_progress(s.cfg, progress, s.metrics)
+    startup_line(framework, s)
+    with progress_bar(s.cfg, s.steps_per_epoch, progress, s.world) as bar:
+        for epoch in range(progress.epoch, s.cfg.epochs):
+            state, record = train_epoch(s, state, epoch, bar)
+            progress = Progress(epoch + 1, progress.train_time_s + record["epoch_time_s"],
+                                s.metrics.size() if s.metrics else 0)
+            save_state(s, state, progress)
+    return state, progress, None
+
+
+def startup_line(framework: str, s) -> None:
+    """Print, on the main process, what is about to be trained, on what, and where it is written.
+
+    s: the trainer's Session (cfg, images, steps_per_epoch, world, device_name, precision_name,
+    and batch_split, how the batch is divided, e.g. " over 2 processes").
+    """
+    cfg = s.cfg
+    if s.world.is_main:
+        print(f"{framework}_impl: {cfg.model_description()}, {len(s.images)} images, "
+              f"{s.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size}"
+              f"{s.batch_split}, {s.device_name} {s.precision_name}, run folder {cfg.out}",
+              flush=True)
+
+
+def progress_bar(cfg: Config, per_epoch: int, progress: Progress, world: World):
+    """The run's tqdm bar over all its steps (on stderr; shown by the main process only)."""
+    return tqdm(total=cfg.epochs * per_epoch, initial=progress.epoch * per_epoch, unit="step",
+                dynamic_ncols=True, mininterval=1.0, file=sys.stderr, disable=not world.is_main)
 
 
 def gtsrb_available(cfg: Config) -> bool:
@@ -97,10 +263,12 @@ class EpochLog:
             self.metrics.write(record)
 
 
-def run_summary(framework: str, device: str, precision: str, cfg: Config, per_epoch: int,
-                num_images: int, train_time: float, last_epoch: dict) -> dict:
-    """The summary.json of a finished run (before the probe results are added)."""
+def run_summary(*, framework: str, device: str, precision: str, cfg: Config, per_epoch: int,
+                num_images: int, train_time: float) -> dict:
+    """The summary.json of a finished run (before the probe results are added); the final losses
+    are the last epoch's record in metrics.jsonl, so a resumed run reports them too."""
     steps = cfg.epochs * per_epoch
+    last_epoch = last_epoch_record(Path(cfg.out))
     return {"framework": framework, "device": device, "precision": precision,
             "epochs": cfg.epochs, "steps": steps, "train_images": num_images,
             "train_time_s": train_time,
@@ -108,11 +276,32 @@ def run_summary(framework: str, device: str, precision: str, cfg: Config, per_ep
             "final": {k: last_epoch.get(k) for k in TERMS}}
 
 
+def finish_run(framework: str, s, progress: Progress, probe: Callable[[], dict]) -> dict:
+    """The end of a run, on the main process: write summary.json, then (unless --no-probe) run
+    `probe` (-> {dataset: top-1}) and write it again with the results; returns the summary.
+    s: the trainer's Session."""
+    cfg = s.cfg
+    summary = run_summary(framework=framework, device=s.device_name,
+                          precision=s.precision_name, cfg=cfg, per_epoch=s.steps_per_epoch,
+                          num_images=len(s.images), train_time=progress.train_time_s)
+    run_dir = Path(cfg.out)
+    write_json(run_dir / SUMMARY_FILE, summary)
+    print(f"trained {cfg.epochs} epochs in {summary['train_time_s'] / 60:.1f} min", flush=True)
+    if cfg.probe:
+        summary["probe"] = probe()
+        write_json(run_dir / SUMMARY_FILE, summary)
+    return summary
+
+
 def cli_main(body: Callable[[], object]) -> int:
-    """Run a command's body; a UserError becomes `error: ...` on stderr and exit status 2."""
+    """Run a command's body; a UserError becomes `error: ...` on stderr and exit status 2, Ctrl-C
+    `interrupted: ...` and 130."""
     try:
         body()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{exc.label}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return Interrupted.exit_code
     return 0

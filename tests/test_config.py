@@ -67,6 +67,20 @@ def test_resume_reads_the_stored_config_and_applies_new_flags(tmp_path):
     ({"blur_kernel": 4}, "odd"),
     ({"optimizer": "sgd"}, "unknown optimizer"),
     ({"nonsense": 1}, "unknown setting"),
+    ({"std_coeff": -1.0}, r"--std-coeff -1.0: must be 0 or more"),
+    ({"flip_p": 2.0}, r"--flip-p 2.0: must be a probability in \[0, 1\]"),
+    ({"gray_p": -1.0}, r"--gray-p -1.0: must be a probability in \[0, 1\]"),
+    ({"crop_min_scale": 5.0}, r"--crop-min-scale 5.0: must lie in \(0, 1\]"),
+    ({"epochs": 10, "warmup_epochs": 20.0}, r"--warmup-epochs 20.0 is longer than the run "
+                                            r"\(--epochs 10\)"),
+    ({"base_lr": float("nan")}, "--base-lr nan: must be a finite number"),
+    ({"base_lr": float("inf")}, "--base-lr inf: must be a finite number"),
+    ({"base_lr": 0.0}, "--base-lr 0.0: must be positive"),
+    ({"probe_lr": float("nan")}, "--probe-lr nan: must be a finite number"),
+    ({"probe_subset": 10}, "--probe-subset 10: must be 0 .all. or at least 43"),
+    ({"momentum": 1.0}, r"--momentum 1.0: must lie in \[0, 1\)"),
+    ({"seed": -1}, "--seed -1: must be 0 or more"),
+    ({"epochs": "2"}, "--epochs takes an integer, got '2'"),
 ])
 def test_bad_settings_raise_user_errors(overrides, message):
     with pytest.raises(UserError, match=message):
@@ -83,3 +97,22 @@ def test_parse_mlp():
     assert parse_mlp("2048-2048-2048") == [2048, 2048, 2048]
     assert parse_mlp("64") == [64]
     assert Config().mlp_dims() == [2048, 2048, 2048]
+
+
+def test_abbreviated_flags_are_refused():
+    with pytest.raises(UserError, match="unrecognized arguments: --epoch 2"):
+        parse_train_args(["--epoch", "2"], "torch")
+
+
+def test_every_setting_declares_its_help_and_role_next_to_it():
+    from dataclasses import fields
+
+    from shared.config import BACKBONE, PRETRAINING, PROBE, RUN
+    for f in fields(Config):
+        assert f.metadata["help"] and f.metadata["role"] in (BACKBONE, PRETRAINING, PROBE, RUN)
+
+
+def test_a_config_json_with_a_bad_value_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"flip_p": 3}))
+    with pytest.raises(UserError, match=r"config.json: --flip-p 3: must be a probability"):
+        load_run_config(tmp_path)

@@ -188,6 +188,26 @@ def test_cifar10_download_failure_is_a_user_error(monkeypatch, tmp_path):
     assert "downloading CIFAR-10" in message and str(tmp_path) in message and "name resolution" in message
 
 
+def test_an_offline_download_says_how_to_use_a_copy_and_leaves_nothing_behind(monkeypatch, tmp_path):
+    data_dir = tmp_path / "data"
+    (tmp_path / "keep").mkdir()
+
+    def offline_after_a_partial_write(root, **kwargs):
+        partial = Path(root) / "cifar-10-python.tar.gz"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(b"half an archive")
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr("torchvision.datasets.CIFAR10", offline_after_a_partial_write)
+    message = user_error(load_split, "cifar10", data_dir, "train", download=True)
+    assert "--data-dir" in message and "VICREG_DATA_DIR" in message and "cifar-10-batches-py" in message
+    assert not data_dir.exists()  # the folder the download made is gone with its partial file
+    data_dir.mkdir()
+    (data_dir / "mine.txt").write_text("a user's file")
+    user_error(load_split, "cifar10", data_dir, "train", download=True)
+    assert sorted(p.name for p in data_dir.iterdir()) == ["mine.txt"]
+
+
 # ---- GTSRB ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("split", ["train", "test"])

@@ -20,10 +20,11 @@ from shared.errors import UserError
 from shared.loader import batch_at, epoch_batches, shard_rows, split_batch
 from torch_impl import train as train_cli
 from torch_impl.checkpoint import load_checkpoint
+from torch_impl.model import build_model
 from torch_impl.distributed import (FullGatherLayer, World, data_parallel, on_main,
                                     sync_batch_norm, world_from_env)
 from torch_impl.optim import build_optimizer, set_lr
-from torch_impl.runtime import to_channels_last
+from torch_impl.runtime import memory_format, to_channels_last
 
 WORLD = 2
 GLOBAL_BATCH = 16
@@ -81,7 +82,7 @@ def test_uneven_batch_over_processes_fails_before_the_processes_meet(tmp_path, m
 
 def test_sync_batch_norm_keeps_weights_statistics_and_names():
     cfg = make_config({"preset": "smoke"})
-    model = train_cli.build_model(cfg, torch.device("cpu"))
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.seed)
     model.backbone.bn1.running_mean.fill_(0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     converted = sync_batch_norm(model, torch.device("cpu"))
@@ -114,7 +115,8 @@ def one_step(world: World, dtype: torch.dtype) -> dict:
     gradients it applied, and the weights and buffers after the LARS step."""
     cfg = make_config({"preset": "smoke", "precision": "fp32"})
     cpu = torch.device("cpu")
-    model = train_cli.build_model(cfg, cpu).to(dtype)
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.seed).to(
+        cpu, dtype, memory_format=memory_format(cfg.width))
     if world.size > 1:
         model = sync_batch_norm(model, cpu)
     optimizer = build_optimizer(model, cfg)
@@ -269,10 +271,10 @@ def interrupted_worker(rank: int, port: int, args: list[str]) -> None:
     torch.set_num_threads(1)
     real_epoch = train_cli.train_epoch
 
-    def epoch_then_crash(s, epoch, bar):
+    def epoch_then_crash(s, state, epoch, bar):
         if epoch == 1:
             raise Interrupted
-        return real_epoch(s, epoch, bar)
+        return real_epoch(s, state, epoch, bar)
 
     train_cli.train_epoch = epoch_then_crash
     with pytest.raises(Interrupted):

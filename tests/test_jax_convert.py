@@ -14,6 +14,7 @@ from jax_impl.model import build_model, init_variables
 from jax_impl.optim import build_optimizer
 from shared.config import make_config
 from torch_impl import probe as torch_probe
+from torch_impl import train as torch_train
 from torch_impl.checkpoint import load_checkpoint as load_torch, save_checkpoint as save_torch
 from torch_impl.model import VICReg as TorchVICReg
 from torch_impl.optim import build_optimizer as build_torch_optimizer
@@ -102,10 +103,12 @@ def test_flax_to_torch_features_match_and_both_probes_read_it(tiny_data_dir, tmp
     np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
 
     results = {}
-    for name, module in (("torch", torch_probe), ("jax", jax_probe)):
+    # the first probe owns probe_cifar10.json; the other framework's gets its own file
+    for name, module, file in (("torch", torch_probe, "probe_cifar10.json"),
+                               ("jax", jax_probe, "probe_cifar10_jax.json")):
         assert module.main(["--run", str(run), "--dataset", "cifar10", "--probe-epochs", "2",
                             "--data-dir", str(tiny_data_dir)]) == 0
-        results[name] = json.loads((run / "probe_cifar10.json").read_text())
+        results[name] = json.loads((run / file).read_text())
     assert results["torch"].keys() == results["jax"].keys()
     assert (results["torch"]["framework"], results["jax"]["framework"]) == ("torch", "jax")
     for key in ("num_train", "num_test", "feature_dim", "checkpoint_epoch", "settings", "protocol"):
@@ -119,6 +122,20 @@ def test_torch_run_converted_to_flax_is_probed_by_jax(tiny_data_dir, tmp_path):
                            "--data-dir", str(tiny_data_dir)]) == 0
     result = json.loads((run / "probe_gtsrb.json").read_text())
     assert (result["framework"], result["checkpoint_epoch"], result["num_classes"]) == ("jax", 3, 43)
+
+
+def test_a_probe_by_the_other_framework_keeps_the_trained_runs_result(tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert torch_train.main(["--preset", "smoke", "--width", "4", "--data-dir", str(tiny_data_dir),
+                             "--out", str(run), "--probe-epochs", "2"]) == 0
+    own = (run / "probe_cifar10.json").read_bytes()
+    assert convert.main([str(run), "--to", "flax"]) == 0
+    for random_init in ([], ["--random-init"]):
+        assert jax_probe.main(["--run", str(run), "--dataset", "cifar10", "--probe-epochs", "2",
+                               *random_init]) == 0
+    assert (run / "probe_cifar10.json").read_bytes() == own
+    assert json.loads((run / "probe_cifar10_jax.json").read_text())["framework"] == "jax"
+    assert json.loads((run / "probe_cifar10_random_init_jax.json").read_text())["random_init"]
 
 
 def test_refuses_to_overwrite_unless_forced(tiny_data_dir, tmp_path, capsys):

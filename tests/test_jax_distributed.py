@@ -254,6 +254,7 @@ def test_an_error_on_process_zero_stops_the_whole_job(tiny_data_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
+    (run / "summary.json").write_text("{}")  # a finished run, which only process 0 checks
     job = two_process_job("-m", "jax_impl.train", "--preset", "smoke", "--data-dir",
                           str(tiny_data_dir), "--out", str(run), env={})
     for status, _, stderr in job:

@@ -188,7 +188,7 @@ def test_checkpoint_of_another_architecture(tiny_data_dir, tmp_path, capsys):
     assert "does not fit resnet18 width 8 expander 32-32 (from config.json)" in line
     assert "written for another architecture" in line
     assert jax_train.main(["--resume", "--out", str(run), "--arch", "resnet34"]) == 2
-    assert "cannot resume as arch='resnet34'" in error_line(capsys)
+    assert "--arch resnet34 (the run has resnet18)" in error_line(capsys)
 
 
 def test_torch_checkpoint_where_a_jax_one_is_expected(tiny_data_dir, tmp_path, capsys):

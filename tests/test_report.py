@@ -205,6 +205,8 @@ def test_bad_folders_and_files_are_one_line_errors(tmp_path, capsys):
     bad_config.mkdir()
     (bad_config / "config.json").write_text("{oops")
     bad_probe = a_run_folder(tmp_path / "bad_probe", probe_gtsrb_json="[1,")
+    bad_metrics = a_run_folder(tmp_path / "bad_metrics")
+    (bad_metrics / "metrics.jsonl").write_text('{"kind": "step", "step": 1}\n{"kind": "st\n{}\n')
     for argv, message in (
             ([str(tmp_path / "nowhere")], f"no folder {tmp_path / 'nowhere'} (give run folders "
                                          "or sweep folders)"),
@@ -212,6 +214,7 @@ def test_bad_folders_and_files_are_one_line_errors(tmp_path, capsys):
                            "(no sweep.json)"),
             ([str(bad_config)], f"{bad_config / 'config.json'} is not valid JSON"),
             ([str(bad_probe)], f"{bad_probe / 'probe_gtsrb.json'} is not valid JSON"),
+            ([str(bad_metrics)], f"{bad_metrics / 'metrics.jsonl'}:2 is not a JSON record"),
             ([str(bad_probe), "--out", str(tmp_path / "report.txt")],
              "the report is Markdown, give a file name ending in .md"),
             ([str(bad_probe), "--notes", str(tmp_path / "missing.md")],

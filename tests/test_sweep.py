@@ -178,7 +178,6 @@ def test_next_step_from_a_fresh_start_to_the_end(tmp_path):
     assert step.label == "train" and step.produces == run / "summary.json"
     assert step.command[1:] == ("-m", "torch_impl.train", "--preset", "smoke", "--std-coeff", "5",
                                 "--no-lr-scaling", "--out", str(run), "--data-dir", "/data")
-    assert step.stale == (run / "config.json", run / "metrics.jsonl")
     touch(run / "config.json")
     assert sweep.next_step(job).label == "train"  # stopped before its first checkpoint
     touch(run / "checkpoint.pt")

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from shared.errors import UserError
-from shared.runio import atomic_write_bytes, corrupt_checkpoint_error
+from shared.runio import CHECKPOINT_FILES, atomic_write_bytes, corrupt_checkpoint_error
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = CHECKPOINT_FILES["torch"]
 FORMAT = "vicreg-interop/torch"
-JAX_CHECKPOINT_FILE = "checkpoint.msgpack"
+JAX_CHECKPOINT_FILE = CHECKPOINT_FILES["jax"]
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

@@ -19,34 +19,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from shared.errors import UserError
+from shared.training import World
 from torch_impl.runtime import pick_device
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place in a data-parallel job: rank in [0, size), local_rank = its device's
-    index on its machine. The default is a job of one process."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 alone writes the run folder, prints, shows the progress bar and runs the probe."""
-        return self.rank == 0
-
-    @property
-    def shard(self) -> tuple[int, int]:
-        """(rank, size): which part of every batch this process trains on (shared.loader)."""
-        return self.rank, self.size
 
 
 def world_from_env(environ: Mapping[str, str] = os.environ) -> World:

@@ -13,7 +13,6 @@ from torch import nn
 from shared.archs import BLOCKS, EXPANSION, check_arch
 
 
-
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
@@ -114,3 +113,13 @@ class VICReg(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))
+
+
+def build_model(arch: str, width: int, mlp_dims: list[int], seed: int) -> VICReg:
+    """The VICReg network (UserError for an unknown arch), float32 on the CPU, its weights drawn
+    from torch's default initialisation with generator seed `seed` (the global generator's state
+    is left as it was)."""
+    check_arch(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VICReg(arch, width, mlp_dims)

@@ -1,12 +1,13 @@
 """Linear probe of a frozen backbone: `python -m torch_impl.probe --run RUN_DIR --dataset cifar10|gtsrb`.
 
-Writes RUN_DIR/probe_<dataset>.json (probe_<dataset>_random_init.json with --random-init) and
-prints one line with the top-1 accuracy.
+Writes RUN_DIR/probe_<dataset>.json (probe_<dataset>_random_init.json with --random-init;
+..._torch.json for a run trained by jax_impl) and prints one line with the top-1 accuracy. This
+module supplies the protocol's two framework parts, the feature extractor and the classifier
+trainer; the rest is shared.linear_probe.
 """
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from shared.config import Config, parse_probe_args
-from shared.data import CIFAR10_MEAN, CIFAR10_STD, NUM_CLASSES, load_split
-from shared.linear_probe import (normalize_images, probe_batches, probe_lr, probe_record,
-                                 report_probe, standardize)
-from shared.training import cli_main, gtsrb_available
+from shared.config import Config
+from shared.data import CIFAR10_MEAN, CIFAR10_STD
+from shared.linear_probe import (Features, normalize_images, probe_batches, probe_lr, probe_main,
+                                 standardize)
+from shared.linear_probe import probe_after_training as shared_probe_after_training
 from torch_impl.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model_state
-from torch_impl.model import VICReg
+from torch_impl.model import build_model
 from torch_impl.runtime import autocast_dtype, memory_format, pick_device, to_channels_last
 
 
@@ -65,51 +66,38 @@ def train_linear(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n
         return classifier(torch.from_numpy(test_x)).numpy()
 
 
-def probe(cfg: Config, run_dir: Path, dataset: str, backbone: nn.Module, random_init: bool,
-          checkpoint_epoch: int | None) -> dict:
-    """Run the protocol on `dataset`, write probe_<dataset>[_random_init].json, return its dict."""
-    started = time.perf_counter()
-    x_train, y_train = load_split(dataset, cfg.data_dir, "train", download=cfg.download)
-    x_test, y_test = load_split(dataset, cfg.data_dir, "test", download=cfg.download)
-    f_train = extract_features(backbone, x_train, cfg, f"{dataset} train features")
-    f_test = extract_features(backbone, x_test, cfg, f"{dataset} test features")
-    logits = train_linear(f_train, y_train, f_test, NUM_CLASSES[dataset], cfg)
-    result = probe_record("torch", dataset, logits, len(y_train), y_test, f_train.shape[1], cfg,
-                          random_init, checkpoint_epoch, time.perf_counter() - started)
-    report_probe(result, run_dir, cfg)
-    return result
+def features_of(backbone: nn.Module, cfg: Config) -> Features:
+    """The frozen backbone as the protocol's feature extractor."""
+    return lambda images, desc: extract_features(backbone, images, cfg, desc)
 
 
 def probe_after_training(cfg: Config, run_dir: Path, backbone: nn.Module) -> dict:
-    """The probes that end a training run: CIFAR-10, and GTSRB when its data is there."""
-    results = {"cifar10": probe(cfg, run_dir, "cifar10", backbone, False, cfg.epochs)["top1"]}
-    if gtsrb_available(cfg):
-        results["gtsrb"] = probe(cfg, run_dir, "gtsrb", backbone, False, cfg.epochs)["top1"]
-    else:
-        print(f"GTSRB probe skipped: no {Path(cfg.data_dir) / 'gtsrb'} (pass --download)")
-    return results
+    """The probes that end a training run (shared.linear_probe.probe_after_training)."""
+    return shared_probe_after_training(cfg, run_dir, framework="torch",
+                                       features=features_of(backbone, cfg),
+                                       train_linear=train_linear)
 
 
 def load_backbone(cfg: Config, run_dir: Path, random_init: bool) -> tuple[nn.Module, int | None]:
-    """The run's backbone with trained weights, or freshly initialised from cfg.seed."""
-    torch.manual_seed(cfg.seed)
-    model = VICReg(cfg.arch, cfg.width, cfg.mlp_dims())
+    """The run's backbone with trained weights, or freshly initialised from cfg.seed; and the
+    checkpoint's epoch (None at random init)."""
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.seed)
     epoch = None
     if not random_init:
         path = run_dir / CHECKPOINT_FILE
         state = load_checkpoint(path)
         load_model_state(model, state["model"], path,
-                         f"{cfg.arch} width {cfg.width} expander {cfg.mlp} (from config.json)")
+                         f"{cfg.model_description()} (from config.json)")
         epoch = state["epoch"]
     return model.backbone.to(pick_device(), memory_format=memory_format(cfg.width)), epoch
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body():
-        cfg, args = parse_probe_args(argv, "torch")
-        backbone, epoch = load_backbone(cfg, Path(args.run), args.random_init)
-        probe(cfg, Path(args.run), args.dataset, backbone, args.random_init, epoch)
-    return cli_main(body)
+    def load(cfg: Config, run_dir: Path, random_init: bool) -> tuple[Features, int | None]:
+        backbone, epoch = load_backbone(cfg, run_dir, random_init)
+        return features_of(backbone, cfg), epoch
+
+    return probe_main(argv, "torch", load, train_linear)
 
 
 if __name__ == "__main__":

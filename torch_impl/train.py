@@ -5,42 +5,47 @@ runs the linear probe on CIFAR-10 and, when its data is present, GTSRB.
 
 `torchrun --nproc_per_node=N -m torch_impl.train [flags]` trains data-parallel on N processes
 (torch_impl.distributed): --batch-size stays the global batch, and rank 0 writes the run folder.
+
+The twin of jax_impl.train: the same functions, in the same order, doing the same things.
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
+from shared.augment import AugmentParams
 from shared.config import Config, parse_train_args
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.loader import epoch_batches, split_batch, steps_per_epoch
-from shared.runio import CONFIG_FILE, SUMMARY_FILE, MetricsLog, prepare_run_dir, write_json
+from shared.runio import MetricsLog
 from shared.schedule import lr_at
-from shared.training import EpochLog, cli_main, run_summary, train_images
+from shared.training import (EpochLog, Progress, World, cli_main, finish_run, prepare_run_dir,
+                             resumable_on_interrupt, run_folder, train_images, train_remaining)
 from torch_impl.checkpoint import (CHECKPOINT_FILE, load_checkpoint, load_model_state,
                                    save_checkpoint)
-from torch_impl.distributed import (World, data_parallel, gather_batch, joined, on_main,
+from torch_impl.distributed import (data_parallel, gather_batch, joined, on_main,
                                     sync_batch_norm, world_from_env)
 from torch_impl.loss import vicreg_loss
-from torch_impl.model import VICReg
+from torch_impl.model import VICReg, build_model
 from torch_impl.optim import build_optimizer, set_lr
 from torch_impl.runtime import autocast_dtype, memory_format, to_channels_last
 
-def build_model(cfg: Config, device: torch.device) -> VICReg:
-    """The VICReg network, initialised from cfg.seed, channels_last on `device`."""
-    torch.manual_seed(cfg.seed)
-    return VICReg(cfg.arch, cfg.width, cfg.mlp_dims()).to(device, memory_format=memory_format(cfg.width))
 
-
-def step_loss(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, cfg: Config,
+def step_loss(model: nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, cfg: Config,
               amp: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward both views (autocast when `amp`), then the loss in float32 (or wider) over the
-    global batch: in a data-parallel job every process gathers all processes' embeddings."""
+    global batch: in a data-parallel job every process gathers all processes' embeddings.
+
+    x_a, x_b: float [B, 3, 32, 32]. Returns (loss, terms incl. loss and embedding_std).
+    """
     with torch.autocast(x_a.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         z_a, z_b = model(x_a), model(x_b)
     wide = torch.promote_types(z_a.dtype, torch.float32)  # bf16 -> float32; float64 stays
@@ -51,7 +56,8 @@ def step_loss(model: torch.nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, cfg:
     return loss, terms
 
 
-def train_step(model, optimizer, x_a, x_b, cfg: Config, amp) -> dict[str, torch.Tensor]:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x_a: torch.Tensor,
+               x_b: torch.Tensor, cfg: Config, amp: torch.dtype | None) -> dict[str, torch.Tensor]:
     """One optimisation step; returns the detached loss terms (on the device, not synchronised)."""
     loss, terms = step_loss(model, x_a, x_b, cfg, amp)
     optimizer.zero_grad(set_to_none=True)
@@ -60,96 +66,127 @@ def train_step(model, optimizer, x_a, x_b, cfg: Config, amp) -> dict[str, torch.
     return {k: v.detach() for k, v in terms.items()}
 
 
+class TrainState(NamedTuple):
+    """Everything a step updates: the model the steps call (the VICReg network, or
+    DistributedDataParallel around it) with its BN statistics, and the optimizer."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def make_train_step(cfg: Config, amp: torch.dtype | None):
+    """step(state, x_a, x_b, lr) -> (state, terms): train_step at learning rate lr (updating the
+    state in place), through torch.compile with --compile."""
+    compute = torch.compile(train_step) if cfg.compile else train_step
+
+    def step(state: TrainState, x_a: torch.Tensor, x_b: torch.Tensor, lr: float):
+        set_lr(state.optimizer, lr)
+        return state, compute(state.model, state.optimizer, x_a, x_b, cfg, amp)
+
+    return step
+
+
+def initial_state(cfg: Config, device: torch.device, world: World) -> TrainState:
+    """Fresh weights drawn from cfg.seed on `device` (channels_last), with BatchNorm over the global
+    batch in a data-parallel job with --sync-bn, and a fresh optimizer state."""
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.seed)
+    model = model.to(device, memory_format=memory_format(cfg.width))
+    if world.size > 1 and cfg.sync_bn:
+        model = sync_batch_norm(model, device)
+    return TrainState(data_parallel(model, world, device), build_optimizer(model, cfg))
+
+
+def resumed_state(cfg: Config, device: torch.device, world: World, stored: dict,
+                  path: Path) -> TrainState:
+    """The TrainState held by a loaded checkpoint, checked against the run's model."""
+    state = initial_state(cfg, device, world)
+    load_model_state(network(state), stored["model"], path, cfg.model_description())
+    state.optimizer.load_state_dict(stored["optimizer"])
+    return state
+
+
+def network(state: TrainState) -> VICReg:
+    """The VICReg network itself (without DistributedDataParallel): what checkpoints and probes."""
+    model = state.model
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 @dataclass
 class Session:
-    """What one training process holds: settings, data, model, optimizer and the run folder."""
+    """What one training process holds besides the state: settings, data, how a step runs, where
+    it is written."""
 
     cfg: Config
-    run_dir: Path
-    images: np.ndarray
-    per_epoch: int
+    images: np.ndarray  # uint8 [N, 32, 32, 3]
     device: torch.device
-    amp: torch.dtype | None
-    model: VICReg
-    optimizer: torch.optim.Optimizer
-    metrics: MetricsLog | None  # None on ranks other than 0, which write nothing
+    amp: torch.dtype | None  # the autocast dtype, None for float32
     world: World
+    metrics: MetricsLog | None  # None on ranks other than 0, which write nothing
+    steps_per_epoch: int = field(init=False)
+    augment: AugmentParams = field(init=False)
+    step_fn: Callable = field(init=False)
 
     def __post_init__(self):
-        self.params = self.cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
-        self.step_fn = torch.compile(train_step) if self.cfg.compile else train_step
-        self.replica = data_parallel(self.model, self.world, self.device)  # what the steps call
+        self.steps_per_epoch = steps_per_epoch(len(self.images), self.cfg.batch_size)
+        self.augment = self.cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
+        self.step_fn = make_train_step(self.cfg, self.amp)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def device_name(self) -> str:
+        return self.device.type
+
+    @property
+    def precision_name(self) -> str:
+        return "bf16" if self.amp else "fp32"
+
+    @property
+    def batch_split(self) -> str:
+        return f" over {self.world.size} processes" if self.world.size > 1 else ""
 
 
-def train_epoch(s: Session, epoch: int, bar: tqdm) -> dict[str, float]:
-    """One epoch of steps, logged every cfg.log_every steps; returns the epoch record."""
-    s.model.train()
-    log = EpochLog(s.cfg, s.metrics, s.run_dir, bar, epoch, s.per_epoch)
-    for batch in epoch_batches(s.images, s.params, s.cfg.batch_size, s.cfg.seed, epoch,
+def train_epoch(s: Session, state: TrainState, epoch: int,
+                bar: tqdm) -> tuple[TrainState, dict[str, float]]:
+    """One epoch of steps, logged every cfg.log_every steps; returns (state, the epoch record)."""
+    state.model.train()
+    log = EpochLog(s.cfg, s.metrics, s.run_dir, bar, epoch, s.steps_per_epoch)
+    for batch in epoch_batches(s.images, s.augment, s.cfg.batch_size, s.cfg.seed, epoch,
                                workers=s.cfg.loader_workers(), shard=s.world.shard):
-        lr = lr_at(epoch * s.per_epoch + batch.step, s.per_epoch, s.cfg)
-        set_lr(s.optimizer, lr)
-        terms = s.step_fn(s.replica, s.optimizer, to_channels_last(batch.view_a, s.device),
-                          to_channels_last(batch.view_b, s.device), s.cfg, s.amp)
+        lr = lr_at(epoch * s.steps_per_epoch + batch.step, s.steps_per_epoch, s.cfg)
+        state, terms = s.step_fn(state, to_channels_last(batch.view_a, s.device),
+                                 to_channels_last(batch.view_b, s.device), lr)
         log.add(batch.step, lr, terms)
-    return log.close()
+    return state, log.close()
+
+
+def save_state(s: Session, state: TrainState, progress: Progress) -> None:
+    """The checkpoint of `progress`, written by rank 0 (a plain single-process state_dict)."""
+    if s.world.is_main:
+        save_checkpoint(s.run_dir / CHECKPOINT_FILE, {
+            "model": network(state).state_dict(), "optimizer": state.optimizer.state_dict(),
+            **progress.record(s.steps_per_epoch, s.cfg)})
 
 
 def start_session(cfg: Config, resume: bool, world: World,
-                  device: torch.device) -> tuple[Session, int, float]:
-    """Load data, build or restore model and optimizer: (session, first epoch, train time so far).
+                  device: torch.device) -> tuple[Session, TrainState, Progress]:
+    """Load data, build or restore the state: (session, state, progress so far). Nothing in the run
+    folder changes but what runio.start_run_dir writes for a run that starts from scratch.
 
     Every process of a data-parallel job builds the same model (same seed) or reads the same
     checkpoint, so the run folder must be on a file system all machines see; rank 0 alone writes.
     """
     images = train_images(cfg)
-    per_epoch = steps_per_epoch(len(images), cfg.batch_size)
-    run_dir = Path(cfg.out)
-    on_main(world, lambda: prepare_run_dir(cfg, resume, CHECKPOINT_FILE))
-    model = build_model(cfg, device)
-    if world.size > 1 and cfg.sync_bn:
-        model = sync_batch_norm(model, device)
-    optimizer = build_optimizer(model, cfg)
-    metrics = MetricsLog(run_dir) if world.is_main else None
-    start_epoch, train_time = 0, 0.0
-    if resume:
-        path = run_dir / CHECKPOINT_FILE
-        state = load_checkpoint(path)
-        load_model_state(model, state["model"], path,
-                         f"{cfg.arch} width {cfg.width} expander {cfg.mlp}")
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, train_time = state["epoch"], state["train_time_s"]
-        if world.is_main:
-            metrics.truncate(state["metrics_bytes"])
-            write_json(run_dir / CONFIG_FILE, asdict(cfg))
-    return (Session(cfg, run_dir, images, per_epoch, device, autocast_dtype(cfg.precision, device),
-                    model, optimizer, metrics, world), start_epoch, train_time)
-
-
-def train(cfg: Config, resume: bool, world: World,
-          device: torch.device) -> tuple[Session, dict[str, float], float]:
-    """The epochs not yet done, a checkpoint after each: (session, last epoch record, time)."""
-    s, start_epoch, train_time = start_session(cfg, resume, world, device)
-    if world.is_main:
-        split = f" over {world.size} processes" if world.size > 1 else ""
-        print(f"torch_impl: {cfg.arch} width {cfg.width}, expander {cfg.mlp}, {len(s.images)} "
-              f"images, {s.per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size}"
-              f"{split}, {device.type} {'bf16' if s.amp else 'fp32'}, run folder {s.run_dir}",
-              flush=True)
-    record: dict[str, float] = {}
-    with tqdm(total=cfg.epochs * s.per_epoch, initial=start_epoch * s.per_epoch, unit="step",
-              dynamic_ncols=True, mininterval=1.0, file=sys.stderr,
-              disable=not world.is_main) as bar:
-        for epoch in range(start_epoch, cfg.epochs):
-            record = train_epoch(s, epoch, bar)
-            train_time += record["epoch_time_s"]
-            if world.is_main:
-                save_checkpoint(s.run_dir / CHECKPOINT_FILE, {
-                    "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
-                    "epoch": epoch + 1, "global_step": (epoch + 1) * s.per_epoch,
-                    "train_time_s": train_time, "metrics_bytes": s.metrics.size(),
-                    "config": asdict(cfg)})
-    return s, record, train_time
+    on_main(world, lambda: prepare_run_dir(cfg, resume, "torch"))
+    s = Session(cfg, images, device, autocast_dtype(cfg.precision, device), world,
+                MetricsLog(cfg.out) if world.is_main else None)
+    path = s.run_dir / CHECKPOINT_FILE
+    if not (resume and path.is_file()):  # rank 0 has decided: a checkpoint is there, or none is
+        return s, initial_state(cfg, device, world), Progress()
+    stored = load_checkpoint(path)
+    return s, resumed_state(cfg, device, world, stored, path), Progress.of_checkpoint(stored)
 
 
 def run(cfg: Config, resume: bool) -> dict:
@@ -160,19 +197,19 @@ def run(cfg: Config, resume: bool) -> dict:
     """
     world = world_from_env()
     split_batch(cfg.batch_size, world.size)  # an uneven split fails before the processes meet
-    with joined(world) as device:
-        s, record, train_time = train(cfg, resume, world, device)
-    summary = run_summary("torch", s.device.type, "bf16" if s.amp else "fp32", cfg, s.per_epoch,
-                          len(s.images), train_time, record)
-    if not world.is_main:
-        return summary
-    write_json(s.run_dir / SUMMARY_FILE, summary)
-    print(f"trained {cfg.epochs} epochs in {train_time / 60:.1f} min", flush=True)
-    if cfg.probe:
-        from torch_impl.probe import probe_after_training
-        summary["probe"] = probe_after_training(cfg, s.run_dir, s.model.backbone)
-        write_json(s.run_dir / SUMMARY_FILE, summary)
-    return summary
+    with run_folder(cfg, "torch", world), resumable_on_interrupt("torch", Path(cfg.out)):
+        with joined(world) as device:
+            s, state, progress = start_session(cfg, resume, world, device)
+            state, progress, done = train_remaining("torch", s, state, progress,
+                                                    train_epoch=train_epoch, save_state=save_state)
+        if done is not None or not world.is_main:
+            return done or {}
+
+        def probe() -> dict:
+            from torch_impl.probe import probe_after_training
+            return probe_after_training(cfg, s.run_dir, network(state).backbone)
+
+        return finish_run("torch", s, progress, probe)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,219 @@
+"""A run folder through both trainers is always resumable or restartable, a finished one is never
+damaged, one process writes it at a time, and every failure a user can cause is one line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jax_impl import train as jax_train
+from shared import report as report_cli
+from shared import sweep as sweep_cli
+from torch_impl import probe as torch_probe
+from torch_impl import train as torch_train
+
+TRAINERS = {"torch": torch_train, "jax": jax_train}
+CHECKPOINTS = {"torch": "checkpoint.pt", "jax": "checkpoint.msgpack"}
+
+
+def smoke(data_dir, out, *extra):
+    return ["--preset", "smoke", "--width", "4", "--data-dir", str(data_dir), "--out", str(out),
+            "--probe-epochs", "2", *extra]
+
+
+def last_line(capsys) -> str:
+    """The last line on stderr, which must be the whole message (no traceback above it)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def folder_bytes(run) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.name != ".lock"}
+
+
+@pytest.mark.parametrize("framework", TRAINERS)
+def test_resume_of_a_finished_run_changes_nothing_and_says_how_to_extend(
+        framework, tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    trainer = TRAINERS[framework]
+    assert trainer.main(smoke(tiny_data_dir, run)) == 0
+    before = folder_bytes(run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert None not in summary["final"].values()
+    capsys.readouterr()
+    assert trainer.main(["--resume", "--out", str(run)]) == 0
+    assert "nothing to do. To train longer: --resume" in capsys.readouterr().out
+    assert folder_bytes(run) == before
+
+
+def test_resume_of_a_run_killed_during_its_probe_completes_it(tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert torch_train.main(smoke(tiny_data_dir, run, "--no-probe")) == 0
+    (run / "summary.json").unlink()  # as if killed between the last checkpoint and the summary
+    assert torch_train.main(["--resume", "--out", str(run), "--probe"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert None not in summary["final"].values() and set(summary["probe"]) == {"cifar10", "gtsrb"}
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--preset", "cpu"], ["--preset cpu (the run has smoke)"]),
+    (["--batch-size", "32", "--subset", "128"],
+     ["--subset 128 (the run has 64)", "--batch-size 32 (the run has 16)"]),
+    (["--epochs", "1"], ["--epochs 1 (the run has 2; a resumed run can only be extended)"]),
+])
+def test_resume_refuses_settings_that_contradict_the_run(flags, named, tiny_data_dir, tmp_path,
+                                                         capsys):
+    run = tmp_path / "run"
+    assert torch_train.main(smoke(tiny_data_dir, run, "--epochs", "2", "--no-probe")) == 0
+    before = folder_bytes(run)
+    assert torch_train.main(["--resume", "--out", str(run), *flags]) == 2
+    line = last_line(capsys)
+    assert line.startswith(f"error: cannot resume {run} with settings that contradict")
+    assert all(part in line for part in named)
+    assert folder_bytes(run) == before
+
+
+def test_resume_may_extend_the_run_and_change_how_it_runs(tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert torch_train.main(smoke(tiny_data_dir, run, "--no-probe")) == 0
+    assert torch_train.main(["--resume", "--out", str(run), "--epochs", "2", "--workers", "2",
+                             "--log-every", "2", "--probe-epochs", "1"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["epochs"], config["workers"], config["probe_epochs"]) == (2, 2, 1)
+
+
+@pytest.mark.parametrize("framework", TRAINERS)
+@pytest.mark.parametrize("again", [[], ["--resume"]], ids=["same command", "resume"])
+def test_a_run_that_dies_in_its_first_epoch_starts_again(framework, again, tiny_data_dir,
+                                                         tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    trainer = TRAINERS[framework]
+    real_lr_at = trainer.lr_at
+    monkeypatch.setattr(trainer, "lr_at", lambda step, *a: math_nan() if step == 1 else
+                        real_lr_at(step, *a))
+    assert trainer.main(smoke(tiny_data_dir, run, "--no-probe")) == 2
+    assert "loss became nan" in last_line(capsys)
+    assert not (run / CHECKPOINTS[framework]).exists()
+    monkeypatch.setattr(trainer, "lr_at", real_lr_at)
+    command = ["--resume", "--out", str(run)] if again else smoke(tiny_data_dir, run, "--no-probe")
+    assert trainer.main(command) == 0
+    assert "stopped before its first checkpoint; starting it again" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 4]  # the failed attempt's lines are gone
+
+
+def math_nan() -> float:
+    return float("nan")
+
+
+@pytest.fixture
+def held(tmp_path):
+    """A folder whose lock another process holds, as a running trainer would: (folder, its PID)."""
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from pathlib import Path; "
+         "from shared.runio import run_folder_lock\n"
+         f"with run_folder_lock(Path({str(folder)!r}), 'python -m torch_impl.train --resume'):\n"
+         "    print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert holder.stdout.readline().strip() == "held"
+    yield folder, holder.pid
+    holder.kill()
+    holder.wait()
+
+
+def test_a_second_writer_of_a_folder_exits_2_naming_the_holder(held, tiny_data_dir, tmp_path,
+                                                              capsys):
+    folder, pid = held
+    expected = f"error: {folder} is in use by process {pid} (python -m torch_impl.train --resume)"
+    assert torch_train.main(smoke(tiny_data_dir, folder)) == 2
+    assert last_line(capsys).startswith(expected)
+    (folder / "config.json").write_text(json.dumps({"preset": "smoke"}))
+    assert torch_train.main(["--resume", "--out", str(folder)]) == 2
+    assert last_line(capsys).startswith(expected)
+    assert torch_probe.main(["--run", str(folder)]) == 2
+    assert last_line(capsys).startswith(expected)
+    assert sweep_cli.main(["--out", str(folder), "--framework", "torch", "--preset", "smoke",
+                           "--grid", "std_coeff=5"], launch=lambda *a: 0) == 2
+    assert last_line(capsys).startswith(expected)
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "config.json"]
+
+
+@pytest.mark.parametrize("after_checkpoint", [True, False])
+def test_ctrl_c_is_one_line_exit_130_that_says_how_to_go_on(after_checkpoint, tiny_data_dir,
+                                                            tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real_epoch = torch_train.train_epoch
+
+    def interrupted_epoch(s, state, epoch, bar):
+        if epoch == (1 if after_checkpoint else 0):
+            raise KeyboardInterrupt
+        return real_epoch(s, state, epoch, bar)
+
+    monkeypatch.setattr(torch_train, "train_epoch", interrupted_epoch)
+    assert torch_train.main(smoke(tiny_data_dir, run, "--epochs", "2")) == 130
+    line = last_line(capsys)
+    if after_checkpoint:
+        assert line == (f"interrupted: {run} keeps its last checkpoint; continue with: "
+                        f"python -m torch_impl.train --resume --out {run}")
+    else:
+        assert line == (f"interrupted: stopped before the first checkpoint; the same command "
+                        f"starts {run} again")
+
+
+def test_out_that_is_a_file_or_cannot_be_created_is_one_line(tiny_data_dir, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert torch_train.main(smoke(tiny_data_dir, a_file)) == 2
+    assert last_line(capsys) == f"error: run folder {a_file} is a file, not a folder; choose " \
+                                "another path"
+    assert torch_train.main(smoke(tiny_data_dir, a_file / "run")) == 2
+    assert last_line(capsys).startswith(f"error: cannot create run folder {a_file / 'run'}")
+    assert sweep_cli.main(["--out", str(a_file), "--framework", "torch", "--preset", "smoke",
+                           "--grid", "std_coeff=5"], launch=lambda *a: 0) == 2
+    assert "is a file, not a folder" in last_line(capsys)
+    run = tmp_path / "run"
+    assert torch_train.main(smoke(tiny_data_dir, run, "--no-probe")) == 0
+    assert report_cli.main([str(run), "--out", str(a_file / "report.md")]) == 2
+    assert last_line(capsys) == f"error: report folder {a_file} is a file, not a folder; " \
+                                "choose another path"
+    (tmp_path / "old.md").mkdir()
+    assert report_cli.main([str(run), "--out", str(tmp_path / "old.md")]) == 2
+    assert "is a folder; give the report's file name" in last_line(capsys)
+
+
+def test_a_refused_setting_leaves_no_folder(tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert torch_train.main(smoke(tiny_data_dir, run, "--crop-min-scale", "5")) == 2
+    assert last_line(capsys) == "error: --crop-min-scale 5.0: must lie in (0, 1]"
+    assert not run.exists()
+    assert torch_train.main(smoke(tiny_data_dir, run, "--subset", "100000")) == 2
+    assert last_line(capsys) == ("error: --subset 100000 is larger than the 200 CIFAR-10 training "
+                                 "images; use at most that many (or 0 for all)")
+    assert not run.exists()
+
+
+def test_probes_never_replace_a_good_result_with_a_bad_one(tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert torch_train.main(smoke(tiny_data_dir, run)) == 0
+    good = (run / "probe_cifar10.json").read_bytes()
+    assert torch_probe.main(["--run", str(run), "--probe-lr", "nan"]) == 2
+    assert last_line(capsys) == "error: --probe-lr nan: must be a finite number"
+    assert torch_probe.main(["--run", str(run), "--probe-lr", "1e38", "--probe-epochs", "3"]) == 2
+    assert last_line(capsys) == ("error: the cifar10 linear probe diverged (non-finite outputs) "
+                                 "with --probe-lr 1e+38; try a lower one. Nothing was written")
+    assert (run / "probe_cifar10.json").read_bytes() == good
+
+
+def test_the_smoke_preset_probes_a_small_stratified_subset(tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert torch_train.main(smoke(tiny_data_dir, run, "--probe-subset", "50")) == 0
+    result = json.loads((run / "probe_cifar10.json").read_text())
+    assert (result["num_train"], result["num_test"], result["settings"]["subset"]) == (50, 50, 50)
+    per_class = [c for c in result["per_class_top1"] if c is not None]
+    assert len(per_class) == 10  # every class is in the test subset
+    gtsrb = json.loads((run / "probe_gtsrb.json").read_text())
+    assert (gtsrb["num_train"], gtsrb["num_test"]) == (50, 43)  # 43 test images: all of them
