@@ -1,19 +1,29 @@
-"""Throughput of the train step and of the augmentation pipeline, as one table with ratios.
+"""Throughput of the train step, of each trainer's real path, and of the augmentation, as one table.
 
-    python bench/throughput.py --preset cpu [--batch-size 256] [--steps 5] [--compile]
+    python bench/throughput.py --preset cpu [--batch-size 256] [--steps 5] [--rows GROUPS]
+                               [--compile] [--no-jax]
 
-Rows: the torch train step (two views forward + VICReg loss + backward + optimizer step) as eager
-fp32 NCHW (the baseline), channels_last fp32, channels_last bf16 autocast, optionally
-torch.compile; the same step fed by the shared loader (augmentation in background threads);
-jax_impl's jitted step with XLA's convolution and with im2col convolutions (jax_impl's CPU
-default), in fp32 and with bf16 compute (same preset and batch); and the augmentation
-pipeline alone. Ratios are against the baseline measured in the same run.
+Rows, each in image pairs per second (both views of a pair counted once) and as a ratio to the
+baseline measured in the same run:
+  - the torch train step alone on fixed views (two views forward + VICReg loss + backward +
+    optimizer step): eager fp32 NCHW (the baseline), channels_last fp32, channels_last bf16
+    autocast; with --compile, eager against torch.compile (default mode, and reduce-overhead,
+    which replays CUDA graphs) at the trainer's precision;
+  - jax_impl's jitted step alone: XLA's convolution and im2col, fp32 and bf16 compute;
+  - each trainer's own step as it trains by default on this device (its precision, layout and
+    convolution), alone on fixed views, then end to end: fed by the loader with the views computed
+    on the host (numpy, in the loader threads), and with the views computed on the device from the
+    loader's drawn parameters (--augment-on host / device);
+  - the augmentation alone: numpy in the loader threads, and each framework on its device.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,93 +31,207 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.augment import make_views  # noqa: E402
-from shared.config import PRESETS, make_config  # noqa: E402
+from shared.augment import draw_views, make_views  # noqa: E402
+from shared.config import PRESETS, Config, make_config  # noqa: E402
 from shared.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from shared.loader import epoch_batches  # noqa: E402
-from torch_impl.model import VICReg  # noqa: E402
+from shared.training import World  # noqa: E402
+from torch_impl import augment as torch_augment  # noqa: E402
+from torch_impl import train as torch_train  # noqa: E402
+from torch_impl.model import build_model  # noqa: E402
 from torch_impl.optim import build_optimizer  # noqa: E402
-from torch_impl.runtime import pick_device, to_channels_last  # noqa: E402
-from torch_impl.train import train_step  # noqa: E402
+from torch_impl.runtime import autocast_dtype, pick_device  # noqa: E402
 
 
-def time_steps(step, steps: int, device: torch.device) -> float:
-    """Seconds per call of `step` after two warm-up calls."""
+def time_calls(call: Callable[[], object], steps: int, sync: Callable[[object], None]) -> float:
+    """Seconds per call of `call` after two warm-up calls; sync(result) waits for the device."""
     for _ in range(2):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        sync(call())
     start = time.perf_counter()
     for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        result = call()
+    sync(result)
     return (time.perf_counter() - start) / steps
 
 
-def torch_step_rate(cfg, device, layout, amp, compile_step, steps) -> float:
-    """Image pairs per second of the train step on fixed random views."""
-    torch.manual_seed(0)
-    model = VICReg(cfg.arch, cfg.width, cfg.mlp_dims()).to(device, memory_format=layout)
-    optimizer = build_optimizer(model, cfg)
-    rng = np.random.default_rng(0)
-    views = [torch.from_numpy(rng.normal(size=(cfg.batch_size, 3, 32, 32)).astype(np.float32))
-             .to(device).contiguous(memory_format=layout) for _ in range(2)]
-    fn = torch.compile(train_step) if compile_step else train_step
-    return cfg.batch_size / time_steps(lambda: fn(model, optimizer, *views, cfg, amp), steps, device)
+def torch_sync(device: torch.device) -> Callable[[object], None]:
+    return (lambda _: torch.cuda.synchronize()) if device.type == "cuda" else (lambda _: None)
 
 
-def jax_step_rate(cfg, bf16: bool, conv_impl: str, steps: int) -> float:
-    """Image pairs per second of jax_impl's jitted train step on fixed random NHWC views."""
+def jax_sync(result) -> None:
     import jax
+    jax.block_until_ready(result)
+
+
+def random_views(cfg: Config, shape: tuple) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.normal(size=(cfg.batch_size, *shape)).astype(np.float32) for _ in range(2)]
+
+
+def random_images(cfg: Config, steps: int) -> np.ndarray:
+    """uint8 [B (steps + 3), 32, 32, 3]: enough for the warm-up and timed steps of one epoch."""
+    return np.random.default_rng(0).integers(0, 256, (cfg.batch_size * (steps + 3), 32, 32, 3),
+                                             dtype=np.uint8)
+
+
+def torch_step_rate(cfg: Config, device, layout, amp, compile_mode: str | bool,
+                    steps: int) -> float:
+    """The torch train step alone on fixed random views in `layout`; compile_mode: False (eager)
+    or a torch.compile mode."""
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), 0).to(device, memory_format=layout)
+    optimizer = build_optimizer(model, cfg)
+    views = [torch.from_numpy(v).to(device).contiguous(memory_format=layout)
+             for v in random_views(cfg, (3, 32, 32))]
+    fn = (torch.compile(torch_train.train_step, mode=compile_mode) if compile_mode
+          else torch_train.train_step)
+    return cfg.batch_size / time_calls(lambda: fn(model, optimizer, *views, cfg, amp), steps,
+                                       torch_sync(device))
+
+
+def jax_step_rate(cfg: Config, bf16: bool, conv_impl: str | None, steps: int) -> float:
+    """jax_impl's jitted train step alone on fixed random NHWC views."""
     import jax.numpy as jnp
 
-    from jax_impl.model import build_model
+    from jax_impl.model import build_model as build_jax_model
     from jax_impl.optim import build_optimizer as build_jax_optimizer
     from jax_impl.train import initial_state, make_train_step
 
-    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), jnp.bfloat16 if bf16 else jnp.float32,
-                        conv_impl)
+    model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(),
+                            jnp.bfloat16 if bf16 else jnp.float32, conv_impl)
     optimizer = build_jax_optimizer(cfg)
     step_fn = make_train_step(model, optimizer, cfg)
-    rng = np.random.default_rng(0)
-    views = [jnp.asarray(rng.normal(size=(cfg.batch_size, 32, 32, 3)).astype(np.float32))
-             for _ in range(2)]
+    views = [jnp.asarray(v) for v in random_views(cfg, (32, 32, 3))]
     holder = [initial_state(model, optimizer, cfg)]
 
     def step():
         holder[0], terms = step_fn(holder[0], *views, 0.01)
-        jax.block_until_ready(terms)
-    return cfg.batch_size / time_steps(step, steps, torch.device("cpu"))
+        return terms
+    return cfg.batch_size / time_calls(step, steps, jax_sync)
 
 
-def loader_fed_rate(cfg, device, amp, steps) -> float:
-    """Image pairs per second of the chosen step fed by the shared loader (as in training)."""
-    torch.manual_seed(0)
-    model = VICReg(cfg.arch, cfg.width, cfg.mlp_dims()).to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)
-    images = np.random.default_rng(0).integers(0, 256, (cfg.batch_size * (steps + 2), 32, 32, 3),
-                                               dtype=np.uint8)
-    batches = epoch_batches(images, cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD),
-                            cfg.batch_size, 0, 0, workers=cfg.loader_workers())
+def trainer_session(framework: str, cfg: Config, images: np.ndarray):
+    """(the trainer's Session, a fresh state, sync) as `python -m {framework}_impl.train` builds
+    them for cfg on this machine's default device."""
+    if framework == "torch":
+        device = pick_device()
+        s = torch_train.Session(cfg, images, device, autocast_dtype(cfg.precision, device),
+                                World(), None)
+        return s, torch_train.initial_state(cfg, device, World()), torch_sync(device)
+    from jax_impl import train as jax_train
+    from jax_impl.distributed import data_mesh
+    from jax_impl.model import build_model as build_jax_model
+    from jax_impl.optim import build_optimizer as build_jax_optimizer
+    from jax_impl.runtime import compute_dtype, pick_device as jax_device
 
-    def step():
-        batch = next(batches)
-        train_step(model, optimizer, to_channels_last(batch.view_a, device),
-                   to_channels_last(batch.view_b, device), cfg, amp)
-    return cfg.batch_size / time_steps(step, steps, device)
+    device = jax_device()
+    dtype = compute_dtype(cfg.precision, device)
+    model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), dtype)
+    optimizer = build_jax_optimizer(cfg)
+    s = jax_train.Session(cfg, images, device, dtype, World(), None, model, optimizer, data_mesh())
+    return s, jax_train.initial_state(model, optimizer, cfg), jax_sync
 
 
-def augment_rate(cfg, steps: int = 6) -> float:
-    """Augmented images per second (both views counted) the loader delivers with its threads."""
-    images = np.random.default_rng(0).integers(0, 256, (cfg.batch_size * steps, 32, 32, 3),
-                                               dtype=np.uint8)
+def trainer_rate(framework: str, cfg: Config, augment_on: str | None, steps: int) -> float:
+    """The trainer's own step on fixed views (augment_on None), or its epoch loop's work end to
+    end: loader, views (on the host or the device), step."""
+    module = importlib.import_module(f"{framework}_impl.train")
+    cfg = dataclasses.replace(cfg, augment_on=augment_on or "host")
+    images = random_images(cfg, steps)
+    s, state, sync = trainer_session(framework, cfg, images)
+    holder = [state]
+    if augment_on is None:
+        fixed = next(epoch_batches(images, s.augment, cfg.batch_size, 0, 0))
+        inputs = module.step_inputs(s, fixed)
+
+        def step():
+            holder[0], terms = s.step_fn(holder[0], *inputs, 0.01)
+            return terms
+    else:
+        batches = epoch_batches(images, s.augment, cfg.batch_size, 0, 0,
+                                workers=cfg.loader_workers(), on_device=s.on_device)
+
+        def step():
+            holder[0], terms = s.step_fn(holder[0], *module.step_inputs(s, next(batches)), 0.01)
+            return terms
+    return cfg.batch_size / time_calls(step, steps, sync)
+
+
+def numpy_augment_rate(cfg: Config, steps: int) -> float:
+    """Image pairs per second the loader's threads deliver, views computed on the host."""
+    images = random_images(cfg, steps)
     params = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
     make_views(images[:cfg.batch_size], params, 0, 0, 0)
     start = time.perf_counter()
-    for _ in epoch_batches(images, params, cfg.batch_size, 0, 0, workers=cfg.loader_workers()):
-        pass
-    return 2 * cfg.batch_size * steps / (time.perf_counter() - start)
+    for count, _ in enumerate(epoch_batches(images, params, cfg.batch_size, 0, 0,
+                                            workers=cfg.loader_workers()), start=1):
+        if count == steps:
+            break
+    return cfg.batch_size * steps / (time.perf_counter() - start)
+
+
+def device_augment_rate(framework: str, cfg: Config, steps: int) -> float:
+    """Image pairs per second of one framework's apply_view on its device (both views), from
+    parameters drawn ahead."""
+    params = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
+    images = random_images(cfg, 0)[:cfg.batch_size]
+    drawn = draw_views(cfg.batch_size, 32, 32, params, 0, 0, 0)
+    if framework == "torch":
+        device = pick_device()
+        pixels = torch.from_numpy(images).to(device)
+        views = [torch_augment.device_params(p, device) for p in drawn]
+        return cfg.batch_size / time_calls(
+            lambda: [torch_augment.apply_view(pixels, p, params) for p in views], steps,
+            torch_sync(device))
+    import jax
+
+    from jax_impl import augment as jax_augment
+    apply = jax.jit(lambda x, a, b: (jax_augment.apply_view(x, a, params),
+                                     jax_augment.apply_view(x, b, params)))
+    pixels = jax.numpy.asarray(images)
+    views = [jax_augment.device_params(p) for p in drawn]
+    return cfg.batch_size / time_calls(lambda: apply(pixels, *views), steps, jax_sync)
+
+
+def row_groups(cfg: Config, steps: int, jax_rows: bool) -> dict[str, list[tuple[str, Callable]]]:
+    """The rows, by group: name -> [(row name, measure() -> pairs/s)]."""
+    device = pick_device()
+    cl, nchw, bf16 = torch.channels_last, torch.contiguous_format, torch.bfloat16
+    trainer_amp = autocast_dtype(cfg.precision, device)
+    frameworks = ["torch", "jax"] if jax_rows else ["torch"]
+    groups = {
+        "steps": [
+            ("torch eager fp32 NCHW (baseline)",
+             lambda: torch_step_rate(cfg, device, nchw, None, False, steps)),
+            ("torch channels_last fp32", lambda: torch_step_rate(cfg, device, cl, None, False, steps)),
+            ("torch channels_last bf16 autocast",
+             lambda: torch_step_rate(cfg, device, cl, bf16, False, steps))],
+        "compile": [
+            ("torch channels_last, trainer precision, eager",
+             lambda: torch_step_rate(cfg, device, cl, trainer_amp, False, steps)),
+            ("torch channels_last, trainer precision, torch.compile",
+             lambda: torch_step_rate(cfg, device, cl, trainer_amp, "default", steps)),
+            ("torch channels_last, trainer precision, torch.compile reduce-overhead "
+             "(CUDA graphs)",
+             lambda: torch_step_rate(cfg, device, cl, trainer_amp, "reduce-overhead", steps))],
+        "jax": [] if not jax_rows else [
+            ("jax jit fp32, lax conv", lambda: jax_step_rate(cfg, False, "lax", steps)),
+            ("jax jit fp32, im2col conv", lambda: jax_step_rate(cfg, False, "im2col", steps)),
+            ("jax jit bf16 compute, lax conv", lambda: jax_step_rate(cfg, True, "lax", steps)),
+            ("jax jit bf16 compute, im2col conv",
+             lambda: jax_step_rate(cfg, True, "im2col", steps))],
+        "trainers": [row for fw in frameworks for row in (
+            (f"{fw}_impl.train step alone (its default path)",
+             lambda fw=fw: trainer_rate(fw, cfg, None, steps)),
+            (f"{fw}_impl.train end to end, views on the host",
+             lambda fw=fw: trainer_rate(fw, cfg, "host", steps)),
+            (f"{fw}_impl.train end to end, views on the device",
+             lambda fw=fw: trainer_rate(fw, cfg, "device", steps)))],
+        "augment": [(f"augmentation alone: numpy, {cfg.loader_workers()} loader threads",
+                     lambda: numpy_augment_rate(cfg, steps))] + [
+            (f"augmentation alone: {fw}_impl.augment on the device",
+             lambda fw=fw: device_augment_rate(fw, cfg, steps)) for fw in frameworks],
+    }
+    return groups
 
 
 def main() -> None:
@@ -115,49 +239,49 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu", choices=list(PRESETS))
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
-    parser.add_argument("--compile", action="store_true", help="add a torch.compile row (slow "
-                        "to compile on CPU)")
+    parser.add_argument("--rows", default="steps,jax,trainers,augment",
+                        help="groups of rows, comma-separated: steps (the torch step's layouts "
+                             "and precisions), compile (eager against torch.compile, slow to "
+                             "compile), jax (jax_impl's step), trainers (each trainer alone and end "
+                             "to end, views on the host and on the device), augment (the "
+                             "augmentation alone)")
+    parser.add_argument("--compile", action="store_true", help="add the compile rows")
     parser.add_argument("--no-jax", action="store_true", help="skip the jax_impl rows")
     args = parser.parse_args()
     overrides = {"preset": args.preset}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     cfg = make_config(overrides)
+    groups = row_groups(cfg, args.steps, not args.no_jax)
+    chosen = args.rows.split(",") + (["compile"] if args.compile else [])
+    unknown = set(chosen) - set(groups)
+    if unknown:
+        parser.error(f"unknown row group(s) {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join(groups)}")
     device = pick_device()
     print(f"# {cfg.arch} width {cfg.width}, expander {cfg.mlp}, batch {cfg.batch_size}, "
           f"{cfg.optimizer}, device {device} ({torch.get_num_threads()} threads), torch "
-          f"{torch.__version__}", flush=True)
-    cl, nchw, bf16 = torch.channels_last, torch.contiguous_format, torch.bfloat16
-    rows = [("torch eager fp32 NCHW (baseline)", nchw, None, False),
-            ("torch channels_last fp32", cl, None, False),
-            ("torch channels_last bf16 autocast", cl, bf16, False)]
-    if args.compile:
-        rows.append(("torch channels_last fp32 compiled", cl, None, True))
+          f"{torch.__version__}, {cfg.loader_workers()} loader threads", flush=True)
     results = []
-    for name, layout, amp, compile_step in rows:
-        results.append((name, torch_step_rate(cfg, device, layout, amp, compile_step, args.steps)))
-        print(f"  measured {name}", file=sys.stderr, flush=True)
-    best_name, best = max(results[1:], key=lambda r: r[1])
-    best_amp = next(amp for name, _, amp, _ in rows if name == best_name)
-    results.append((f"loader-fed: {best_name}", loader_fed_rate(cfg, device, best_amp, args.steps)))
-    if not args.no_jax:
-        for name, bf16, impl in (("jax jit fp32, lax conv", False, "lax"),
-                                 ("jax jit fp32, im2col conv", False, "im2col"),
-                                 ("jax jit bf16 compute, im2col conv", True, "im2col")):
-            results.append((name, jax_step_rate(cfg, bf16, impl, args.steps)))
-            print(f"  measured {name}", file=sys.stderr, flush=True)
+    for group in groups:
+        if group not in chosen:
+            continue
+        for name, measure in groups[group]:
+            results.append((name, measure()))
+            print(f"  measured {name}: {results[-1][1]:.1f} pairs/s", file=sys.stderr, flush=True)
     baseline = results[0][1]
-    aug = augment_rate(cfg)
-    print("\n| path | pairs/s | images/s | vs baseline |\n|---|---:|---:|---:|")
+    print(f"\n| path | pairs/s | images/s | vs {results[0][0]} |\n|---|---:|---:|---:|")
     for name, rate in results:
-        print(f"| {name} | {rate:.1f} | {2 * rate:.1f} | {rate / baseline:.2f}x |")
-    threads = cfg.loader_workers()
-    print(f"| augmentation pipeline ({threads} loader thread{'s' if threads > 1 else ''}) | {aug / 2:.1f} | {aug:.1f} | |")
-    print(f"\nfastest step: {best_name}, {best / baseline:.2f}x the eager fp32 baseline")
-    print(f"augmentation: {aug / (2 * best):.1f}x the images/s the fastest step consumes")
-    if not args.no_jax:
-        jax_best = max(rate for name, rate in results if name.startswith("jax"))
-        print(f"jax_impl: fastest jitted step {jax_best / best:.2f}x torch's fastest step")
+        ratio = "" if name.startswith("augmentation") else f"{rate / baseline:.2f}x"
+        print(f"| {name} | {rate:.1f} | {2 * rate:.1f} | {ratio} |")
+    rate = dict(results)
+    for fw in ("torch", "jax"):
+        alone = rate.get(f"{fw}_impl.train step alone (its default path)")
+        if alone:
+            host = rate[f"{fw}_impl.train end to end, views on the host"]
+            on_device = rate[f"{fw}_impl.train end to end, views on the device"]
+            print(f"{fw}_impl.train end to end / step alone: host {host / alone:.2f}x, device "
+                  f"{on_device / alone:.2f}x (device against host: {on_device / host:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -252,19 +252,23 @@ class VICReg(nn.Module):
         return self.projector(self.backbone(x, train), train)
 
 
-def default_conv_impl() -> str:
-    """"im2col" when jax computes on the CPU (faster there), else XLA's own convolution "lax"."""
-    return "im2col" if jax.default_backend() == "cpu" else "lax"
+def default_conv_impl(dtype=jnp.float32) -> str:
+    """The faster convolution for a model computing in `dtype` here: "im2col" for float32 on the
+    CPU, XLA's own "lax" otherwise (GPUs, and bf16 on a CPU, where XLA's is twice as fast;
+    bench/throughput.py has both rows)."""
+    cpu_float32 = jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
+    return "im2col" if cpu_float32 else "lax"
 
 
 def build_model(arch: str, width: int, mlp_dims, dtype=jnp.float32,
                 conv_impl: str | None = None) -> VICReg:
     """The VICReg module (UserError for an unknown arch), computing in `dtype`, float32 parameters.
 
-    conv_impl: "lax" or "im2col" (the same function and parameters); None picks default_conv_impl().
+    conv_impl: "lax" or "im2col" (the same function and parameters); None picks
+    default_conv_impl(dtype).
     """
     check_arch(arch)
-    impl = conv_impl or default_conv_impl()
+    impl = conv_impl or default_conv_impl(dtype)
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
     return VICReg(arch, width, tuple(mlp_dims), dtype, impl)

@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
+from jax_impl.augment import apply_view, device_params
 from jax_impl.checkpoint import (CHECKPOINT_FILE, check_variables, load_checkpoint,
                                  restore_opt_state, save_checkpoint)
 from jax_impl.distributed import (batch_sharding, data_mesh, global_batch, on_main, replicate,
@@ -37,11 +38,12 @@ from shared.augment import AugmentParams
 from shared.config import Config, parse_train_args
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.errors import UserError
-from shared.loader import epoch_batches, split_batch, steps_per_epoch
+from shared.loader import DrawnBatch, ViewBatch, epoch_batches, split_batch, steps_per_epoch
 from shared.runio import MetricsLog
 from shared.schedule import lr_at
-from shared.training import (EpochLog, Progress, World, cli_main, finish_run, prepare_run_dir,
-                             resumable_on_interrupt, run_folder, train_images, train_remaining)
+from shared.training import (EpochLog, Progress, World, augments_on_device, cli_main, finish_run,
+                             prepare_run_dir, resumable_on_interrupt, run_folder, train_images,
+                             train_remaining)
 
 
 def step_loss(model: VICReg, params: dict, batch_stats: dict, x_a: jax.Array, x_b: jax.Array,
@@ -84,20 +86,32 @@ class TrainState(NamedTuple):
 
 
 def make_train_step(model: VICReg, optimizer: optax.GradientTransformation, cfg: Config,
-                    mesh: Mesh | None = None):
+                    mesh: Mesh | None = None, augment: AugmentParams | None = None):
     """jit(step)(state, x_a, x_b, lr) -> (state, terms): train_step, the state's buffers donated.
 
     With a mesh (distributed.data_mesh) the views are sharded along the batch over its devices and
     the state, lr and terms replicated: the step of the global batch, computed across devices.
+    With `augment`, the views are computed inside the step (jax_impl.augment):
+    jit(step)(state, images, index, view_a, view_b, lr), images uint8 [N, 32, 32, 3] (replicated),
+    index int32 [B] and view_a/b (the views' device_params) sharded like the views.
     """
 
     def step(state: TrainState, x_a: jax.Array, x_b: jax.Array, lr: jax.Array):
         return train_step(model, optimizer, cfg, state, x_a, x_b, lr)
 
+    def augmented_step(state: TrainState, images: jax.Array, index: jax.Array, view_a: dict,
+                       view_b: dict, lr: jax.Array):
+        batch = images[index]
+        return step(state, apply_view(batch, view_a, augment), apply_view(batch, view_b, augment),
+                    lr)
+
+    function = step if augment is None else augmented_step
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
+        return jax.jit(function, donate_argnums=0)
     whole, rows = replicated(mesh), batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(whole, rows, rows, whole), out_shardings=whole,
+    # the two views; or the images, the batch's indices and the two views' parameters
+    inputs = (rows, rows) if augment is None else (whole, rows, rows, rows)
+    return jax.jit(function, in_shardings=(whole, *inputs, whole), out_shardings=whole,
                    donate_argnums=0)
 
 
@@ -138,13 +152,19 @@ class Session:
     mesh: Mesh
     steps_per_epoch: int = field(init=False)
     augment: AugmentParams = field(init=False)
+    on_device: bool = field(init=False)  # the views are computed on the device
+    device_images: jax.Array | None = field(init=False)  # the uint8 images there, if so
     step_fn: Callable = field(init=False)
     batch_sharding: NamedSharding = field(init=False)  # the views: rows split over the mesh
 
     def __post_init__(self):
         self.steps_per_epoch = steps_per_epoch(len(self.images), self.cfg.batch_size)
         self.augment = self.cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
-        self.step_fn = make_train_step(self.model, self.optimizer, self.cfg, self.mesh)
+        self.on_device = augments_on_device(self.cfg, self.device.platform == "gpu")
+        self.device_images = (jax.device_put(self.images, replicated(self.mesh))
+                              if self.on_device else None)
+        self.step_fn = make_train_step(self.model, self.optimizer, self.cfg, self.mesh,
+                                       self.augment if self.on_device else None)
         self.batch_sharding = batch_sharding(self.mesh)
 
     @property
@@ -164,16 +184,29 @@ class Session:
         return f" over {self.mesh.size} devices" if self.mesh.size > 1 else ""
 
 
+def step_inputs(s: Session, batch: ViewBatch | DrawnBatch) -> tuple:
+    """What s.step_fn takes besides the state and lr: the two views, or (with the views computed
+    on the device) the images, the batch's indices and the views' parameters, as global arrays
+    sharded along the batch (this process supplies its rows)."""
+    def rows(local: np.ndarray) -> jax.Array:
+        return global_batch(local, s.batch_sharding, s.cfg.batch_size)
+
+    if isinstance(batch, ViewBatch):
+        return rows(batch.view_a), rows(batch.view_b)
+    return (s.device_images, rows(batch.index.astype(np.int32)),
+            *({k: rows(v) for k, v in device_params(view).items()}
+              for view in (batch.view_a, batch.view_b)))
+
+
 def train_epoch(s: Session, state: TrainState, epoch: int,
                 bar: tqdm) -> tuple[TrainState, dict[str, float]]:
     """One epoch of steps, logged every cfg.log_every steps; returns (state, the epoch record)."""
     log = EpochLog(s.cfg, s.metrics, s.run_dir, bar, epoch, s.steps_per_epoch)
     for batch in epoch_batches(s.images, s.augment, s.cfg.batch_size, s.cfg.seed, epoch,
-                               workers=s.cfg.loader_workers(), shard=s.world.shard):
+                               workers=s.cfg.loader_workers(), shard=s.world.shard,
+                               on_device=s.on_device):
         lr = lr_at(epoch * s.steps_per_epoch + batch.step, s.steps_per_epoch, s.cfg)
-        x_a, x_b = (global_batch(view, s.batch_sharding, s.cfg.batch_size)
-                    for view in (batch.view_a, batch.view_b))
-        state, terms = s.step_fn(state, x_a, x_b, lr)
+        state, terms = s.step_fn(state, *step_inputs(s, batch), lr)
         log.add(batch.step, lr, terms)
     return state, log.close()
 

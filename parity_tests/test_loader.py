@@ -14,6 +14,7 @@ from tqdm import tqdm
 from jax_impl import train as jax_train
 from jax_impl.distributed import data_mesh
 from jax_impl.model import build_model
+from jax_impl.runtime import pick_device
 from jax_impl.optim import build_optimizer as jax_build_optimizer
 from shared.config import make_config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
@@ -52,8 +53,8 @@ def jax_consumed(cfg, images, run_dir, epoch) -> list[tuple[np.ndarray, np.ndarr
     cfg = dataclasses.replace(cfg, out=str(run_dir))
     model = build_model(cfg.arch, cfg.width, cfg.mlp_dims())
     optimizer = jax_build_optimizer(cfg)
-    session = jax_train.Session(cfg, images, None, None, World(), MetricsLog(run_dir), model,
-                                optimizer, data_mesh())
+    session = jax_train.Session(cfg, images, pick_device(), None, World(), MetricsLog(run_dir),
+                                model, optimizer, data_mesh())
     seen = []
 
     def recording_step(state, x_a, x_b, lr):

@@ -78,6 +78,22 @@ KINK_ALLOWANCE = 2.0
 # call's largest input): JAX's float32 inputs move by a comparable amount, not by the same one.
 KINK_REACH = 4.0
 
+# 9. The views a device computes (torch_impl.augment, jax_impl.augment) against the numpy pipeline,
+#    elementwise, in the units of the pixels ([0, 1] before normalisation, ~[-2, 2] after). Every op
+#    runs the numpy op's float32 operations in the same order, so most values are equal to the bit;
+#    what differs is the order of the sums in a mean (contrast's mean grey level) and XLA fusing a
+#    multiply and an add into one rounding, a few ulps of 1.0 (1.2e-7 each) that a jitter chain can
+#    move across a clamp, and that normalisation divides by std ~0.25.
+AUGMENT = 3e-5
+# A training run on views computed on the device against one on views computed on the host, same
+# seed: the relative difference of the logged losses over 8 Adam steps at lr 1e-4. The first loss
+# differs only by the views' AUGMENT-sized rounding (~1e-7 relative); each step then moves the
+# weights by updates computed from slightly different gradients, and that difference grows with
+# every step (float32 training amplifies differences, see "chaotic" above): a gentle schedule keeps
+# 8 steps of it well under 1e-3, while a real difference in the views (a wrong crop, an op skipped)
+# moves the very first loss by more than that.
+AUGMENTED_TRAINING = 1e-3
+
 # 7. Linear-probe top-1, in percentage points: the two probes start from differently drawn
 #    classifiers (torch's generator vs a JAX key), so only the optimum they converge to is shared.
 PROBE_TOP1_POINTS = 0.5

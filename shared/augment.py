@@ -173,6 +173,60 @@ def augment_view(images: np.ndarray, view: ViewParams, params: AugmentParams) ->
     return normalize(x, params.mean, params.std)
 
 
+@dataclass(frozen=True, eq=False)
+class PixelParams:
+    """One view's per-image parameters as a device applies them (torch_impl.augment, jax_impl.augment):
+    derived on the host from a ViewParams, so the random streams and every index and weight are the
+    numpy pipeline's own. Small: O(N x size) numbers, against the N x size x size x 3 pixels.
+
+    rows0, rows1: int32 [N, size] the source rows each output row interpolates (crop offset included),
+    row_weight: float32 [N, size] the weight of rows1; cols0, cols1, col_weight: the same along the width;
+    jitter: bool [N, 4 slots, 4 ops] (jitter_schedule); factors: float32 [N, 4] (jitter_factors);
+    gray, blur, solarize, flip: bool [N]; blur_kernel: float32 [N, blur_kernel] (gaussian_kernels).
+    """
+
+    rows0: np.ndarray
+    rows1: np.ndarray
+    row_weight: np.ndarray
+    cols0: np.ndarray
+    cols1: np.ndarray
+    col_weight: np.ndarray
+    jitter: np.ndarray
+    factors: np.ndarray
+    gray: np.ndarray
+    blur: np.ndarray
+    blur_kernel: np.ndarray
+    solarize: np.ndarray
+    flip: np.ndarray
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fields by name, to move to a device in one go."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def pixel_params(view: ViewParams, params: AugmentParams) -> PixelParams:
+    """What a device needs to apply `view` (see PixelParams)."""
+    rows0, rows1, row_weight = _linear_taps(view.top, view.height, params.size)
+    cols0, cols1, col_weight = _linear_taps(view.left, view.width, params.size)
+    return PixelParams(rows0.astype(np.int32), rows1.astype(np.int32), row_weight,
+                       cols0.astype(np.int32), cols1.astype(np.int32), col_weight,
+                       jitter_schedule(view.jitter), jitter_factors(view.jitter), view.gray,
+                       view.blur, gaussian_kernels(view.blur_sigma, params.blur_kernel),
+                       view.solarize, view.flip)
+
+
+def draw_views(
+    n: int, h: int, w: int, params: AugmentParams, seed: int, epoch: int, step: int, rows: slice = slice(None),
+) -> tuple[PixelParams, PixelParams]:
+    """The two views' PixelParams for a batch of n images of h x w, rows `rows` of it: the same draws as
+    make_views (so a device applying them computes make_views' views), without touching a pixel."""
+    def view(index: int) -> PixelParams:
+        draws = sample_view_params(view_rng(seed, epoch, step, index), n, h, w, params)
+        return pixel_params(rows_of(draws, rows), params)
+
+    return view(0), view(1)
+
+
 def _apply_where(images: np.ndarray, mask: np.ndarray, op, *per_image: np.ndarray) -> None:
     """images[mask] = op(images[mask], *per_image[mask]), in place; mask is bool [N]."""
     idx = np.flatnonzero(mask)
@@ -428,12 +482,25 @@ def color_jitter(images: np.ndarray, jitter: JitterParams) -> np.ndarray:
     return out
 
 
+def jitter_factors(jitter: JitterParams) -> np.ndarray:
+    """float32 [N, 4]: each image's brightness, contrast, saturation and hue factor, in op-id order."""
+    return np.stack([jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue], axis=1)
+
+
+def jitter_schedule(jitter: JitterParams) -> np.ndarray:
+    """bool [N, 4 slots, 4 ops]: whether op o runs in slot s on image n. An op runs where the image is
+    jittered, the op sits in that slot of its order, and its factor is not the op's identity."""
+    in_slot = jitter.order[:, :, None] == np.arange(4)[None, None, :]
+    active = jitter_factors(jitter) != np.asarray(_JITTER_IDENTITY, np.float32)
+    return jitter.apply[:, None, None] & in_slot & active[:, None, :]
+
+
 def _jitter_in_place(images: np.ndarray, jitter: JitterParams) -> None:
     """color_jitter, updating images in place."""
-    factors = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+    schedule, factors = jitter_schedule(jitter), jitter_factors(jitter)
     for slot in range(4):
-        for op_id, (op, f, identity) in enumerate(zip(_JITTER_OPS, factors, _JITTER_IDENTITY)):
-            _apply_where(images, jitter.apply & (jitter.order[:, slot] == op_id) & (f != identity), op, f)
+        for op_id, op in enumerate(_JITTER_OPS):
+            _apply_where(images, schedule[:, slot, op_id], op, factors[:, op_id])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,9 +513,7 @@ def gaussian_blur(images: np.ndarray, sigmas: np.ndarray, kernel_size: int) -> n
     Kernel as torchvision: k[i] proportional to exp(-d_i^2 / (2 sigma^2)), d_i = i - (kernel_size - 1) / 2, sum 1.
     """
     radius = kernel_size // 2
-    d = np.arange(kernel_size, dtype=np.float64) - radius
-    kernel = np.exp(-(d**2) / (2 * np.asarray(sigmas, dtype=np.float64)[:, None] ** 2))
-    kernel = (kernel / kernel.sum(axis=1, keepdims=True)).astype(np.float32)  # [N, k]
+    kernel = gaussian_kernels(sigmas, kernel_size)  # [N, k]
     planes = np.moveaxis(images, -1, 1)  # [N, C, H, W]
     padded = np.pad(planes, ((0, 0), (0, 0), (radius, radius), (radius, radius)), mode="reflect")
     h, w = planes.shape[2:]
@@ -460,6 +525,13 @@ def gaussian_blur(images: np.ndarray, sigmas: np.ndarray, kernel_size: int) -> n
     for i in range(1, kernel_size):
         out += rows[..., i : i + w] * _per_image(kernel[:, i])
     return np.moveaxis(out, 1, -1)
+
+
+def gaussian_kernels(sigmas: np.ndarray, kernel_size: int) -> np.ndarray:
+    """float32 [N, kernel_size]: k[i] proportional to exp(-d_i^2 / (2 sigma^2)), summing to 1 (in float64)."""
+    d = np.arange(kernel_size, dtype=np.float64) - kernel_size // 2
+    kernel = np.exp(-(d**2) / (2 * np.asarray(sigmas, dtype=np.float64)[:, None] ** 2))
+    return (kernel / kernel.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def solarize(images: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> np.ndarray:

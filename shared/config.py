@@ -31,6 +31,7 @@ LOSS_VARIANTS = ("official", "homework")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULE_UNITS = ("step", "epoch")
 PROBE_DATASETS = ("cifar10", "gtsrb")
+AUGMENT_PLACES = ("auto", "host", "device")
 # the augmentation defaults live in AugmentParams; Config exposes them as flags
 _VIEWS = AugmentParams()
 
@@ -178,8 +179,12 @@ class Config:
     precision: str = setting("auto", "auto (bf16 where the CPU or GPU supports it), bf16 or "
                              "fp32; the loss is always computed in float32", BACKBONE,
                              choices=PRECISIONS)
-    workers: int = setting(0, "augmentation threads (0 = auto: half the CPU cores, 1 to 8)", RUN,
+    workers: int = setting(0, "loader threads (0 = auto: half the CPU cores, 1 to 8)", RUN,
                            check=NON_NEGATIVE)
+    augment_on: str = setting("auto", "where the views are computed: host (numpy, in the loader "
+                              "threads), device (on the trainer's GPU or CPU, from parameters "
+                              "drawn on the host: the same views), or auto (device on a GPU, "
+                              "host on a CPU)", RUN, choices=AUGMENT_PLACES)
     compile: bool = setting(False, "compile the train step (torch.compile); jax always "
                             "jit-compiles", RUN)
     log_every: int = setting(20, "write a metrics.jsonl line every this many steps", RUN,

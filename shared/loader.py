@@ -20,8 +20,13 @@ from itertools import islice
 
 import numpy as np
 
-from shared.augment import AugmentParams, make_views
+from shared.augment import AugmentParams, PixelParams, draw_views, make_views
 from shared.errors import UserError
+
+
+# Salt of the image-order stream, so that it never coincides with the views' streams, which
+# shared.augment.view_rng draws from [seed, epoch, step, view] with the same seed and epoch.
+_ORDER_SALT = 0x5EED
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,19 @@ class ViewBatch:
     view_b: np.ndarray
 
 
+@dataclass(frozen=True)
+class DrawnBatch:
+    """One step's input for a trainer that augments on its device: which training images (int64
+    [B], this process's part of the batch) and both views' parameters, drawn exactly as ViewBatch's
+    views were (shared.augment.draw_views), without a pixel computed."""
+
+    epoch: int
+    step: int
+    index: np.ndarray
+    view_a: PixelParams
+    view_b: PixelParams
+
+
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
     """Full batches per epoch (the last partial batch is dropped, as in the official code)."""
     if batch_size > num_images:
@@ -45,7 +63,7 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
 
 def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
     """The image order of an epoch: int64 [num_images], a permutation seeded by (seed, epoch)."""
-    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_images)
+    return np.random.default_rng([seed, epoch, _ORDER_SALT]).permutation(num_images)
 
 
 def split_batch(batch_size: int, parts: int, what: str = "processes") -> int:
@@ -72,6 +90,15 @@ def _make_batch(images: np.ndarray, order: np.ndarray, params: AugmentParams, ba
     return ViewBatch(epoch, step, view_a, view_b)
 
 
+def _draw_batch(images: np.ndarray, order: np.ndarray, params: AugmentParams, batch_size: int,
+                seed: int, epoch: int, shard: tuple[int, int], step: int) -> DrawnBatch:
+    rows = shard_rows(batch_size, shard)
+    index = order[step * batch_size:(step + 1) * batch_size]
+    _, h, w, _ = images.shape
+    view_a, view_b = draw_views(batch_size, h, w, params, seed, epoch, step, rows)
+    return DrawnBatch(epoch, step, index[rows], view_a, view_b)
+
+
 def batch_at(images: np.ndarray, params: AugmentParams, batch_size: int, seed: int, epoch: int,
              step: int, shard: tuple[int, int] = (0, 1)) -> ViewBatch:
     """The batch of global position (epoch, step), or part `shard` = (i, n) of it; images uint8
@@ -88,13 +115,15 @@ def auto_workers() -> int:
 
 def epoch_batches(images: np.ndarray, params: AugmentParams, batch_size: int, seed: int,
                   epoch: int, start_step: int = 0, prefetch: int = 3, workers: int = 1,
-                  shard: tuple[int, int] = (0, 1)) -> Iterator[ViewBatch]:
+                  shard: tuple[int, int] = (0, 1),
+                  on_device: bool = False) -> Iterator[ViewBatch | DrawnBatch]:
     """Yield the batches of `epoch` from `start_step` on, in order, computed ahead by `workers`
     background threads with up to `prefetch + workers` batches in flight; with shard = (i, n),
-    only part i of n of each batch (see shard_rows)."""
+    only part i of n of each batch (see shard_rows). on_device: DrawnBatches (indices and drawn
+    parameters, for a trainer that computes the views on its device) instead of ViewBatches."""
     total = steps_per_epoch(len(images), batch_size)
-    make = partial(_make_batch, images, epoch_order(len(images), seed, epoch), params, batch_size,
-                   seed, epoch, shard)
+    make = partial(_draw_batch if on_device else _make_batch, images,
+                   epoch_order(len(images), seed, epoch), params, batch_size, seed, epoch, shard)
     steps = iter(range(start_step, total))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"views-epoch{epoch}") as pool:
         pending = deque(pool.submit(make, step) for step in islice(steps, prefetch + workers))

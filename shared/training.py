@@ -52,6 +52,11 @@ class World:
         return self.rank, self.size
 
 
+def augments_on_device(cfg: Config, on_gpu: bool) -> bool:
+    """Whether the trainer computes the views on its device (--augment-on; auto: on a GPU)."""
+    return cfg.augment_on == "device" or (cfg.augment_on == "auto" and on_gpu)
+
+
 def train_images(cfg: Config) -> np.ndarray:
     """CIFAR-10 train images uint8 [N, 32, 32, 3] (a stratified subset when cfg.subset > 0)."""
     images, labels = load_split("cifar10", cfg.data_dir, "train", download=cfg.download)

@@ -66,7 +66,9 @@ def test_conv_equals_torch_conv2d_with_symmetric_padding(impl, kernel, stride):
 
 def test_conv_impl_is_im2col_on_cpu_and_checked():
     assert default_conv_impl() == ("im2col" if jax.default_backend() == "cpu" else "lax")
+    assert default_conv_impl(jnp.bfloat16) == "lax"
     assert build_model("resnet18", 8, MLP).conv_impl == default_conv_impl()
+    assert build_model("resnet18", 8, MLP, jnp.bfloat16).conv_impl == "lax"
     assert build_model("resnet18", 8, MLP, conv_impl="lax").conv_impl == "lax"
     with pytest.raises(ValueError, match="conv_impl must be one of"):
         build_model("resnet18", 8, MLP, conv_impl="winograd")

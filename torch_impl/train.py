@@ -24,11 +24,13 @@ from tqdm import tqdm
 from shared.augment import AugmentParams
 from shared.config import Config, parse_train_args
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
-from shared.loader import epoch_batches, split_batch, steps_per_epoch
+from shared.loader import DrawnBatch, ViewBatch, epoch_batches, split_batch, steps_per_epoch
 from shared.runio import MetricsLog
 from shared.schedule import lr_at
-from shared.training import (EpochLog, Progress, World, cli_main, finish_run, prepare_run_dir,
-                             resumable_on_interrupt, run_folder, train_images, train_remaining)
+from shared.training import (EpochLog, Progress, World, augments_on_device, cli_main, finish_run,
+                             prepare_run_dir, resumable_on_interrupt, run_folder, train_images,
+                             train_remaining)
+from torch_impl.augment import apply_view, device_params
 from torch_impl.checkpoint import (CHECKPOINT_FILE, load_checkpoint, load_model_state,
                                    save_checkpoint)
 from torch_impl.distributed import (data_parallel, gather_batch, joined, on_main,
@@ -74,16 +76,27 @@ class TrainState(NamedTuple):
     optimizer: torch.optim.Optimizer
 
 
-def make_train_step(cfg: Config, amp: torch.dtype | None):
+def make_train_step(cfg: Config, amp: torch.dtype | None, augment: AugmentParams | None = None):
     """step(state, x_a, x_b, lr) -> (state, terms): train_step at learning rate lr (updating the
-    state in place), through torch.compile with --compile."""
+    state in place), through torch.compile with --compile.
+
+    With `augment`, the views are computed here, on the device (torch_impl.augment):
+    step(state, images, index, view_a, view_b, lr), images uint8 [N, 32, 32, 3] on the device,
+    index int64 [B], view_a/b the views' device_params.
+    """
     compute = torch.compile(train_step) if cfg.compile else train_step
 
     def step(state: TrainState, x_a: torch.Tensor, x_b: torch.Tensor, lr: float):
         set_lr(state.optimizer, lr)
         return state, compute(state.model, state.optimizer, x_a, x_b, cfg, amp)
 
-    return step
+    def augmented_step(state: TrainState, images: torch.Tensor, index: torch.Tensor,
+                       view_a: dict, view_b: dict, lr: float):
+        batch = images[index]
+        return step(state, apply_view(batch, view_a, augment), apply_view(batch, view_b, augment),
+                    lr)
+
+    return step if augment is None else augmented_step
 
 
 def initial_state(cfg: Config, device: torch.device, world: World) -> TrainState:
@@ -124,12 +137,18 @@ class Session:
     metrics: MetricsLog | None  # None on ranks other than 0, which write nothing
     steps_per_epoch: int = field(init=False)
     augment: AugmentParams = field(init=False)
+    on_device: bool = field(init=False)  # the views are computed on the device
+    device_images: torch.Tensor | None = field(init=False)  # the uint8 images there, if so
     step_fn: Callable = field(init=False)
 
     def __post_init__(self):
         self.steps_per_epoch = steps_per_epoch(len(self.images), self.cfg.batch_size)
         self.augment = self.cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
-        self.step_fn = make_train_step(self.cfg, self.amp)
+        self.on_device = augments_on_device(self.cfg, self.device.type == "cuda")
+        self.device_images = (torch.from_numpy(self.images).to(self.device) if self.on_device
+                              else None)
+        self.step_fn = make_train_step(self.cfg, self.amp,
+                                       self.augment if self.on_device else None)
 
     @property
     def run_dir(self) -> Path:
@@ -148,16 +167,26 @@ class Session:
         return f" over {self.world.size} processes" if self.world.size > 1 else ""
 
 
+def step_inputs(s: Session, batch: ViewBatch | DrawnBatch) -> tuple:
+    """What s.step_fn takes besides the state and lr: the two views, or (with the views computed
+    on the device) the images, the batch's indices and the views' parameters, on the device."""
+    if isinstance(batch, ViewBatch):
+        return to_channels_last(batch.view_a, s.device), to_channels_last(batch.view_b, s.device)
+    index = torch.from_numpy(batch.index).to(s.device, non_blocking=True)
+    return (s.device_images, index, device_params(batch.view_a, s.device),
+            device_params(batch.view_b, s.device))
+
+
 def train_epoch(s: Session, state: TrainState, epoch: int,
                 bar: tqdm) -> tuple[TrainState, dict[str, float]]:
     """One epoch of steps, logged every cfg.log_every steps; returns (state, the epoch record)."""
     state.model.train()
     log = EpochLog(s.cfg, s.metrics, s.run_dir, bar, epoch, s.steps_per_epoch)
     for batch in epoch_batches(s.images, s.augment, s.cfg.batch_size, s.cfg.seed, epoch,
-                               workers=s.cfg.loader_workers(), shard=s.world.shard):
+                               workers=s.cfg.loader_workers(), shard=s.world.shard,
+                               on_device=s.on_device):
         lr = lr_at(epoch * s.steps_per_epoch + batch.step, s.steps_per_epoch, s.cfg)
-        state, terms = s.step_fn(state, to_channels_last(batch.view_a, s.device),
-                                 to_channels_last(batch.view_b, s.device), lr)
+        state, terms = s.step_fn(state, *step_inputs(s, batch), lr)
         log.add(batch.step, lr, terms)
     return state, log.close()
 

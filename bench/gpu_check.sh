@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU check: on one GPU, in at most 8 minutes, what this project's trainers do there.
+#
+#   bash bench/gpu_check.sh [SOURCE] [--quick]
+#
+# SOURCE: a folder holding cifar-10-batches-py/ or cifar10_jpeg.npz (default: .gpu-data/, ignored
+# by git, so the check needs nothing beside the repository). Everything it writes goes to
+# $GPU_CHECK_DIR (default .gpu-data/). Steps, each under its own time limit:
+#   1. lay out CIFAR-10 (bench/layout_cifar10.py);
+#   2. bench/throughput.py at the default recipe, batch 512: each trainer's step alone and end to
+#      end with the views on the host and on the device, the augmentation alone; then, under a
+#      limit of its own (compiling is the slow part), eager against torch.compile at batch 256;
+#   3. a 3-epoch run of each trainer (end-to-end pairs/s from metrics.jsonl, the first epoch,
+#      which compiles, left out);
+#   4. a torch_impl.train run of a few minutes, then its CIFAR-10 probe;
+# and prints one table (bench/gpu_report.py). About 7 minutes on one H200 when each step fits its
+# limit (limits add up to 13). --quick does the same in a minute or two on a CPU (smoke preset),
+# to check the script itself.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.
+
+work="${GPU_CHECK_DIR:-.gpu-data}"
+source="$work"
+quick=0
+for arg in "$@"; do
+    case "$arg" in
+        --quick) quick=1 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        *) source="$arg" ;;
+    esac
+done
+
+if [ "$quick" = 1 ]; then
+    preset=smoke batch=16 steps=2 epochs=2 limit=150
+else
+    preset=default batch=512 steps=15 epochs=40 limit=200
+fi
+mkdir -p "$work"
+work="$(cd "$work" && pwd)"
+out="$work/check-$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$out"
+export JAX_COMPILATION_CACHE_DIR="$work/jax-cache"
+
+step() {  # step NAME SECONDS COMMAND...: run it under a limit, its output into $out/NAME.log
+    local name="$1" seconds="$2"
+    shift 2
+    local started=$SECONDS
+    timeout "$seconds" "$@" > "$out/$name.log" 2>&1
+    local status=$?
+    echo "$name: exit $status after $((SECONDS - started)) s (log: $out/$name.log)"
+    return 0
+}
+
+started=$SECONDS
+data="$(timeout 180 python bench/layout_cifar10.py "$source" "$work")" || {
+    echo "error: could not lay out CIFAR-10 from $source"; exit 2; }
+echo "data: $data"
+step bench "$limit" python bench/throughput.py --preset "$preset" --batch-size "$batch" \
+    --steps "$steps" --rows trainers,augment
+[ "$quick" = 1 ] || step compile 120 python bench/throughput.py --preset "$preset" \
+    --batch-size 256 --steps "$steps" --rows compile
+for fw in torch jax; do
+    step "$fw-3-epochs" 120 python -m "${fw}_impl.train" --preset "$preset" \
+        --batch-size "$batch" --epochs 3 --no-probe --data-dir "$data" --out "$out/$fw-3-epochs"
+done
+step torch-probe "$limit" python -m torch_impl.train --preset "$preset" --batch-size "$batch" \
+    --epochs "$epochs" --data-dir "$data" --out "$out/torch-probe"
+echo "all steps: $((SECONDS - started)) s"
+python bench/gpu_report.py "$out"
