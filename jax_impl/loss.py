@@ -2,15 +2,19 @@
 
     loss = lambda * s(Z, Z') + mu * [v(Z) + v(Z')] + nu * [c(Z) + c(Z')]
 
-The twin of torch_impl.loss: same terms, same `official` / `homework` variants, same errors (raised
-while tracing, since they depend on shapes and settings only).
+with s the mean squared difference, v(Z) = mean_j relu(1 - sqrt(Var(z_j) + eps)) and c(Z) the
+squared off-diagonal covariances / D: the `solo-learn` variant, the default. `official` halves the
+variance term (mu * [v(Z) + v(Z')] / 2, facebookresearch/vicreg's code), `homework` drops eps.
+
+The twin of torch_impl.loss: same terms, same variants, same errors (raised while tracing, since
+they depend on shapes and settings only).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from shared.loss_inputs import check_loss_inputs
+from shared.loss_inputs import VARIANCE_FORMS, check_loss_inputs
 
 
 def off_diagonal(m: jax.Array) -> jax.Array:
@@ -36,19 +40,17 @@ def covariance_term(z: jax.Array) -> jax.Array:
 
 def vicreg_loss(z_a: jax.Array, z_b: jax.Array, *, sim_coeff: float = 25.0, std_coeff: float = 25.0,
                 cov_coeff: float = 1.0, eps: float = 1e-4,
-                variant: str = "official") -> tuple[jax.Array, dict[str, jax.Array]]:
+                variant: str = "solo-learn") -> tuple[jax.Array, dict[str, jax.Array]]:
     """VICReg on embeddings z_a, z_b [N, D] (float32 or float64) -> (scalar loss, unweighted terms).
 
-    terms: `invariance` = mean squared error s(Z, Z'); `variance` = (v(Z) + v(Z')) / 2 for
-    `official` (the halving is the official code's), v(Z) + v(Z') with eps = 0 for `homework`;
-    `covariance` = c(Z) + c(Z').
+    terms: `invariance` = s(Z, Z'); `variance` = v(Z) + v(Z') (`solo-learn`), halved
+    (`official`), or with eps = 0 (`homework`); `covariance` = c(Z) + c(Z').
     """
     check_loss_inputs(variant, tuple(z_a.shape), tuple(z_b.shape))
     invariance = jnp.mean(jnp.square(z_a - z_b))
-    if variant == "official":
-        variance = (variance_term(z_a, eps) + variance_term(z_b, eps)) / 2
-    else:
-        variance = variance_term(z_a, 0.0) + variance_term(z_b, 0.0)
+    weight, with_eps = VARIANCE_FORMS[variant]
+    e = eps if with_eps else 0.0
+    variance = weight * (variance_term(z_a, e) + variance_term(z_b, e))
     covariance = covariance_term(z_a) + covariance_term(z_b)
     loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
     return loss, {"invariance": invariance, "variance": variance, "covariance": covariance}

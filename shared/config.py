@@ -27,7 +27,7 @@ from shared.runio import CHECKPOINT_FILES, CONFIG_FILE
 
 ARCHS = tuple(BLOCKS)
 OPTIMIZERS = ("lars", "adam")
-LOSS_VARIANTS = ("official", "homework")
+LOSS_VARIANTS = ("solo-learn", "official", "homework")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULE_UNITS = ("step", "epoch")
 PROBE_DATASETS = ("cifar10", "gtsrb")
@@ -141,8 +141,10 @@ class Config:
                                check=NON_NEGATIVE)
     cov_coeff: float = setting(1.0, "weight of the covariance term (nu)", PRETRAINING,
                                check=NON_NEGATIVE)
-    loss_variant: str = setting("official", "official (facebookresearch/vicreg) or homework "
-                                "(the seed course's)", PRETRAINING, choices=LOSS_VARIANTS)
+    loss_variant: str = setting("solo-learn", "variance term: solo-learn (mu [v(Z) + v(Z')], "
+                                "solo-learn's), official (mu [v(Z) + v(Z')] / 2, "
+                                "facebookresearch/vicreg's) or homework (the seed course's: "
+                                "solo-learn's without eps)", PRETRAINING, choices=LOSS_VARIANTS)
     # augmentation
     crop_min_scale: float = setting(_VIEWS.crop_scale[0], "smallest area fraction of the random "
                                     "resized crop", PRETRAINING,

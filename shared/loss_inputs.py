@@ -1,12 +1,20 @@
-"""The input checks the two VICReg loss twins (torch_impl.loss, jax_impl.loss) share.
+"""What the two VICReg loss twins (torch_impl.loss, jax_impl.loss) share: the variants' variance
+terms and the input checks.
 
-They depend on shapes and settings only, so the JAX twin runs them while tracing and both raise
-the same message for the same mistake.
+The checks depend on shapes and settings only, so the JAX twin runs them while tracing and both
+raise the same message for the same mistake.
 """
 from __future__ import annotations
 
 from shared.config import LOSS_VARIANTS
 from shared.errors import UserError
+
+
+# variant -> (weight of v(Z) + v(Z'), eps inside the square root):
+#   solo-learn  v(Z) + v(Z')        solo-learn's variance_loss (its VICReg default, mu = 25)
+#   official    (v(Z) + v(Z')) / 2  facebookresearch/vicreg's main_vicreg.py
+#   homework    v(Z) + v(Z'), eps 0 the seed course's
+VARIANCE_FORMS = {"solo-learn": (1.0, True), "official": (0.5, True), "homework": (1.0, False)}
 
 
 def check_loss_inputs(variant: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> None:

@@ -14,7 +14,7 @@ def test_defaults_are_solo_learns_cifar_recipe():
         ("resnet18", 64, "2048-2048-2048", 1000, 256)
     assert (cfg.optimizer, cfg.base_lr, cfg.lars_eta, cfg.wd) == ("lars", 0.3, 0.02, 1e-4)
     assert (cfg.warmup_epochs, cfg.final_lr_ratio, cfg.schedule_unit) == (10.0, 0.001, "step")
-    assert (cfg.solarize_p, cfg.blur_p, cfg.loss_variant) == (0.1, 0.0, "official")
+    assert (cfg.solarize_p, cfg.blur_p, cfg.loss_variant) == (0.1, 0.0, "solo-learn")
     assert cfg.peak_lr() == pytest.approx(0.3)
     assert make_config({"batch_size": 1024}).peak_lr() == pytest.approx(1.2)
 

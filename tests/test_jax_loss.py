@@ -24,7 +24,12 @@ def numpy_terms(a, b, eps, variant):
         cov = np.cov(z, rowvar=False).reshape(d, d)
         return (np.sum(cov ** 2) - np.sum(np.diag(cov) ** 2)) / d
 
-    variance = (v(a, eps) + v(b, eps)) / 2 if variant == "official" else v(a, 0.0) + v(b, 0.0)
+    if variant == "official":
+        variance = (v(a, eps) + v(b, eps)) / 2
+    elif variant == "solo-learn":
+        variance = v(a, eps) + v(b, eps)
+    else:
+        variance = v(a, 0.0) + v(b, 0.0)
     return np.mean((a - b) ** 2), variance, c(a) + c(b)
 
 
@@ -34,7 +39,7 @@ def sample(n, d, seed):
     return a, a + 0.3 * rng.normal(size=(n, d))
 
 
-@pytest.mark.parametrize("variant", ["official", "homework"])
+@pytest.mark.parametrize("variant", ["solo-learn", "official", "homework"])
 @pytest.mark.parametrize("n,d", [(2, 1), (3, 7), (16, 64), (128, 32)])
 def test_float64_matches_numpy(variant, n, d):
     a, b = sample(n, d, n * 100 + d)
@@ -51,7 +56,7 @@ def test_float64_matches_numpy(variant, n, d):
     assert total == pytest.approx(sim * inv + std * var + cov * cv, rel=1e-12)
 
 
-@pytest.mark.parametrize("variant", ["official", "homework"])
+@pytest.mark.parametrize("variant", ["solo-learn", "official", "homework"])
 def test_float32_jitted_matches_numpy(variant):
     a, b = sample(64, 48, 7)
     loss_fn = jax.jit(functools.partial(vicreg_loss, variant=variant))
@@ -64,11 +69,13 @@ def test_float32_jitted_matches_numpy(variant):
 
 
 def test_default_coefficients_and_hinge_by_hand():
-    # Constant columns: std = sqrt(0 + 1e-4) = 0.01, so v = 0.99 per branch (halved sum 0.99),
-    # no covariance, and every entry differs by 1: loss = 25 * 1 + 25 * 0.99 + 0.
+    # Constant columns: std = sqrt(0 + 1e-4) = 0.01, so v = 0.99 per branch (summed 1.98, halved
+    # 0.99), no covariance, and every entry differs by 1: loss = 25 * 1 + 25 * 1.98 + 0.
     loss, terms = vicreg_loss(jnp.zeros((8, 4)), jnp.ones((8, 4)))
-    assert float(terms["variance"]) == pytest.approx(0.99, abs=1e-6)
+    assert float(terms["variance"]) == pytest.approx(1.98, abs=1e-6)
     assert float(terms["covariance"]) == 0.0
+    assert float(loss) == pytest.approx(25 + 25 * 1.98, rel=1e-6)
+    loss, terms = vicreg_loss(jnp.zeros((8, 4)), jnp.ones((8, 4)), variant="official")
     assert float(loss) == pytest.approx(25 + 25 * 0.99, rel=1e-6)
 
 
@@ -91,3 +98,20 @@ def test_errors_are_raised_while_tracing():
         loss_fn(jnp.zeros((4, 3)), jnp.zeros((4, 2)))
     with pytest.raises(UserError, match="unknown loss variant"):
         loss_fn(jnp.zeros((4, 3)), jnp.zeros((4, 3)), variant="nope")
+
+
+def test_the_default_is_solo_learns_loss_with_the_papers_coefficients():
+    """solo-learn's vicreg_loss_func written out in numpy float64: MSE,
+    mean(relu(1 - std(z1))) + mean(relu(1 - std(z2))), std = sqrt(var + 1e-4), and each view's
+    squared off-diagonal covariances / D; weights 25, 25, 1."""
+    a, b = sample(32, 16, 5)
+    n, d = a.shape
+    std = [np.sqrt(z.var(axis=0, ddof=1) + 1e-4) for z in (a, b)]
+    covs = [np.cov(z, rowvar=False) for z in (a, b)]
+    off = ~np.eye(d, dtype=bool)
+    expected = (25 * np.mean((a - b) ** 2)
+                + 25 * sum(np.mean(np.maximum(1 - s, 0)) for s in std)
+                + sum(np.sum(c[off] ** 2) / d for c in covs))
+    with jax.enable_x64(True):
+        loss, _ = jax.jit(vicreg_loss)(jnp.asarray(a), jnp.asarray(b))
+        assert float(loss) == pytest.approx(expected, rel=1e-12)

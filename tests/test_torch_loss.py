@@ -23,13 +23,15 @@ def numpy_vicreg(a, b, sim, std, cov, eps, variant):
 
     if variant == "official":
         variance = (v(a, eps) + v(b, eps)) / 2
+    elif variant == "solo-learn":
+        variance = v(a, eps) + v(b, eps)
     else:
         variance = v(a, 0.0) + v(b, 0.0)
     covariance = c(a) + c(b)
     return sim * invariance + std * variance + cov * covariance, invariance, variance, covariance
 
 
-@pytest.mark.parametrize("variant", ["official", "homework"])
+@pytest.mark.parametrize("variant", ["solo-learn", "official", "homework"])
 @pytest.mark.parametrize("n,d", [(2, 1), (3, 7), (16, 64), (64, 16), (128, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_loss_matches_numpy(variant, n, d, dtype):
@@ -51,17 +53,35 @@ def test_constant_column_hits_the_variance_hinge():
     a = np.zeros((8, 4))
     b = np.ones((8, 4))
     _, terms = vicreg_loss(torch.tensor(a), torch.tensor(b))
-    # std = sqrt(0 + 1e-4) = 0.01 per column, so v = 0.99 per branch, halved sum = 0.99
+    # std = sqrt(0 + 1e-4) = 0.01 per column, so v = 0.99 per branch: 1.98 summed, 0.99 halved
+    assert terms["variance"].item() == pytest.approx(1.98, abs=1e-12)
+    _, terms = vicreg_loss(torch.tensor(a), torch.tensor(b), variant="official")
     assert terms["variance"].item() == pytest.approx(0.99, abs=1e-12)
     assert terms["covariance"].item() == 0.0
     assert terms["invariance"].item() == pytest.approx(1.0)
 
 
-def test_default_coefficients_are_the_papers():
+def solo_learn_vicreg_loss(z1, z2, sim_loss_weight=25.0, var_loss_weight=25.0,
+                           cov_loss_weight=1.0):
+    """solo-learn's vicreg_loss_func (solo/losses/vicreg.py) written out in numpy float64: MSE,
+    mean(relu(1 - std(z1))) + mean(relu(1 - std(z2))) with std = sqrt(var + 1e-4), and each
+    view's squared off-diagonal covariances / D."""
+    n, d = z1.shape
+    sim_loss = np.mean((z1 - z2) ** 2)
+    std_z1, std_z2 = (np.sqrt(z.var(axis=0, ddof=1) + 1e-4) for z in (z1, z2))
+    var_loss = np.mean(np.maximum(1 - std_z1, 0)) + np.mean(np.maximum(1 - std_z2, 0))
+    off = ~np.eye(d, dtype=bool)
+    cov_loss = sum(np.sum(((z - z.mean(axis=0)).T @ (z - z.mean(axis=0)) / (n - 1))[off] ** 2) / d
+                   for z in (z1, z2))
+    return sim_loss_weight * sim_loss + var_loss_weight * var_loss + cov_loss_weight * cov_loss
+
+
+def test_the_default_is_solo_learns_loss_with_the_papers_coefficients():
     rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(10, 5)), rng.normal(size=(10, 5))
+    a = rng.normal(size=(32, 16)) * rng.uniform(0.1, 2.0, size=16)  # hinge active on some columns
+    b = a + 0.3 * rng.normal(size=(32, 16))
     loss, _ = vicreg_loss(torch.tensor(a), torch.tensor(b))
-    assert loss.item() == pytest.approx(numpy_vicreg(a, b, 25, 25, 1, 1e-4, "official")[0], rel=1e-12)
+    assert loss.item() == pytest.approx(solo_learn_vicreg_loss(a, b), rel=1e-12)
 
 
 def test_gradients_match_finite_differences():
