@@ -87,6 +87,13 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(jax.device_get(tree), replicated(mesh))
 
 
+def broadcast_from_main(world: World, value: int) -> int:
+    """Process 0's `value` in every process (the job's processes agree on what process 0 decided)."""
+    if world.size == 1:
+        return value
+    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+
+
 def on_main(world: World, action: Callable[[], object]) -> None:
     """action() on process 0 only; a UserError there is raised in every process (its message cut
     to 1 KiB), so the job stops as one instead of leaving the others waiting in the first step."""

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from jax_impl.augment import apply_view, device_params
 from jax_impl.checkpoint import (CHECKPOINT_FILE, check_variables, load_checkpoint,
                                  restore_opt_state, save_checkpoint)
-from jax_impl.distributed import (batch_sharding, data_mesh, global_batch, on_main, replicate,
-                                  replicated, world_from_env)
+from jax_impl.distributed import (batch_sharding, broadcast_from_main, data_mesh, global_batch,
+                                  on_main, replicate, replicated, world_from_env)
 from jax_impl.loss import vicreg_loss
 from jax_impl.model import (VICReg, backbone_of, backbone_variables, build_model, init_variables,
                             variable_shapes)
@@ -38,12 +38,12 @@ from shared.augment import AugmentParams
 from shared.config import Config, parse_train_args
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.errors import UserError
-from shared.loader import DrawnBatch, ViewBatch, epoch_batches, split_batch, steps_per_epoch
+from shared.loader import DrawnBatch, ViewBatch, split_batch, steps_per_epoch
 from shared.runio import MetricsLog
 from shared.schedule import lr_at
 from shared.training import (EpochLog, Progress, World, augments_on_device, cli_main, finish_run,
-                             prepare_run_dir, resumable_on_interrupt, run_folder, train_images,
-                             train_remaining)
+                             measure_step_seconds, prepare_run_dir, resumable_on_interrupt,
+                             run_folder, session_batches, train_images, train_remaining)
 
 
 def step_loss(model: VICReg, params: dict, batch_stats: dict, x_a: jax.Array, x_b: jax.Array,
@@ -202,13 +202,23 @@ def train_epoch(s: Session, state: TrainState, epoch: int,
                 bar: tqdm) -> tuple[TrainState, dict[str, float]]:
     """One epoch of steps, logged every cfg.log_every steps; returns (state, the epoch record)."""
     log = EpochLog(s.cfg, s.metrics, s.run_dir, bar, epoch, s.steps_per_epoch)
-    for batch in epoch_batches(s.images, s.augment, s.cfg.batch_size, s.cfg.seed, epoch,
-                               workers=s.cfg.loader_workers(), shard=s.world.shard,
-                               on_device=s.on_device):
+    for batch in session_batches(s, epoch):
         lr = lr_at(epoch * s.steps_per_epoch + batch.step, s.steps_per_epoch, s.cfg)
         state, terms = s.step_fn(state, *step_inputs(s, batch), lr)
         log.add(batch.step, lr, terms)
     return state, log.close()
+
+
+def time_step(s: Session, state: TrainState) -> float:
+    """Seconds a training step takes here (shared.training.measure_step_seconds), measured on
+    steps of a copy of the state (the step donates what it is given)."""
+    holder = [jax.tree.map(jnp.copy, state)]
+
+    def run_step(batch) -> dict:
+        holder[0], terms = s.step_fn(holder[0], *step_inputs(s, batch), 0.0)
+        return terms
+
+    return measure_step_seconds(s, run_step, jax.block_until_ready)
 
 
 def save_state(s: Session, state: TrainState, progress: Progress) -> None:
@@ -256,8 +266,9 @@ def run(cfg: Config, resume: bool) -> dict:
     split_batch(cfg.batch_size, mesh.size, "devices")
     with run_folder(cfg, "jax", world), resumable_on_interrupt("jax", Path(cfg.out)):
         s, state, progress = start_session(cfg, resume, world, mesh)
-        state, progress, done = train_remaining("jax", s, state, progress,
-                                                train_epoch=train_epoch, save_state=save_state)
+        state, progress, done = train_remaining(
+            "jax", s, state, progress, train_epoch=train_epoch, save_state=save_state,
+            time_step=time_step, agree=lambda value: broadcast_from_main(world, value))
         if done is not None or not world.is_main:
             return done or {}
 

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -79,6 +80,32 @@ NON_NEGATIVE = Range(lambda v: v >= 0, "must be 0 or more")
 PROBABILITY = Range(lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
 
 
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?$")
+
+
+def parse_duration(text: str) -> float:
+    """"90s" -> 90.0, "15m" -> 900.0, "2h" -> 7200.0, "1h30m" -> 5400.0; UserError otherwise
+    (including zero)."""
+    match = _DURATION.match(str(text).strip().lower())
+    if not match or not any(match.groups()):
+        raise UserError(f"--time-budget {text}: expected a positive duration like 90s, 15m, 2h "
+                        "or 1h30m")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    if not 0 < total < math.inf:
+        raise UserError(f"--time-budget {text}: must be more than zero")
+    return total
+
+
+def duration_ok(text: str) -> bool:
+    """Whether parse_duration accepts `text`."""
+    try:
+        parse_duration(text)
+    except UserError:
+        return False
+    return True
+
+
 def setting(default, help: str, role: str, *, choices: tuple = (), check: Range | None = None,
             sweep_owned: str = "", factory: Callable[[], object] | None = None):
     """A Config field with everything the tools need to know about it: its --help text, its
@@ -111,8 +138,16 @@ class Config:
     subset: int = setting(0, "train on a stratified, seeded subset of this many images "
                           "(0 = all)", PRETRAINING, check=NON_NEGATIVE)
     # optimisation
-    epochs: int = setting(1000, "pretraining epochs (with --resume: at least the run's; more "
-                          "extends it)", PRETRAINING, check=POSITIVE)
+    epochs: int = setting(1000, "pretraining epochs (with --time-budget: the most it may use; "
+                          "with --resume: at least the run's, more extends it)", PRETRAINING,
+                          check=POSITIVE)
+    time_budget: str = setting("", "train for this much wall time, e.g. 90s, 15m, 2h: the step "
+                               "rate is measured first, then the run's length is fixed to the "
+                               "whole epochs that fit (at most --epochs; written to config.json) "
+                               "and warmup and cosine span exactly that; empty: train --epochs",
+                               PRETRAINING, check=Range(lambda v: v == "" or duration_ok(v),
+                                                        "expected a positive duration like 90s, "
+                                                        "15m, 2h or 1h30m"))
     batch_size: int = setting(256, "images per view per step (the global batch)", PRETRAINING,
                               check=Range(lambda v: v >= 2, "VICReg needs at least 2 images "
                                           "per batch (the variance and covariance terms are "
@@ -228,6 +263,10 @@ class Config:
     def loader_workers(self) -> int:
         """Augmentation threads: --workers, or the automatic choice when it is 0."""
         return self.workers or auto_workers()
+
+    def time_budget_s(self) -> float | None:
+        """--time-budget in seconds, None without one."""
+        return parse_duration(self.time_budget) if self.time_budget else None
 
     def peak_lr(self) -> float:
         """lr = base_lr x batch_size / 256 with linear scaling (the official rule), else base_lr."""

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from shared.config import Config
 from shared.data import load_split, stratified_subset
+from shared.loader import epoch_batches
 from shared.errors import Interrupted, UserError
 from shared.runio import (CHECKPOINT_FILES, CONFIG_FILE, LOCK_FILE, SUMMARY_FILE, MetricsLog,
                           last_epoch_record, make_folder, read_json, run_folder_lock,
@@ -158,22 +159,36 @@ def finished_summary(cfg: Config, progress: Progress, world: World) -> dict | No
     return summary
 
 
-def train_remaining(framework: str, s, state, progress: Progress, *, train_epoch,
-                    save_state) -> tuple[object, Progress, dict | None]:
+def train_remaining(framework: str, s, state, progress: Progress, *, train_epoch, save_state,
+                    time_step, agree) -> tuple[object, Progress, dict | None]:
     """Everything between loading a session and the end of its run: (state, progress, None) after
     the epochs not yet done, each followed by its checkpoint; or, for a resumed run that has
     already finished, (state, progress, its summary), with nothing written (finished_summary).
 
-    s: the trainer's Session; train_epoch(s, state, epoch, bar) ->
-    (state, epoch record) and save_state(s, state, progress) are the trainer's own. Before the
-    first epoch metrics.jsonl is rolled back to the checkpoint and config.json holds the settings
-    the run continues with.
+    s: the trainer's Session. The trainer's own parts: train_epoch(s, state, epoch, bar) ->
+    (state, epoch record); save_state(s, state, progress); time_step(s, state) -> seconds a step
+    takes here, measured on a copy of the state; agree(value) -> the main process's value, in
+    every process. A run that starts with a --time-budget first fixes its length
+    (fit_time_budget). Before the first epoch metrics.jsonl is rolled back to the checkpoint and
+    config.json holds the settings the run continues with.
     """
     done = finished_summary(s.cfg, progress, s.world)
     if done is not None:
         return state, progress, done
+    budget_note = ""
+    if progress.epoch == 0 and s.cfg.time_budget:
+        started = time.perf_counter()
+        seconds_per_step = time_step(s, state)
+        epochs = agree(fit_time_budget(s, seconds_per_step, time.perf_counter() - started))
+        s.cfg = dataclasses.replace(s.cfg, epochs=epochs)
+        end = time.time() + epochs * s.steps_per_epoch * seconds_per_step
+        budget_note = (f" (what fits the {s.cfg.time_budget} time budget at "
+                       f"{s.cfg.batch_size / seconds_per_step:.0f} pairs/s: ends about "
+                       f"{time.strftime('%H:%M', time.localtime(end))})")
+        if s.metrics is not None:
+            write_json(Path(s.cfg.out) / CONFIG_FILE, dataclasses.asdict(s.cfg))
     resume_progress(s.cfg, progress, s.metrics)
-    startup_line(framework, s)
+    startup_line(framework, s, budget_note)
     with progress_bar(s.cfg, s.steps_per_epoch, progress, s.world) as bar:
         for epoch in range(progress.epoch, s.cfg.epochs):
             state, record = train_epoch(s, state, epoch, bar)
@@ -183,18 +198,70 @@ def train_remaining(framework: str, s, state, progress: Progress, *, train_epoch
     return state, progress, None
 
 
-def startup_line(framework: str, s) -> None:
+# The share of what is left of a time budget the planned epochs may fill: the rest absorbs what
+# the measured steps do not show (an epoch's start and its checkpoint, the rate's wobble).
+BUDGET_USE = 0.97
+# Steps timed to measure the rate (after two that warm up and compile), at most this share of
+# the budget's time.
+TIMED_STEPS, TIMING_SHARE = 8, 0.05
+
+
+def fit_time_budget(s, seconds_per_step: float, spent_s: float) -> int:
+    """The whole epochs that fill BUDGET_USE of what the time budget leaves after `spent_s`
+    seconds (at least 1, at most cfg.epochs), at `seconds_per_step`."""
+    cfg = s.cfg
+    left = cfg.time_budget_s() - spent_s
+    fits = int(BUDGET_USE * left / (seconds_per_step * s.steps_per_epoch))
+    epochs = max(1, min(cfg.epochs, fits))
+    if cfg.warmup_epochs > epochs:
+        raise UserError(f"the {cfg.time_budget} time budget fits {epochs} epochs, fewer than "
+                        f"--warmup-epochs {cfg.warmup_epochs}; lower it or give more time")
+    return epochs
+
+
+def session_batches(s, epoch: int):
+    """The batches of `epoch` a trainer's Session trains on (shared.loader.epoch_batches): views,
+    or drawn parameters when s.on_device; this process's rows of each."""
+    return epoch_batches(s.images, s.augment, s.cfg.batch_size, s.cfg.seed, epoch,
+                         workers=s.cfg.loader_workers(), shard=s.world.shard,
+                         on_device=s.on_device)
+
+
+def measure_step_seconds(s, run_step: Callable[[object], object],
+                         sync: Callable[[object], None]) -> float:
+    """Seconds per step of run_step(batch) on the session's batches: two warm-up steps (which
+    compile), then TIMED_STEPS, or fewer (at least 2) where they would take more than
+    TIMING_SHARE of the time budget. sync(result) waits for the device."""
+    def batches():
+        epoch = 0
+        while True:
+            yield from session_batches(s, epoch)
+            epoch += 1
+
+    stream = batches()
+    for _ in range(2):
+        sync(run_step(next(stream)))
+    limit = TIMING_SHARE * (s.cfg.time_budget_s() or float("inf"))
+    start, timed = time.perf_counter(), 0
+    while timed < TIMED_STEPS and (timed < 2 or time.perf_counter() - start < limit):
+        result = run_step(next(stream))
+        timed += 1
+    sync(result)
+    return (time.perf_counter() - start) / timed
+
+
+def startup_line(framework: str, s, note: str = "") -> None:
     """Print, on the main process, what is about to be trained, on what, and where it is written.
 
     s: the trainer's Session (cfg, images, steps_per_epoch, world, device_name, precision_name,
-    and batch_split, how the batch is divided, e.g. " over 2 processes").
+    and batch_split, how the batch is divided, e.g. " over 2 processes"); note: after the epochs.
     """
     cfg = s.cfg
     if s.world.is_main:
         print(f"{framework}_impl: {cfg.model_description()}, {len(s.images)} images, "
-              f"{s.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size}"
-              f"{s.batch_split}, {s.device_name} {s.precision_name}, run folder {cfg.out}",
-              flush=True)
+              f"{s.steps_per_epoch} steps/epoch x {cfg.epochs} epochs{note}, batch "
+              f"{cfg.batch_size}{s.batch_split}, {s.device_name} {s.precision_name}, run folder "
+              f"{cfg.out}", flush=True)
 
 
 def progress_bar(cfg: Config, per_epoch: int, progress: Progress, world: World):

@@ -217,3 +217,44 @@ def test_the_smoke_preset_probes_a_small_stratified_subset(tiny_data_dir, tmp_pa
     assert len(per_class) == 10  # every class is in the test subset
     gtsrb = json.loads((run / "probe_gtsrb.json").read_text())
     assert (gtsrb["num_train"], gtsrb["num_test"]) == (50, 43)  # 43 test images: all of them
+
+
+@pytest.mark.parametrize("framework", TRAINERS)
+def test_a_time_budget_fixes_the_length_and_a_resume_keeps_it(framework, tiny_data_dir, tmp_path,
+                                                               monkeypatch, capsys):
+    from shared.config import load_run_config
+    from shared.schedule import lr_at
+    trainer = TRAINERS[framework]
+    run = tmp_path / "run"
+    # 10 ms a step, 4 steps an epoch: 0.97 x 1 s fills 24 epochs, fewer than the 50 allowed
+    monkeypatch.setattr(trainer, "time_step", lambda s, state: 0.01)
+    real_epoch = trainer.train_epoch
+
+    def stop_in_epoch_three(s, state, epoch, bar):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(s, state, epoch, bar)
+
+    monkeypatch.setattr(trainer, "train_epoch", stop_in_epoch_three)
+    flags = smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50", "--no-probe",
+                  "--log-every", "4", "--warmup-epochs", "2")
+    assert trainer.main(flags) == 130
+    assert "x 24 epochs (what fits the 1s time budget at 1600 pairs/s" in capsys.readouterr().out
+    cfg = load_run_config(run)
+    assert (cfg.epochs, cfg.time_budget) == (24, "1s")
+    monkeypatch.setattr(trainer, "train_epoch", real_epoch)
+    monkeypatch.setattr(trainer, "time_step", lambda s, state: pytest.fail("measured again"))
+    assert trainer.main(["--resume", "--out", str(run)]) == 0
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "step"]
+    assert [r["step"] for r in steps] == [4 * e for e in range(1, 25)]
+    # the warmup-cosine over 24 epochs, before and after the resume
+    assert [r["lr"] for r in steps] == [lr_at(r["step"] - 1, 4, cfg) for r in steps]
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-5m", "5x"])
+def test_a_bad_time_budget_is_one_line(value, tiny_data_dir, tmp_path, capsys):
+    assert torch_train.main(smoke(tiny_data_dir, tmp_path / "run", f"--time-budget={value}")) == 2
+    assert last_line(capsys) == (f"error: --time-budget {value}: expected a positive duration "
+                                 "like 90s, 15m, 2h or 1h30m")
+    assert not (tmp_path / "run").exists()

@@ -90,6 +90,15 @@ def on_main(world: World, action: Callable[[], object]) -> None:
         raise UserError(message[0])
 
 
+def broadcast_from_main(world: World, value: int) -> int:
+    """Rank 0's `value` in every rank (the job's processes agree on what rank 0 decided)."""
+    if world.size == 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 class FullGatherLayer(torch.autograd.Function):
     """all_gather that keeps the gradient, as facebookresearch/vicreg's FullGatherLayer.
 

@@ -10,6 +10,7 @@ The twin of jax_impl.train: the same functions, in the same order, doing the sam
 """
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,17 +25,17 @@ from tqdm import tqdm
 from shared.augment import AugmentParams
 from shared.config import Config, parse_train_args
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
-from shared.loader import DrawnBatch, ViewBatch, epoch_batches, split_batch, steps_per_epoch
+from shared.loader import DrawnBatch, ViewBatch, split_batch, steps_per_epoch
 from shared.runio import MetricsLog
 from shared.schedule import lr_at
 from shared.training import (EpochLog, Progress, World, augments_on_device, cli_main, finish_run,
-                             prepare_run_dir, resumable_on_interrupt, run_folder, train_images,
-                             train_remaining)
+                             measure_step_seconds, prepare_run_dir, resumable_on_interrupt,
+                             run_folder, session_batches, train_images, train_remaining)
 from torch_impl.augment import apply_view, device_params
 from torch_impl.checkpoint import (CHECKPOINT_FILE, load_checkpoint, load_model_state,
                                    save_checkpoint)
-from torch_impl.distributed import (data_parallel, gather_batch, joined, on_main,
-                                    sync_batch_norm, world_from_env)
+from torch_impl.distributed import (broadcast_from_main, data_parallel, gather_batch, joined,
+                                    on_main, sync_batch_norm, world_from_env)
 from torch_impl.loss import vicreg_loss
 from torch_impl.model import VICReg, build_model
 from torch_impl.optim import build_optimizer, set_lr
@@ -182,13 +183,25 @@ def train_epoch(s: Session, state: TrainState, epoch: int,
     """One epoch of steps, logged every cfg.log_every steps; returns (state, the epoch record)."""
     state.model.train()
     log = EpochLog(s.cfg, s.metrics, s.run_dir, bar, epoch, s.steps_per_epoch)
-    for batch in epoch_batches(s.images, s.augment, s.cfg.batch_size, s.cfg.seed, epoch,
-                               workers=s.cfg.loader_workers(), shard=s.world.shard,
-                               on_device=s.on_device):
+    for batch in session_batches(s, epoch):
         lr = lr_at(epoch * s.steps_per_epoch + batch.step, s.steps_per_epoch, s.cfg)
         state, terms = s.step_fn(state, *step_inputs(s, batch), lr)
         log.add(batch.step, lr, terms)
     return state, log.close()
+
+
+def time_step(s: Session, state: TrainState) -> float:
+    """Seconds a training step takes here (shared.training.measure_step_seconds), measured on
+    steps that the state's weights, statistics and optimizer state are restored from."""
+    weights = copy.deepcopy(network(state).state_dict())
+    optimizer = copy.deepcopy(state.optimizer.state_dict())
+    sync = (lambda _: torch.cuda.synchronize()) if s.device.type == "cuda" else (lambda _: None)
+    try:
+        return measure_step_seconds(s, lambda batch: s.step_fn(state, *step_inputs(s, batch), 0.0),
+                                    sync)
+    finally:
+        network(state).load_state_dict(weights)
+        state.optimizer.load_state_dict(optimizer)
 
 
 def save_state(s: Session, state: TrainState, progress: Progress) -> None:
@@ -229,8 +242,9 @@ def run(cfg: Config, resume: bool) -> dict:
     with run_folder(cfg, "torch", world), resumable_on_interrupt("torch", Path(cfg.out)):
         with joined(world) as device:
             s, state, progress = start_session(cfg, resume, world, device)
-            state, progress, done = train_remaining("torch", s, state, progress,
-                                                    train_epoch=train_epoch, save_state=save_state)
+            state, progress, done = train_remaining(
+                "torch", s, state, progress, train_epoch=train_epoch, save_state=save_state,
+                time_step=time_step, agree=lambda value: broadcast_from_main(world, value))
         if done is not None or not world.is_main:
             return done or {}
 
