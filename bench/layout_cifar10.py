@@ -1,4 +1,7 @@
-"""Lay out CIFAR-10 for the trainers from what a machine has: `python bench/layout_cifar10.py SRC DEST`.
+"""Lay out CIFAR-10 for the trainers from what a machine has.
+
+    python bench/layout_cifar10.py SRC DEST
+
 
 SRC is a folder holding either cifar-10-batches-py/ (the standard python pickles: used where it
 is, nothing is copied) or cifar10_jpeg.npz (the JPEG copy of CIFAR-10 this project's development

@@ -114,21 +114,23 @@ def trainer_session(framework: str, cfg: Config, images: np.ndarray):
     them for cfg on this machine's default device."""
     if framework == "torch":
         device = pick_device()
-        s = torch_train.Session(cfg, images, device, autocast_dtype(cfg.precision, device),
+        session = torch_train.Session(cfg, images, device, autocast_dtype(cfg.precision, device),
                                 World(), None)
-        return s, torch_train.initial_state(cfg, device, World()), torch_sync(device)
+        return session, torch_train.initial_state(cfg, device, World()), torch_sync(device)
     from jax_impl import train as jax_train
     from jax_impl.distributed import data_mesh
     from jax_impl.model import build_model as build_jax_model
     from jax_impl.optim import build_optimizer as build_jax_optimizer
-    from jax_impl.runtime import compute_dtype, pick_device as jax_device
+    from jax_impl.runtime import compute_dtype
+    from jax_impl.runtime import pick_device as jax_device
 
     device = jax_device()
     dtype = compute_dtype(cfg.precision, device)
     model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), dtype)
     optimizer = build_jax_optimizer(cfg)
-    s = jax_train.Session(cfg, images, device, dtype, World(), None, model, optimizer, data_mesh())
-    return s, jax_train.initial_state(model, optimizer, cfg), jax_sync
+    session = jax_train.Session(cfg, images, device, dtype, World(), None, model, optimizer,
+                                data_mesh())
+    return session, jax_train.initial_state(model, optimizer, cfg), jax_sync
 
 
 def trainer_rate(framework: str, cfg: Config, augment_on: str | None, steps: int) -> float:
@@ -137,21 +139,23 @@ def trainer_rate(framework: str, cfg: Config, augment_on: str | None, steps: int
     module = importlib.import_module(f"{framework}_impl.train")
     cfg = dataclasses.replace(cfg, augment_on=augment_on or "host")
     images = random_images(cfg, steps)
-    s, state, sync = trainer_session(framework, cfg, images)
+    session, state, sync = trainer_session(framework, cfg, images)
     holder = [state]
     if augment_on is None:
-        fixed = next(epoch_batches(images, s.augment, cfg.batch_size, 0, 0))
-        inputs = module.step_inputs(s, fixed)
+        fixed = next(epoch_batches(images, session.augment, batch_size=cfg.batch_size, seed=0,
+                                   epoch=0))
+        inputs = module.step_inputs(session, fixed)
 
         def step():
-            holder[0], terms = s.step_fn(holder[0], *inputs, 0.01)
+            holder[0], terms = session.step_fn(holder[0], *inputs, 0.01)
             return terms
     else:
-        batches = epoch_batches(images, s.augment, cfg.batch_size, 0, 0,
-                                workers=cfg.loader_workers(), on_device=s.on_device)
+        batches = epoch_batches(images, session.augment, batch_size=cfg.batch_size, seed=0, epoch=0,
+                                workers=cfg.loader_workers(), on_device=session.on_device)
 
         def step():
-            holder[0], terms = s.step_fn(holder[0], *module.step_inputs(s, next(batches)), 0.01)
+            inputs = module.step_inputs(session, next(batches))
+            holder[0], terms = session.step_fn(holder[0], *inputs, 0.01)
             return terms
     return cfg.batch_size / time_calls(step, steps, sync)
 
@@ -162,7 +166,8 @@ def numpy_augment_rate(cfg: Config, steps: int) -> float:
     params = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
     make_views(images[:cfg.batch_size], params, 0, 0, 0)
     start = time.perf_counter()
-    for count, _ in enumerate(epoch_batches(images, params, cfg.batch_size, 0, 0,
+    for count, _ in enumerate(epoch_batches(images, params, batch_size=cfg.batch_size, seed=0,
+                                            epoch=0,
                                             workers=cfg.loader_workers()), start=1):
         if count == steps:
             break
@@ -193,7 +198,7 @@ def device_augment_rate(framework: str, cfg: Config, steps: int) -> float:
 
 
 def row_groups(cfg: Config, steps: int, jax_rows: bool) -> dict[str, list[tuple[str, Callable]]]:
-    """The rows, by group: name -> [(row name, measure() -> pairs/s)]."""
+    """The rows, by group: name -> [(row name, measure() -> pairs/session)]."""
     device = pick_device()
     cl, nchw, bf16 = torch.channels_last, torch.contiguous_format, torch.bfloat16
     trainer_amp = autocast_dtype(cfg.precision, device)
@@ -202,7 +207,8 @@ def row_groups(cfg: Config, steps: int, jax_rows: bool) -> dict[str, list[tuple[
         "steps": [
             ("torch eager fp32 NCHW (baseline)",
              lambda: torch_step_rate(cfg, device, nchw, None, False, steps)),
-            ("torch channels_last fp32", lambda: torch_step_rate(cfg, device, cl, None, False, steps)),
+            ("torch channels_last fp32",
+             lambda: torch_step_rate(cfg, device, cl, None, False, steps)),
             ("torch channels_last bf16 autocast",
              lambda: torch_step_rate(cfg, device, cl, bf16, False, steps))],
         "compile": [
@@ -242,8 +248,8 @@ def main() -> None:
     parser.add_argument("--rows", default="steps,jax,trainers,augment",
                         help="groups of rows, comma-separated: steps (the torch step's layouts "
                              "and precisions), compile (eager against torch.compile, slow to "
-                             "compile), jax (jax_impl's step), trainers (each trainer alone and end "
-                             "to end, views on the host and on the device), augment (the "
+                             "compile), jax (jax_impl's step), trainers (each trainer alone and "
+                             "end to end, views on the host and on the device), augment (the "
                              "augmentation alone)")
     parser.add_argument("--compile", action="store_true", help="add the compile rows")
     parser.add_argument("--no-jax", action="store_true", help="skip the jax_impl rows")
@@ -256,7 +262,7 @@ def main() -> None:
     chosen = args.rows.split(",") + (["compile"] if args.compile else [])
     unknown = set(chosen) - set(groups)
     if unknown:
-        parser.error(f"unknown row group(s) {', '.join(sorted(unknown))}; choose from "
+        parser.error(f"unknown row group(session) {', '.join(sorted(unknown))}; choose from "
                      f"{', '.join(groups)}")
     device = pick_device()
     print(f"# {cfg.arch} width {cfg.width}, expander {cfg.mlp}, batch {cfg.batch_size}, "

@@ -1,10 +1,11 @@
-"""The VICReg views computed on the device inside the jitted step, from parameters drawn on the host.
+"""The VICReg views computed on the device inside the jitted step, from parameters drawn on the
+host.
 
 The twin of torch_impl.augment, and the same arithmetic as shared.augment's numpy pipeline (the
-reference): shared.augment.draw_views draws a batch's random parameters and derives every index and
-weight (PixelParams); apply_view here turns uint8 pixels into a normalised view with them, as pure
-jnp functions that trace into the train step. Per-image choices select between an op's result and
-its input, so there is no loop over images.
+reference; its ops are in shared.augment_ops): shared.augment.draw_views draws a batch's random
+parameters and derives every index and weight (PixelParams); apply_view here turns uint8 pixels
+into a normalised view with them, as pure jnp functions that trace into the train step. Per-image
+choices select between an op's result and its input, so there is no loop over images.
 
 Images are NHWC float32 in [0, 1] until the last step, as in numpy.
 """
@@ -39,7 +40,7 @@ def resized_crop(images: jax.Array, p: dict) -> jax.Array:
     """Bilinear resize of each image's crop box: float32 [N, H, W, C] -> [N, size, size, C].
 
     out = a + w (b - a) along the rows (a, b: rows rows0 and rows1, w: row_weight), then the same
-    along the columns, as shared.augment.resized_crop.
+    along the columns, as shared.augment_ops.resized_crop.
     """
     def rows(index: jax.Array) -> jax.Array:
         return jnp.take_along_axis(images, index[:, :, None, None], axis=1)
@@ -94,7 +95,7 @@ def adjust_hue(images: jax.Array, factors: jax.Array) -> jax.Array:
 
     Hue in turns from the hexcone: 6h = (g - b) / spread if max is R, 2 + (b - r) / spread if G,
     4 + (r - g) / spread if B (ties to R, then G), 0 for grey pixels; back to RGB as
-    channel = min + spread k, k a clamped triangle wave of 6h (shared.augment.adjust_hue).
+    channel = min + spread k, k a clamped triangle wave of 6h (shared.augment_ops.adjust_hue).
     """
     r, g, b = images[..., 0], images[..., 1], images[..., 2]
     maxc = jnp.maximum(jnp.maximum(r, g), b)

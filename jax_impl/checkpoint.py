@@ -27,25 +27,28 @@ _READ_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError,
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write {"format", **state} atomically; arrays are fetched to the host, namedtuples become dicts."""
+    """Write {"format", **state} atomically; arrays are fetched to the host, namedtuples become
+    dicts."""
     tree = serialization.to_state_dict({"format": FORMAT, **jax.device_get(state)})
     atomic_write_bytes(path, serialization.msgpack_serialize(tree))
 
 
 def require_checkpoint(path: Path) -> None:
-    """UserError unless `path` is a file; it names jax_impl.convert when a torch checkpoint sits there."""
+    """UserError unless `path` is a file; it names jax_impl.convert when a torch checkpoint sits
+    there."""
     path = Path(path)
     if path.is_file():
         return
     torch_twin = path.with_name(TORCH_CHECKPOINT_FILE)
     if torch_twin.is_file():
-        raise UserError(f"{path.parent} holds a PyTorch checkpoint ({torch_twin.name}), not a JAX one; "
-                        f"convert it with: python -m jax_impl.convert {path.parent} --to flax")
+        raise UserError(f"{path.parent} holds a PyTorch checkpoint ({torch_twin.name}), not a JAX "
+                        f"one; convert it with: python -m jax_impl.convert {path.parent} --to flax")
     raise UserError(f"no checkpoint at {path} (train first, or check --run/--out)")
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by save_checkpoint (numpy leaves); UserError if missing, corrupt or foreign."""
+    """A checkpoint written by save_checkpoint (numpy leaves); UserError if missing, corrupt or
+    foreign."""
     path = Path(path)
     require_checkpoint(path)
     try:
@@ -53,9 +56,9 @@ def load_checkpoint(path: Path) -> dict:
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     if blob[:4] == _ZIP_MAGIC:
-        raise UserError(f"{path} is a PyTorch checkpoint (torch.save's zip), not a JAX one; rename it "
-                        f"to {TORCH_CHECKPOINT_FILE} and convert it with: python -m jax_impl.convert "
-                        f"{path.parent} --to flax")
+        raise UserError(f"{path} is a PyTorch checkpoint (torch.save's zip), not a JAX one; "
+                        f"rename it to {TORCH_CHECKPOINT_FILE} and convert it with: "
+                        f"python -m jax_impl.convert {path.parent} --to flax")
     try:
         state = serialization.msgpack_restore(blob)
     except _READ_ERRORS as exc:
@@ -70,7 +73,8 @@ def _shapes(tree: dict) -> dict[str, tuple]:
 
 
 def check_variables(variables: dict, expected: dict, path: Path, what: str) -> dict:
-    """The {"params", "batch_stats"} of a checkpoint as float32/int32 jax arrays, if they fit `expected`.
+    """The {"params", "batch_stats"} of a checkpoint as float32/int32 jax arrays, if they fit
+    `expected`.
 
     expected: the model's tree of shapes (model.variable_shapes); a missing, extra or reshaped
     variable is a one-line UserError naming `what` (the run's architecture).
@@ -89,7 +93,8 @@ def check_variables(variables: dict, expected: dict, path: Path, what: str) -> d
 
 
 def restore_opt_state(template, stored: dict, path: Path):
-    """The optimizer state `stored` (a state dict) in the structure of `template` (optimizer.init)."""
+    """The optimizer state `stored` (a state dict) in the structure of `template`
+    (optimizer.init)."""
     try:
         restored = serialization.from_state_dict(template, stored)
     except (ValueError, KeyError, TypeError) as exc:

@@ -14,14 +14,19 @@ from pathlib import Path
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jax_impl.checkpoint import (CHECKPOINT_FILE, TORCH_CHECKPOINT_FILE, check_variables,
-                                 load_checkpoint, save_checkpoint)
+from jax_impl.checkpoint import (
+    CHECKPOINT_FILE,
+    TORCH_CHECKPOINT_FILE,
+    check_variables,
+    load_checkpoint,
+    save_checkpoint,
+)
 from jax_impl.model import build_model, variable_shapes
 from jax_impl.optim import build_optimizer
-from shared.config import Config, UserErrorParser, load_run_config
+from shared.cli import UserErrorParser, cli_main
+from shared.config import Config, load_run_config
 from shared.errors import UserError
 from shared.runio import CONFIG_FILE, atomic_write_bytes, make_folder, run_folder_lock
-from shared.training import cli_main
 
 FORMATS = {"flax": CHECKPOINT_FILE, "torch": TORCH_CHECKPOINT_FILE}
 _NOTE = ("Only the weights convert (parameters and BatchNorm statistics, plus epoch and progress "
@@ -30,7 +35,8 @@ _NOTE = ("Only the weights convert (parameters and BatchNorm statistics, plus ep
 
 
 def torch_name(path: tuple[str, ...]) -> str:
-    """Flax variable path (no collection) -> torch key: ("projector", "0", "kernel") -> "projector.0.weight"."""
+    """Flax variable path (no collection) -> torch key: ("projector", "0", "kernel")
+    -> "projector.0.weight"."""
     *modules, leaf = path
     return ".".join([*modules, "weight" if leaf == "kernel" else leaf])
 
@@ -46,7 +52,8 @@ def kernel_from_torch(weight: np.ndarray) -> np.ndarray:
 
 
 def to_torch_state(variables: dict) -> dict[str, np.ndarray]:
-    """{"params", "batch_stats"} -> {torch key: array in torch's layout} (num_batches_tracked int64)."""
+    """{"params", "batch_stats"} -> {torch key: array in torch's layout} (num_batches_tracked
+    int64)."""
     state = {}
     for (_, *path), value in flatten_dict(variables).items():
         value = np.asarray(value)
@@ -68,8 +75,8 @@ def from_torch_state(state: dict[str, np.ndarray], expected: dict, source: Path,
     for (collection, *path) in paths:
         key = torch_name(tuple(path))
         if key not in state:
-            raise UserError(f"{source} does not fit {what}: it was written for another architecture "
-                            f"(missing {key})")
+            raise UserError(f"{source} does not fit {what}: it was written for another "
+                            f"architecture (missing {key})")
         value = np.array(state[key])  # a copy: torch tensors' numpy views may change later
         flat[(collection, *path)] = kernel_from_torch(value) if path[-1] == "kernel" else value
     extra = sorted(set(state) - {torch_name(tuple(p)) for _, *p in paths})
@@ -84,18 +91,22 @@ def _describe(cfg: Config) -> str:
 
 
 def _progress(state: dict) -> dict:
-    return {k: state[k] for k in ("epoch", "global_step", "train_time_s", "metrics_bytes", "config")}
+    return {k: state[k]
+            for k in ("epoch", "global_step", "train_time_s", "metrics_bytes", "config")}
 
 
 def torch_to_flax(source: Path, target: Path, cfg: Config) -> int:
     """Write `target` (checkpoint.msgpack) from the torch checkpoint `source`; returns its epoch."""
-    from torch_impl.checkpoint import load_checkpoint as load_torch  # lazy: only conversion needs torch
+    from torch_impl.checkpoint import (
+        load_checkpoint as load_torch,  # lazy: only conversion needs torch
+    )
 
     state = load_torch(source)
     model = build_model(cfg.arch, cfg.width, cfg.mlp_dims())
     weights = {k: v.detach().cpu().numpy() for k, v in state["model"].items()}
     variables = from_torch_state(weights, variable_shapes(model), source, _describe(cfg))
-    save_checkpoint(target, {**variables, "opt_state": build_optimizer(cfg).init(variables["params"]),
+    save_checkpoint(target, {**variables,
+                             "opt_state": build_optimizer(cfg).init(variables["params"]),
                              **_progress(state)})
     return int(state["epoch"])
 
@@ -104,7 +115,8 @@ def flax_to_torch(source: Path, target: Path, cfg: Config) -> int:
     """Write `target` (checkpoint.pt) from the JAX checkpoint `source`; returns its epoch."""
     import torch  # lazy: only conversion needs torch
 
-    from torch_impl.checkpoint import load_model_state, save_checkpoint as save_torch
+    from torch_impl.checkpoint import load_model_state
+    from torch_impl.checkpoint import save_checkpoint as save_torch
     from torch_impl.model import build_model as build_torch_model
     from torch_impl.optim import build_optimizer as build_torch_optimizer
 
@@ -122,7 +134,8 @@ def flax_to_torch(source: Path, target: Path, cfg: Config) -> int:
 
 
 def convert(run_dir: Path, to: str, out: Path | None = None, force: bool = False) -> Path:
-    """Convert RUN_DIR's checkpoint into the `to` format ("flax" or "torch") in `out` (default RUN_DIR).
+    """Convert RUN_DIR's checkpoint into the `to` format ("flax" or "torch") in `out` (default
+    RUN_DIR).
 
     Refuses to overwrite an existing target checkpoint (or a different config.json) unless `force`;
     copies config.json so that `out` is a run folder the other framework's probe accepts.
@@ -136,11 +149,12 @@ def convert(run_dir: Path, to: str, out: Path | None = None, force: bool = False
     cfg = load_run_config(run_dir)
     config_bytes = (run_dir / CONFIG_FILE).read_bytes()
     if target.exists() and not force:
-        raise UserError(f"{target} already exists; pass --force to overwrite it or choose another --out")
+        raise UserError(f"{target} already exists; pass --force to overwrite it or choose "
+                        "another --out")
     out_config = out / CONFIG_FILE
     if out_config.exists() and out_config.read_bytes() != config_bytes and not force:
-        raise UserError(f"{out_config} holds other settings than {run_dir / CONFIG_FILE}; pass --force "
-                        "to overwrite it or choose another --out")
+        raise UserError(f"{out_config} holds other settings than {run_dir / CONFIG_FILE}; "
+                        "pass --force to overwrite it or choose another --out")
     make_folder(out, "output folder")
     with run_folder_lock(out, "python -m jax_impl.convert"):
         epoch = (torch_to_flax if to == "flax" else flax_to_torch)(source, target, cfg)
@@ -160,11 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("run", metavar="RUN_DIR", help="run folder holding config.json and the "
                         "checkpoint to convert")
     parser.add_argument("--to", required=True, choices=tuple(FORMATS),
-                        help="target format: flax (writes checkpoint.msgpack from checkpoint.pt) or "
-                             "torch (writes checkpoint.pt from checkpoint.msgpack)")
+                        help="target format: flax (writes checkpoint.msgpack from checkpoint.pt) "
+                             "or torch (writes checkpoint.pt from checkpoint.msgpack)")
     parser.add_argument("--out", default=None, help="folder to write the converted checkpoint and "
                         "config.json into (default: RUN_DIR itself)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing target checkpoint")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing target checkpoint")
     return parser
 
 

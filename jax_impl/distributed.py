@@ -88,7 +88,8 @@ def replicate(tree, mesh: Mesh):
 
 
 def broadcast_from_main(world: World, value: int) -> int:
-    """Process 0's `value` in every process (the job's processes agree on what process 0 decided)."""
+    """Process 0's `value` in every process (the job's processes agree on what process 0
+    decided)."""
     if world.size == 1:
         return value
     return int(multihost_utils.broadcast_one_to_all(np.int64(value)))

@@ -63,8 +63,10 @@ class BatchNorm(nn.Module):
         channels = x.shape[-1]
         weight = self.param("weight", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, (channels,), jnp.float32)
-        running_var = self.variable("batch_stats", "running_var", jnp.ones, (channels,), jnp.float32)
+        running_mean = self.variable("batch_stats", "running_mean", jnp.zeros, (channels,),
+                                     jnp.float32)
+        running_var = self.variable("batch_stats", "running_var", jnp.ones, (channels,),
+                                    jnp.float32)
         tracked = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32)
         x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if train:
@@ -92,8 +94,9 @@ class Conv(nn.Module):
 
     Parameter "kernel" float32 [k, k, I, O] (HWIO). impl "lax" is one lax.conv_general_dilated;
     "im2col" computes the same y[n,h,w,o] = sum_{i,j,c} x_pad[n, s*h+i, s*w+j, c] * kernel[i,j,c,o]
-    as one matmul over the k*k shifted slices, which XLA:CPU runs (and differentiates) about 1.3x
-    faster than its convolution at CIFAR sizes (bench/throughput.py measures both).
+    as one matmul over the k*k shifted slices, which XLA:CPU runs (and differentiates) faster than
+    its convolution in float32 at CIFAR sizes (bench/throughput.py measures both;
+    docs/performance.md has the figures).
     """
 
     features: int
@@ -120,18 +123,22 @@ class Conv(nn.Module):
         return jnp.dot(columns, w.reshape(k * k * cin, self.features))
 
 
+# A module class with its settings bound (functools.partial): the convolution and the norm layer
+# are chosen once, in ResNet, and the blocks only give them sizes and names.
+ModuleDef = Any
+
+
 class Downsample(nn.Module):
     """The shortcut projection: 1x1 conv (strided) then BN, torch's `downsample.0` and `.1`."""
 
     features: int
     stride: int
-    dtype: Any = jnp.float32
-    conv_impl: str = "lax"
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = Conv(self.features, 1, self.stride, self.dtype, self.conv_impl, name="0")(x)
-        return BatchNorm(dtype=self.dtype, name="1")(x, train)
+        return self.norm(name="1")(self.conv(self.features, 1, self.stride, name="0")(x), train)
 
 
 class BasicBlock(nn.Module):
@@ -139,19 +146,19 @@ class BasicBlock(nn.Module):
 
     planes: int
     stride: int
-    dtype: Any = jnp.float32
-    conv_impl: str = "lax"
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.planes:
-            shortcut = Downsample(self.planes, self.stride, self.dtype, self.conv_impl,
+            shortcut = Downsample(self.planes, self.stride, self.conv, self.norm,
                                   name="downsample")(x, train)
-        y = Conv(self.planes, 3, self.stride, self.dtype, self.conv_impl, name="conv1")(x)
-        y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
-        y = Conv(self.planes, 3, 1, self.dtype, self.conv_impl, name="conv2")(y)
-        return nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train) + shortcut)
+        y = self.conv(self.planes, 3, self.stride, name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y, train))
+        y = self.conv(self.planes, 3, 1, name="conv2")(y)
+        return nn.relu(self.norm(name="bn2")(y, train) + shortcut)
 
 
 class Bottleneck(nn.Module):
@@ -159,22 +166,22 @@ class Bottleneck(nn.Module):
 
     planes: int
     stride: int
-    dtype: Any = jnp.float32
-    conv_impl: str = "lax"
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         cout = self.planes * EXPANSION["bottleneck"]
         shortcut = x
         if self.stride != 1 or x.shape[-1] != cout:
-            shortcut = Downsample(cout, self.stride, self.dtype, self.conv_impl,
+            shortcut = Downsample(cout, self.stride, self.conv, self.norm,
                                   name="downsample")(x, train)
-        y = Conv(self.planes, 1, 1, self.dtype, self.conv_impl, name="conv1")(x)
-        y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
-        y = Conv(self.planes, 3, self.stride, self.dtype, self.conv_impl, name="conv2")(y)
-        y = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train))
-        y = Conv(cout, 1, 1, self.dtype, self.conv_impl, name="conv3")(y)
-        return nn.relu(BatchNorm(dtype=self.dtype, name="bn3")(y, train) + shortcut)
+        y = self.conv(self.planes, 1, 1, name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y, train))
+        y = self.conv(self.planes, 3, self.stride, name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y, train))
+        y = self.conv(cout, 1, 1, name="conv3")(y)
+        return nn.relu(self.norm(name="bn3")(y, train) + shortcut)
 
 
 class Stage(nn.Module):
@@ -184,20 +191,23 @@ class Stage(nn.Module):
     planes: int
     depth: int
     stride: int
-    dtype: Any = jnp.float32
-    conv_impl: str = "lax"
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         block = BasicBlock if self.kind == "basic" else Bottleneck
         for i in range(self.depth):
-            x = block(self.planes, self.stride if i == 0 else 1, self.dtype, self.conv_impl,
+            x = block(self.planes, self.stride if i == 0 else 1, self.conv, self.norm,
                       name=str(i))(x, train)
         return x
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet: float32 [N, H, W, 3] NHWC -> pooled features float32 [N, feature_dim]."""
+    """CIFAR ResNet: float32 [N, H, W, 3] NHWC -> pooled features float32 [N, feature_dim].
+
+    dtype: what the convolutions and BatchNorms compute in; conv_impl: Conv's `impl`.
+    """
 
     arch: str = "resnet18"
     width: int = 64
@@ -208,18 +218,22 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         check_arch(self.arch)
         kind, depths = BLOCKS[self.arch]
-        x = Conv(self.width, 3, 1, self.dtype, self.conv_impl, name="conv1")(x)
-        x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
+        conv = functools.partial(Conv, dtype=self.dtype, impl=self.conv_impl)
+        norm = functools.partial(BatchNorm, dtype=self.dtype)
+        x = conv(self.width, 3, 1, name="conv1")(x)
+        x = nn.relu(norm(name="bn1")(x, train))
         for stage, depth in enumerate(depths):
-            x = Stage(kind, self.width * 2 ** stage, depth, 2 if stage > 0 else 1, self.dtype,
-                      self.conv_impl, name=f"layer{stage + 1}")(x, train)
+            x = Stage(kind, self.width * 2 ** stage, depth, 2 if stage > 0 else 1, conv, norm,
+                      name=f"layer{stage + 1}")(x, train)
         return x.astype(jnp.promote_types(x.dtype, jnp.float32)).mean(axis=(1, 2))
 
 
 class Expander(nn.Module):
-    """[N, in_dim] -> [N, dims[-1]]: (Linear+BN+ReLU) for all but the last layer, last Linear no bias.
+    """[N, in_dim] -> [N, dims[-1]]: (Linear+BN+ReLU) for all but the last layer, the last Linear
+    without bias.
 
-    Layers are named by their index in torch's nn.Sequential ("0", "1", "3", ...; ReLUs hold nothing).
+    Layers are named by their index in torch's nn.Sequential ("0", "1", "3", ...; ReLUs hold
+    nothing).
     """
 
     dims: tuple[int, ...]
@@ -231,7 +245,8 @@ class Expander(nn.Module):
             x = nn.Dense(out, dtype=self.dtype, kernel_init=torch_uniform(),
                          bias_init=torch_uniform(x.shape[-1]), name=str(3 * i))(x)
             x = nn.relu(BatchNorm(dtype=self.dtype, name=str(3 * i + 1))(x, train))
-        return nn.Dense(self.dims[-1], use_bias=False, dtype=self.dtype, kernel_init=torch_uniform(),
+        return nn.Dense(self.dims[-1], use_bias=False, dtype=self.dtype,
+                        kernel_init=torch_uniform(),
                         name=str(3 * (len(self.dims) - 1)))(x)
 
 
@@ -254,8 +269,8 @@ class VICReg(nn.Module):
 
 def default_conv_impl(dtype=jnp.float32) -> str:
     """The faster convolution for a model computing in `dtype` here: "im2col" for float32 on the
-    CPU, XLA's own "lax" otherwise (GPUs, and bf16 on a CPU, where XLA's is twice as fast;
-    bench/throughput.py has both rows)."""
+    CPU, XLA's own "lax" otherwise (GPUs, and bf16 on a CPU, where XLA's is the faster one;
+    bench/throughput.py measures both)."""
     cpu_float32 = jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
     return "im2col" if cpu_float32 else "lax"
 
@@ -280,7 +295,8 @@ def _init(model: nn.Module, key: jax.Array) -> dict:
 
 
 def init_variables(model: VICReg, seed: int) -> dict:
-    """{"params", "batch_stats"} drawn from torch's default init distributions with PRNG key `seed`."""
+    """{"params", "batch_stats"} drawn from torch's default init distributions with PRNG key
+    `seed`."""
     return dict(_init(model, jax.random.key(seed)))
 
 
@@ -299,6 +315,7 @@ def backbone_of(model: VICReg) -> ResNet:
 
 
 def backbone_variables(variables: dict) -> dict:
-    """The backbone's share of VICReg's variables, to apply a ResNet alone (the probe's features)."""
+    """The backbone's share of VICReg's variables, to apply a ResNet alone (the probe's
+    features)."""
     return {"params": variables["params"]["backbone"],
             "batch_stats": variables["batch_stats"]["backbone"]}

@@ -54,21 +54,24 @@ def scale_by_lars(weight_decay: float, momentum: float, eta: float) -> optax.Gra
     return optax.GradientTransformation(init, update)
 
 
-def lars(learning_rate, weight_decay: float, momentum: float, eta: float) -> optax.GradientTransformation:
+def lars(learning_rate, weight_decay: float, momentum: float,
+         eta: float) -> optax.GradientTransformation:
     """The full LARS step: p <- p - lr * mu with mu from scale_by_lars."""
     return optax.chain(scale_by_lars(weight_decay, momentum, eta),
                        optax.scale_by_learning_rate(learning_rate))
 
 
 def adam_l2(learning_rate, weight_decay: float) -> optax.GradientTransformation:
-    """torch.optim.Adam(weight_decay=wd): coupled L2, g' = g + wd * p before the moments (not AdamW)."""
+    """torch.optim.Adam(weight_decay=wd): coupled L2, g' = g + wd * p before the moments (not
+    AdamW)."""
     return optax.chain(optax.add_decayed_weights(weight_decay),
                        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
                        optax.scale_by_learning_rate(learning_rate))
 
 
 def build_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """LARS (official semantics) or Adam (L2 weight decay, as the seed course); set lr with set_lr."""
+    """LARS (official semantics) or Adam (L2 weight decay, as the seed course); set lr with
+    set_lr."""
     if cfg.optimizer == "lars":
         return optax.inject_hyperparams(
             lambda learning_rate: lars(learning_rate, cfg.wd, cfg.momentum, cfg.lars_eta))(

@@ -1,4 +1,5 @@
-"""Linear probe of a frozen backbone: `python -m jax_impl.probe --run RUN_DIR --dataset cifar10|gtsrb`.
+"""Linear probe of a frozen backbone:
+`python -m jax_impl.probe --run RUN_DIR --dataset cifar10|gtsrb`.
 
 The twin of torch_impl.probe (same protocol, through shared.linear_probe): writes
 RUN_DIR/probe_<dataset>.json (probe_<dataset>_random_init.json with --random-init; ..._jax.json for
@@ -18,14 +19,27 @@ import optax
 from tqdm import tqdm
 
 from jax_impl.checkpoint import CHECKPOINT_FILE, check_variables, load_checkpoint
-from jax_impl.model import (ResNet, backbone_of, backbone_variables, build_model, init_variables,
-                            torch_uniform, variable_shapes)
+from jax_impl.model import (
+    ResNet,
+    backbone_of,
+    backbone_variables,
+    build_model,
+    init_variables,
+    torch_uniform,
+    variable_shapes,
+)
 from jax_impl.optim import set_lr
 from jax_impl.runtime import compute_dtype, pick_device
 from shared.config import Config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
-from shared.linear_probe import (Features, normalize_images, probe_batches, probe_lr, probe_main,
-                                 standardize)
+from shared.linear_probe import (
+    Features,
+    normalize_images,
+    probe_batches,
+    probe_lr,
+    probe_main,
+    standardize,
+)
 from shared.linear_probe import probe_after_training as shared_probe_after_training
 
 
@@ -42,14 +56,16 @@ def extract_features(backbone: ResNet, variables: dict, images: np.ndarray, desc
                       file=sys.stderr, mininterval=1.0):
         x = normalize_images(images[start:start + batch_size], CIFAR10_MEAN, CIFAR10_STD)
         rows = len(x)
-        # Eval-mode rows are independent, so padding the last chunk costs nothing but saves a compile.
+        # Eval-mode rows are independent, so padding the last chunk costs nothing but
+        # saves a compile.
         x = np.pad(x, ((0, batch_size - rows), (0, 0), (0, 0), (0, 0)))
         chunks.append(np.asarray(_eval_features(backbone, variables, x))[:rows])
     return np.concatenate(chunks)
 
 
 def _classifier_step(classifier: nn.Dense, optimizer: optax.GradientTransformation):
-    """jit(step)(params, opt_state, x [B, F], y int [B], lr) -> (params, opt_state): one SGD step on CE."""
+    """jit(step)(params, opt_state, x [B, F], y int [B], lr) -> (params, opt_state): one SGD step on
+    CE."""
 
     def loss(params, x, y):
         logits = classifier.apply({"params": params}, x)
@@ -65,7 +81,8 @@ def _classifier_step(classifier: nn.Dense, optimizer: optax.GradientTransformati
 
 def train_linear(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_classes: int,
                  cfg: Config) -> np.ndarray:
-    """Fit a linear classifier on standardised features [N, F]; return test logits [M, C] float32."""
+    """Fit a linear classifier on standardised features [N, F]; return test logits [M, C]
+    float32."""
     train_x, test_x = standardize(train_x, test_x)
     dim = train_x.shape[1]
     classifier = nn.Dense(num_classes, kernel_init=torch_uniform(), bias_init=torch_uniform(dim))
@@ -102,7 +119,8 @@ def probe_after_training(cfg: Config, run_dir: Path, backbone: ResNet, variables
 def load_backbone(cfg: Config, run_dir: Path, random_init: bool) -> tuple[ResNet, dict, int | None]:
     """The run's backbone and its variables: trained ones from the checkpoint, or fresh from
     cfg.seed; and the checkpoint's epoch (None at random init)."""
-    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), compute_dtype(cfg.precision, pick_device()))
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(),
+                        compute_dtype(cfg.precision, pick_device()))
     if random_init:
         return backbone_of(model), backbone_variables(init_variables(model, cfg.seed)), None
     path = run_dir / CHECKPOINT_FILE

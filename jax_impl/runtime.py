@@ -32,7 +32,8 @@ def _cpu_flags() -> set[str]:
 
 
 def bf16_supported(device: jax.Device) -> bool:
-    """True where bf16 runs natively: TPU, NVIDIA compute capability >= 8.0, or AVX512-BF16/AMX CPUs."""
+    """True where bf16 runs natively: TPU, NVIDIA compute capability >= 8.0, or AVX512-BF16/AMX
+    CPUs."""
     if device.platform == "tpu":
         return True
     if device.platform == "gpu":

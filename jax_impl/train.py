@@ -25,32 +25,65 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from jax_impl.augment import apply_view, device_params
-from jax_impl.checkpoint import (CHECKPOINT_FILE, check_variables, load_checkpoint,
-                                 restore_opt_state, save_checkpoint)
-from jax_impl.distributed import (batch_sharding, broadcast_from_main, data_mesh, global_batch,
-                                  on_main, replicate, replicated, world_from_env)
+from jax_impl.checkpoint import (
+    CHECKPOINT_FILE,
+    check_variables,
+    load_checkpoint,
+    restore_opt_state,
+    save_checkpoint,
+)
+from jax_impl.distributed import (
+    batch_sharding,
+    broadcast_from_main,
+    data_mesh,
+    global_batch,
+    on_main,
+    replicate,
+    replicated,
+    world_from_env,
+)
 from jax_impl.loss import vicreg_loss
-from jax_impl.model import (VICReg, backbone_of, backbone_variables, build_model, init_variables,
-                            variable_shapes)
+from jax_impl.model import (
+    VICReg,
+    backbone_of,
+    backbone_variables,
+    build_model,
+    init_variables,
+    variable_shapes,
+)
 from jax_impl.optim import build_optimizer, set_lr
 from jax_impl.runtime import compute_dtype, device_name, pick_device, precision_name
 from shared.augment import AugmentParams
-from shared.config import Config, parse_train_args
+from shared.cli import cli_main, parse_train_args
+from shared.config import Config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.errors import UserError
 from shared.loader import DrawnBatch, ViewBatch, split_batch, steps_per_epoch
 from shared.runio import MetricsLog
 from shared.schedule import lr_at
-from shared.training import (EpochLog, Progress, World, augments_on_device, cli_main, finish_run,
-                             measure_step_seconds, prepare_run_dir, resumable_on_interrupt,
-                             run_folder, session_batches, train_images, train_remaining)
+from shared.training import (
+    EpochLog,
+    Progress,
+    World,
+    augments_on_device,
+    finish_run,
+    measure_step_seconds,
+    prepare_run_dir,
+    resumable_on_interrupt,
+    run_folder,
+    session_batches,
+    train_images,
+    train_remaining,
+)
 
 
 def step_loss(model: VICReg, params: dict, batch_stats: dict, x_a: jax.Array, x_b: jax.Array,
               cfg: Config) -> tuple[jax.Array, tuple[dict, dict]]:
-    """Forward both views in train mode (two BN updates, as torch), then the loss in float32 (or wider).
+    """Forward both views in train mode (two BN updates, as torch), then the loss in float32 (or
+    wider).
 
-    x_a, x_b: float32 [B, 32, 32, 3]. Returns (loss, (terms incl. loss and embedding_std, new BN stats)).
+    x_a, x_b: float32 [B, 32, 32, 3]. Returns (loss, (terms incl. loss and embedding_std, new BN
+    stats)).
     """
     z_a, updated = model.apply({"params": params, "batch_stats": batch_stats}, x_a, train=True,
                                mutable=["batch_stats"])
@@ -115,7 +148,8 @@ def make_train_step(model: VICReg, optimizer: optax.GradientTransformation, cfg:
                    donate_argnums=0)
 
 
-def initial_state(model: VICReg, optimizer: optax.GradientTransformation, cfg: Config) -> TrainState:
+def initial_state(model: VICReg, optimizer: optax.GradientTransformation,
+                  cfg: Config) -> TrainState:
     """Fresh variables drawn from cfg.seed and a fresh optimizer state."""
     variables = init_variables(model, cfg.seed)
     return TrainState(variables["params"], variables["batch_stats"],
@@ -184,49 +218,51 @@ class Session:
         return f" over {self.mesh.size} devices" if self.mesh.size > 1 else ""
 
 
-def step_inputs(s: Session, batch: ViewBatch | DrawnBatch) -> tuple:
-    """What s.step_fn takes besides the state and lr: the two views, or (with the views computed
+def step_inputs(session: Session, batch: ViewBatch | DrawnBatch) -> tuple:
+    """What session.step_fn takes besides the state and lr: the two views, or (with the views
+    computed
     on the device) the images, the batch's indices and the views' parameters, as global arrays
     sharded along the batch (this process supplies its rows)."""
     def rows(local: np.ndarray) -> jax.Array:
-        return global_batch(local, s.batch_sharding, s.cfg.batch_size)
+        return global_batch(local, session.batch_sharding, session.cfg.batch_size)
 
     if isinstance(batch, ViewBatch):
         return rows(batch.view_a), rows(batch.view_b)
-    return (s.device_images, rows(batch.index.astype(np.int32)),
+    return (session.device_images, rows(batch.index.astype(np.int32)),
             *({k: rows(v) for k, v in device_params(view).items()}
               for view in (batch.view_a, batch.view_b)))
 
 
-def train_epoch(s: Session, state: TrainState, epoch: int,
+def train_epoch(session: Session, state: TrainState, epoch: int,
                 bar: tqdm) -> tuple[TrainState, dict[str, float]]:
     """One epoch of steps, logged every cfg.log_every steps; returns (state, the epoch record)."""
-    log = EpochLog(s.cfg, s.metrics, s.run_dir, bar, epoch, s.steps_per_epoch)
-    for batch in session_batches(s, epoch):
-        lr = lr_at(epoch * s.steps_per_epoch + batch.step, s.steps_per_epoch, s.cfg)
-        state, terms = s.step_fn(state, *step_inputs(s, batch), lr)
+    log = EpochLog(session, bar, epoch)
+    for batch in session_batches(session, epoch):
+        lr = lr_at(epoch * session.steps_per_epoch + batch.step, session.steps_per_epoch,
+                   session.cfg)
+        state, terms = session.step_fn(state, *step_inputs(session, batch), lr)
         log.add(batch.step, lr, terms)
     return state, log.close()
 
 
-def time_step(s: Session, state: TrainState) -> float:
+def time_step(session: Session, state: TrainState) -> float:
     """Seconds a training step takes here (shared.training.measure_step_seconds), measured on
     steps of a copy of the state (the step donates what it is given)."""
     holder = [jax.tree.map(jnp.copy, state)]
 
     def run_step(batch) -> dict:
-        holder[0], terms = s.step_fn(holder[0], *step_inputs(s, batch), 0.0)
+        holder[0], terms = session.step_fn(holder[0], *step_inputs(session, batch), 0.0)
         return terms
 
-    return measure_step_seconds(s, run_step, jax.block_until_ready)
+    return measure_step_seconds(session, run_step, jax.block_until_ready)
 
 
-def save_state(s: Session, state: TrainState, progress: Progress) -> None:
+def save_state(session: Session, state: TrainState, progress: Progress) -> None:
     """The checkpoint of `progress`, written by process 0."""
-    if s.world.is_main:
-        save_checkpoint(s.run_dir / CHECKPOINT_FILE, {
+    if session.world.is_main:
+        save_checkpoint(session.run_dir / CHECKPOINT_FILE, {
             **network(state), "opt_state": state.opt_state,
-            **progress.record(s.steps_per_epoch, s.cfg)})
+            **progress.record(session.steps_per_epoch, session.cfg)})
 
 
 def start_session(cfg: Config, resume: bool, world: World,
@@ -245,14 +281,15 @@ def start_session(cfg: Config, resume: bool, world: World,
     device = pick_device()
     dtype = compute_dtype(cfg.precision, device)
     model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), dtype)
-    s = Session(cfg, images, device, dtype, world, MetricsLog(cfg.out) if world.is_main else None,
+    session = Session(cfg, images, device, dtype, world,
+                      MetricsLog(cfg.out) if world.is_main else None,
                 model, build_optimizer(cfg), mesh)
-    path = s.run_dir / CHECKPOINT_FILE
+    path = session.run_dir / CHECKPOINT_FILE
     if not (resume and path.is_file()):  # process 0 has decided: a checkpoint is there, or none is
-        return s, replicate(initial_state(model, s.optimizer, cfg), mesh), Progress()
+        return session, replicate(initial_state(model, session.optimizer, cfg), mesh), Progress()
     stored = load_checkpoint(path)
-    state = resumed_state(model, s.optimizer, cfg, stored, path)
-    return s, replicate(state, mesh), Progress.of_checkpoint(stored)
+    state = resumed_state(model, session.optimizer, cfg, stored, path)
+    return session, replicate(state, mesh), Progress.of_checkpoint(stored)
 
 
 def run(cfg: Config, resume: bool) -> dict:
@@ -265,9 +302,9 @@ def run(cfg: Config, resume: bool) -> dict:
     mesh = data_mesh()
     split_batch(cfg.batch_size, mesh.size, "devices")
     with run_folder(cfg, "jax", world), resumable_on_interrupt("jax", Path(cfg.out)):
-        s, state, progress = start_session(cfg, resume, world, mesh)
+        session, state, progress = start_session(cfg, resume, world, mesh)
         state, progress, done = train_remaining(
-            "jax", s, state, progress, train_epoch=train_epoch, save_state=save_state,
+            "jax", session, state, progress, train_epoch=train_epoch, save_state=save_state,
             time_step=time_step, agree=lambda value: broadcast_from_main(world, value))
         if done is not None or not world.is_main:
             return done or {}
@@ -276,9 +313,9 @@ def run(cfg: Config, resume: bool) -> dict:
             from jax_impl.probe import probe_after_training
             # host copies: the replicated arrays span every process's devices, the probe only ours
             variables = jax.device_get(backbone_variables(network(state)))
-            return probe_after_training(cfg, s.run_dir, backbone_of(s.model), variables)
+            return probe_after_training(cfg, session.run_dir, backbone_of(session.model), variables)
 
-        return finish_run("jax", s, progress, probe)
+        return finish_run("jax", session, progress, probe)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from parity_tests.tolerances import (FLOAT32_FLOOR, FLOAT32_SPREAD, FLOAT64, KINK_ALLOWANCE,
-                                     TINY)
+from parity_tests.tolerances import FLOAT32_FLOOR, FLOAT32_SPREAD, FLOAT64, KINK_ALLOWANCE, TINY
 
 
 def as_numpy(value) -> np.ndarray:
@@ -17,7 +16,8 @@ def as_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def relative_difference(torch_value: np.ndarray, jax_value: np.ndarray, scale: float = 0.0) -> float:
+def relative_difference(torch_value: np.ndarray, jax_value: np.ndarray,
+                        scale: float = 0.0) -> float:
     """max|torch - jax| / max(max|torch|, scale, TINY), in float64; 0 for two empty arrays."""
     a, b = np.asarray(torch_value, np.float64), np.asarray(jax_value, np.float64)
     if a.size == 0:

@@ -1,4 +1,5 @@
-"""The same VICReg network in both frameworks: a torch model and its JAX twin via jax_impl.convert."""
+"""The same VICReg network in both frameworks: a torch model and its JAX twin via
+jax_impl.convert."""
 from __future__ import annotations
 
 import jax
@@ -7,7 +8,8 @@ import numpy as np
 import torch
 
 from jax_impl.convert import from_torch_state, to_torch_state
-from jax_impl.model import VICReg as JaxVICReg, build_model, variable_shapes
+from jax_impl.model import VICReg as JaxVICReg
+from jax_impl.model import build_model, variable_shapes
 from torch_impl.model import VICReg as TorchVICReg
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -25,8 +27,10 @@ def torch_vicreg(arch: str, width: int, mlp: list[int], dtype: str, seed: int) -
                 c = module.num_features
                 module.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, c).astype(np.float32)))
                 module.bias.copy_(torch.from_numpy(rng.normal(0, 0.2, c).astype(np.float32)))
-                module.running_mean.copy_(torch.from_numpy(rng.normal(0, 0.3, c).astype(np.float32)))
-                module.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2, c).astype(np.float32)))
+                module.running_mean.copy_(
+                    torch.from_numpy(rng.normal(0, 0.3, c).astype(np.float32)))
+                module.running_var.copy_(
+                    torch.from_numpy(rng.uniform(0.5, 2, c).astype(np.float32)))
     return model.to(TORCH_DTYPES[dtype])
 
 
@@ -53,9 +57,9 @@ def torch_named(tree: dict) -> dict[str, np.ndarray]:
 
 
 def inert_under_batchnorm(name: str) -> bool:
-    """Whether parameter `name` (a torch key) is an expander Linear's bias, which the BatchNorm right
-    after it cancels (it subtracts the batch mean): its gradient is zero in exact arithmetic, so
-    both frameworks compute rounding noise there (about 1e-7 of the other gradients in float32).
+    """Whether parameter `name` (a torch key) is an expander Linear's bias, which the BatchNorm
+    right after it cancels (it subtracts the batch mean): its gradient is zero in exact arithmetic,
+    so both frameworks compute rounding noise there (about 1e-7 of the other gradients in float32).
     Such tensors are compared against the scale of the whole model, and Adam, which divides that
     noise by its own root mean square, turns it into full +-lr steps that differ between the sides
     without changing any output."""

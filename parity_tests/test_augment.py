@@ -15,11 +15,13 @@ import torch
 from jax_impl import augment as JA
 from parity_tests.tolerances import AUGMENT
 from shared import augment as A
+from shared import augment_ops as O
 from torch_impl import augment as TA
 
 N, H, W = 12, 32, 32
-NUMPY_OPS = {"brightness": A.adjust_brightness, "contrast": A.adjust_contrast,
-             "saturation": A.adjust_saturation, "hue": A.adjust_hue}
+DEFAULT_PARAMS = A.AugmentParams()
+NUMPY_OPS = {"brightness": O.adjust_brightness, "contrast": O.adjust_contrast,
+             "saturation": O.adjust_saturation, "hue": O.adjust_hue}
 TORCH_OPS = dict(zip(NUMPY_OPS, TA.JITTER_OPS))
 JAX_OPS = dict(zip(NUMPY_OPS, JA.JITTER_OPS))
 
@@ -49,7 +51,8 @@ def check(name: str, reference: np.ndarray, torch_value, jax_value) -> None:
         assert value.shape == reference.shape, f"{name} {side}: {value.shape} vs {reference.shape}"
         gap = np.abs(value - reference)
         index = np.unravel_index(int(gap.argmax()), gap.shape)
-        assert gap.max() <= AUGMENT, (f"{name}: {side} {value[index]!r} vs numpy {reference[index]!r} "
+        assert gap.max() <= AUGMENT, (f"{name}: {side} {value[index]!r} vs numpy "
+                                      f"{reference[index]!r} "
                                       f"at {list(index)} (tolerance {AUGMENT:g})")
 
 
@@ -57,7 +60,7 @@ def on_torch(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
-def view_with(seed: int, params: A.AugmentParams = A.AugmentParams(), **fields) -> A.ViewParams:
+def view_with(seed: int, params: A.AugmentParams = DEFAULT_PARAMS, **fields) -> A.ViewParams:
     """Random draws for N images, with the given fields replaced (e.g. crop boxes)."""
     view = A.sample_view_params(np.random.default_rng(seed), N, H, W, params)
     return dataclasses.replace(view, **{k: np.asarray(v) for k, v in fields.items()})
@@ -78,8 +81,9 @@ def test_resized_crop(boxes):
     x = floats(1)
     view = view_with(2, **BOXES[boxes])
     p = A.pixel_params(view, A.AugmentParams())
-    reference = A.resized_crop(x, view.top, view.left, view.height, view.width, 32)
-    check(f"resized_crop {boxes}", reference, TA.resized_crop(on_torch(x), TA.device_params(p, "cpu")),
+    reference = O.resized_crop(x, view.top, view.left, view.height, view.width, 32)
+    check(f"resized_crop {boxes}", reference,
+          TA.resized_crop(on_torch(x), TA.device_params(p, "cpu")),
           jax.jit(JA.resized_crop)(x, JA.device_params(p)))
 
 
@@ -111,7 +115,7 @@ def test_colour_jitter_in_every_op_order(order):
                                  order=np.tile(np.asarray(order, np.int64), (N, 1)),
                                  apply=np.arange(N) % 4 != 3)  # one image in four left alone
     schedule, factors = A.jitter_schedule(jitter), A.jitter_factors(jitter)
-    check(f"colour jitter, order {order}", A.color_jitter(x, jitter),
+    check(f"colour jitter, order {order}", O.color_jitter(x, schedule, factors),
           TA.color_jitter(on_torch(x), on_torch(schedule), on_torch(factors)),
           jax.jit(JA.color_jitter)(x, schedule, factors))
 
@@ -122,19 +126,19 @@ def test_gaussian_blur(kernel_size, sigmas):
     x = floats(7)
     sigma = {"random": np.random.default_rng(8).uniform(0.1, 2.0, N),
              "smallest": np.full(N, 0.1), "largest": np.full(N, 2.0)}[sigmas].astype(np.float32)
-    kernels = A.gaussian_kernels(sigma, kernel_size)
-    check(f"blur {kernel_size} {sigmas}", A.gaussian_blur(x, sigma, kernel_size),
+    kernels = O.gaussian_kernels(sigma, kernel_size)
+    check(f"blur {kernel_size} {sigmas}", O.gaussian_blur(x, sigma, kernel_size),
           TA.gaussian_blur(on_torch(x), on_torch(kernels)), jax.jit(JA.gaussian_blur)(x, kernels))
 
 
 def test_grayscale_solarize_and_normalize():
     x = floats(9)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    check("grayscale", A.rgb_to_grayscale(x), TA.rgb_to_grayscale(on_torch(x)),
+    check("grayscale", O.rgb_to_grayscale(x), TA.rgb_to_grayscale(on_torch(x)),
           jax.jit(JA.rgb_to_grayscale)(x))
     everything = np.ones(N, bool)
-    check("solarize", A.solarize(x, everything), TA.solarize(on_torch(x)), jax.jit(JA.solarize)(x))
-    check("normalize", A.normalize(x, mean, std), TA.normalize(on_torch(x), mean, std),
+    check("solarize", O.solarize(x, everything), TA.solarize(on_torch(x)), jax.jit(JA.solarize)(x))
+    check("normalize", O.normalize(x, mean, std), TA.normalize(on_torch(x), mean, std),
           jax.jit(JA.normalize, static_argnums=(1, 2))(x, mean, std))
 
 

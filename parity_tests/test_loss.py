@@ -97,8 +97,8 @@ def test_loss_terms_and_gradients_agree(case, parity):
     columns = np.ones(d, bool)
     if constant and variant == "homework":
         # eps = 0: sqrt(Var) has no derivative at Var = 0, so on z_a's constant columns each side
-        # returns what its rounding of Var gives (torch: +-inf where its Var is exactly 0; JAX: large
-        # finite values where its mean rounds off). Compare where the derivative exists.
+        # returns what its rounding of Var gives (torch: +-inf where its Var is exactly 0; JAX:
+        # large finite values where its mean rounds off). Compare where the derivative exists.
         columns[::3] = False
     parity.check("loss_grad", f"{label} dL/dz_a", t64[2][:, columns], j64[2][:, columns],
                  t32[2][:, columns], j32[2][:, columns])
@@ -110,11 +110,13 @@ def test_a_parity_failure_names_the_tensor_index_and_both_values():
     torch_value = np.array([[1.0, 2.0], [3.0, 4.0]])
     jax_value = torch_value.copy()
     jax_value[1, 0] = 3.5
-    with pytest.raises(AssertionError, match=r"dL/dz_a\[1, 0\] in float64: torch 3\.0 vs jax 3\.5 \(largest "
-                                             r"difference relative to max\|torch\| = 0\.125"):
+    with pytest.raises(AssertionError,
+                       match=r"dL/dz_a\[1, 0\] in float64: torch 3\.0 vs jax 3\.5 \(largest "
+                             r"difference relative to max\|torch\| = 0\.125"):
         parity.check_float64("loss_grad", "dL/dz_a", torch_value, jax_value, tol=1e-3)
     jax_value[1, 0] = np.nan
-    with pytest.raises(AssertionError, match=r"dL/dz_a\[1, 0\] in float64: torch 3\.0 vs jax nan \(non-finite"):
+    with pytest.raises(AssertionError,
+                       match=r"dL/dz_a\[1, 0\] in float64: torch 3\.0 vs jax nan \(non-finite"):
         parity.check_float64("loss_grad", "dL/dz_a", torch_value, jax_value, tol=1e-3)
 
 
@@ -127,6 +129,7 @@ def test_the_float32_bound_passes_two_roundings_and_fails_a_precision_loss():
     jax32 = (exact * (1 + rng.uniform(-4, 4, exact.size) * 2.0 ** -24)).astype(np.float32)
     parity.check_float32("loss", "two float32 roundings", torch32, jax32, exact)
     jax_bf16 = torch.from_numpy(exact).to(torch.bfloat16).double().numpy()  # 8 bits of mantissa
-    with pytest.raises(AssertionError, match=r"bf16\[\d+\] in float32: .*distance from float64: torch "
-                                             r"[0-9.e-]+, jax [0-9.e-]+"):
+    with pytest.raises(AssertionError,
+                       match=r"bf16\[\d+\] in float32: .*distance from float64: torch "
+                             r"[0-9.e-]+, jax [0-9.e-]+"):
         parity.check_float32("loss", "bf16", torch32, jax_bf16, exact)

@@ -1,4 +1,5 @@
-"""Groups 3 and 4: forward passes with converted weights, and the objective's parameter gradients."""
+"""Groups 3 and 4: forward passes with converted weights, and the objective's parameter
+gradients."""
 import jax
 import numpy as np
 import pytest
@@ -8,8 +9,14 @@ from jax_impl.train import step_loss as jax_step_loss
 from parity_tests.compare import as_numpy
 from parity_tests.conftest import DTYPES, jax_precision
 from parity_tests.kinks import branch_taken, float32_reach, kink_allowance, relu_inputs
-from parity_tests.models import (images, inert_under_batchnorm, jax_twin, nchw, torch_named,
-                                 torch_vicreg)
+from parity_tests.models import (
+    images,
+    inert_under_batchnorm,
+    jax_twin,
+    nchw,
+    torch_named,
+    torch_vicreg,
+)
 from shared.config import make_config
 from torch_impl.train import step_loss as torch_step_loss
 

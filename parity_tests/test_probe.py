@@ -4,15 +4,16 @@ import numpy as np
 import torch
 
 from jax_impl.model import backbone_of, backbone_variables
-from jax_impl.probe import extract_features as jax_extract_features, train_linear as jax_train_linear
+from jax_impl.probe import extract_features as jax_extract_features
+from jax_impl.probe import train_linear as jax_train_linear
 from parity_tests.conftest import DTYPES, jax_precision
 from parity_tests.models import jax_twin, nchw, torch_vicreg
 from parity_tests.tolerances import PROBE_TOP1_POINTS
 from shared.config import make_config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.linear_probe import normalize_images, top1
-from torch_impl.probe import (extract_features as torch_extract_features,
-                              train_linear as torch_train_linear)
+from torch_impl.probe import extract_features as torch_extract_features
+from torch_impl.probe import train_linear as torch_train_linear
 
 WIDTH, MLP = 8, [32, 16]
 
@@ -27,7 +28,8 @@ def frozen_features(dtype: str, pixels: np.ndarray) -> tuple[np.ndarray, np.ndar
         backbone, backbone_vars = backbone_of(model), backbone_variables(variables)
         if dtype == "float32":
             cfg = make_config({"preset": "smoke", "width": WIDTH})
-            return (torch_extract_features(torch_model.backbone, pixels, cfg, "torch", batch_size=40),
+            return (torch_extract_features(torch_model.backbone, pixels, cfg, "torch",
+                                           batch_size=40),
                     jax_extract_features(backbone, backbone_vars, pixels, "jax", batch_size=40))
         x = normalize_images(pixels, CIFAR10_MEAN, CIFAR10_STD).astype(dtype)
         j_features = jax.jit(lambda v, x: backbone.apply(v, x, train=False))(backbone_vars, x)

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_impl.optim import build_optimizer as jax_build_optimizer
 from jax_impl.model import build_model
+from jax_impl.optim import build_optimizer as jax_build_optimizer
 from jax_impl.train import TrainState, make_train_step
 from parity_tests.compare import as_numpy
 from parity_tests.conftest import DTYPES, jax_precision
@@ -16,7 +16,8 @@ from shared.config import make_config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.loader import epoch_batches, steps_per_epoch
 from shared.schedule import lr_at
-from torch_impl.optim import build_optimizer as torch_build_optimizer, set_lr
+from torch_impl.optim import build_optimizer as torch_build_optimizer
+from torch_impl.optim import set_lr
 from torch_impl.train import train_step as torch_train_step
 
 WIDTH, MLP = 4, [32, 16]
@@ -173,7 +174,8 @@ def check_weights(parity, group: str, label: str, runs: Runs, lr_sum: float) -> 
         elif runs.optimizer == "adam" and inert_under_batchnorm(key):
             for dtype, t, j in (("float64", t64, j64), ("float32", t32, j32)):
                 gap = float(np.abs(t[key] - j[key]).max())
-                assert gap <= 2 * lr_sum * (1 + 1e-3), f"{label} {key} ({dtype}): {gap} > 2 * {lr_sum}"
+                assert gap <= 2 * lr_sum * (1 + 1e-3), (f"{label} {key} ({dtype}): "
+                                                        f"{gap} > 2 * {lr_sum}")
         else:
             _, rel32 = parity.check(group, f"{label} {key}", value, j64[key], t32[key], j32[key],
                                     kink_allowance=kink_allowance(value, on[key], off[key]))
@@ -232,7 +234,8 @@ def test_twenty_training_steps_on_the_loader_batches_stay_together(optimizer, pa
     runs = Runs(optimizer, seed=31)
     drift, lr_sum = [], 0.0
     for epoch in range(cfg.epochs):
-        for batch in epoch_batches(images, params, cfg.batch_size, cfg.seed, epoch, workers=2):
+        for batch in epoch_batches(images, params, batch_size=cfg.batch_size, seed=cfg.seed,
+                                   epoch=epoch, workers=2):
             step = epoch * per_epoch + batch.step
             lr = lr_at(step, per_epoch, cfg)
             lr_sum += lr

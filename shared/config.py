@@ -10,7 +10,6 @@ the flags given again override it (for example a larger `--epochs`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -24,7 +23,7 @@ from shared.augment import AugmentParams
 from shared.data import default_data_dir
 from shared.errors import UserError
 from shared.loader import auto_workers
-from shared.runio import CHECKPOINT_FILES, CONFIG_FILE
+from shared.runio import CONFIG_FILE
 
 ARCHS = tuple(BLOCKS)
 OPTIMIZERS = ("lars", "adam")
@@ -44,12 +43,12 @@ PRESETS: dict[str, dict] = {
         batch_size=512, epochs=100, optimizer="adam", base_lr=2e-4, lr_scaling=False, wd=1e-6,
         warmup_epochs=0.0, final_lr_ratio=0.0, schedule_unit="epoch", blur_p=0.5, blur_kernel=3,
         solarize_p=0.2, loss_variant="homework"),
-    # A narrow ResNet-18 that learns measurable features on a 2-core CPU in under 20 minutes.
-    # On 2 AVX2 cores (fp32, ~150 pairs/s): 3 epochs over a 40,000-image stratified subset, ~13 min.
+    # A narrow ResNet-18 trained for 15 minutes on whatever CPU runs it, then both probes: within
+    # 20 minutes end to end on 2 cores (docs/results/cpu_recipe.md has the settings tried).
     "cpu": dict(
-        width=16, mlp="1024-1024-1024", epochs=3, subset=40000, batch_size=256, optimizer="adam",
-        base_lr=1e-3, lr_scaling=False, wd=1e-6, warmup_epochs=0.25, final_lr_ratio=0.01,
-        probe_epochs=50),
+        width=16, mlp="1024-1024-1024", epochs=100, time_budget="15m", batch_size=256,
+        optimizer="adam", base_lr=1e-3, lr_scaling=False, wd=1e-6, warmup_epochs=0.25,
+        final_lr_ratio=0.01, probe_epochs=50),
     # Seconds, for tests: a tiny network on a tiny subset, probed on a small subset.
     "smoke": dict(
         width=8, mlp="32-32", epochs=1, batch_size=16, subset=64, optimizer="lars",
@@ -138,13 +137,14 @@ class Config:
     subset: int = setting(0, "train on a stratified, seeded subset of this many images "
                           "(0 = all)", PRETRAINING, check=NON_NEGATIVE)
     # optimisation
-    epochs: int = setting(1000, "pretraining epochs (with --time-budget: the most it may use; "
-                          "with --resume: at least the run's, more extends it)", PRETRAINING,
-                          check=POSITIVE)
+    epochs: float = setting(1000.0, "pretraining length in epochs; a fraction ends the last "
+                            "epoch early (with --time-budget: the most it may use; with "
+                            "--resume: at least the run's, more extends it)", PRETRAINING,
+                            check=POSITIVE)
     time_budget: str = setting("", "train for this much wall time, e.g. 90s, 15m, 2h: the step "
-                               "rate is measured first, then the run's length is fixed to the "
-                               "whole epochs that fit (at most --epochs; written to config.json) "
-                               "and warmup and cosine span exactly that; empty: train --epochs",
+                               "rate is measured first, then --epochs is set to the steps that "
+                               "fit (at most --epochs; written to config.json) and warmup and "
+                               "cosine span exactly that; empty: train --epochs",
                                PRETRAINING, check=Range(lambda v: v == "" or duration_ok(v),
                                                         "expected a positive duration like 90s, "
                                                         "15m, 2h or 1h30m"))
@@ -264,6 +264,18 @@ class Config:
         """Augmentation threads: --workers, or the automatic choice when it is 0."""
         return self.workers or auto_workers()
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Steps of the whole run: epochs x steps_per_epoch, rounded (at least 1)."""
+        return max(1, round(self.epochs * steps_per_epoch))
+
+    def epoch_count(self, steps_per_epoch: int) -> int:
+        """Epochs the run starts, the last one perhaps cut short."""
+        return math.ceil(self.total_steps(steps_per_epoch) / steps_per_epoch)
+
+    def steps_in_epoch(self, epoch: int, steps_per_epoch: int) -> int:
+        """Steps of epoch `epoch` (0-based): all of them but in a fractional run's last epoch."""
+        return min(steps_per_epoch, self.total_steps(steps_per_epoch) - epoch * steps_per_epoch)
+
     def time_budget_s(self) -> float | None:
         """--time-budget in seconds, None without one."""
         return parse_duration(self.time_budget) if self.time_budget else None
@@ -297,17 +309,6 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-class UserErrorParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UserError (one line, exit 2) instead of exiting, and
-    takes no abbreviated flags (--epoch is not --epochs)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        raise UserError(message)
-
-
 def parse_mlp(spec: str) -> list[int]:
     """"2048-2048-2048" -> [2048, 2048, 2048]; a malformed spec raises UserError."""
     parts = str(spec).split("-")
@@ -315,40 +316,6 @@ def parse_mlp(spec: str) -> list[int]:
         raise UserError(f"malformed expander spec --mlp {spec!r}: expected positive integers "
                         "joined by '-', e.g. 2048-2048-2048")
     return [int(p) for p in parts]
-
-
-def _add_setting_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, default,
-                      default_text: str) -> None:
-    help_text = f"{f.metadata['help']} (default: {default_text})"
-    if isinstance(default, bool):
-        parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                            default=argparse.SUPPRESS, help=help_text)
-    else:
-        parser.add_argument(flag(f.name), dest=f.name, type=type(default),
-                            default=argparse.SUPPRESS, choices=f.metadata["choices"] or None,
-                            metavar=f.name.upper(), help=help_text)
-
-
-def build_train_parser(framework: str) -> argparse.ArgumentParser:
-    """The pretraining command line shared by torch_impl.train and jax_impl.train."""
-    parser = UserErrorParser(
-        prog=f"python -m {framework}_impl.train",
-        description="Pretrain a ResNet with VICReg on CIFAR-10, then measure a linear probe on "
-                    "CIFAR-10 and GTSRB. Defaults are solo-learn's CIFAR recipe (ResNet-18, "
-                    "2048-2048-2048 expander, LARS, 1000 epochs); `--preset cpu` trains in "
-                    "minutes on a laptop CPU.",
-        epilog="presets (flags given override them): " + "; ".join(
-            f"{name}: " + (", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults")
-            for name, values in PRESETS.items()))
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its checkpoint "
-                             f"({CHECKPOINT_FILES[framework]}); only --epochs (to extend it), "
-                             "the probe settings and how the run executes (--data-dir, "
-                             "--workers, --log-every, --compile, --no-probe) may change")
-    defaults = Config()
-    for f in fields(Config):
-        _add_setting_flag(parser, f, getattr(defaults, f.name), str(getattr(defaults, f.name)))
-    return parser
 
 
 def make_config(overrides: dict, base: Config | None = None) -> Config:
@@ -392,8 +359,8 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"{flag(f.name)} {value}: {check.says}")
     cfg.mlp_dims()
     if cfg.warmup_epochs > cfg.epochs:
-        raise UserError(f"--warmup-epochs {cfg.warmup_epochs} is longer than the run "
-                        f"(--epochs {cfg.epochs}); the warmup must end within it")
+        raise UserError(f"--warmup-epochs {cfg.warmup_epochs:g} is longer than the run "
+                        f"(--epochs {cfg.epochs:g}); the warmup must end within it")
     return cfg
 
 
@@ -421,24 +388,6 @@ def load_run_config(run_dir: Path) -> Config:
         raise UserError(f"{path}: {exc}") from None
 
 
-def parse_train_args(argv: list[str] | None, framework: str) -> tuple[Config, bool]:
-    """Parse the trainer's command line into (config, resume)."""
-    args = vars(build_train_parser(framework).parse_args(argv))
-    resume = args.pop("resume")
-    out = args.get("out") or ""
-    if resume:
-        if not out:
-            raise UserError("--resume needs --out RUN_DIR, the run folder to continue")
-        stored = load_run_config(Path(out))
-        cfg = make_config(args, base=stored)
-        check_resumable(stored, cfg, Path(out))
-        return cfg, True
-    cfg = make_config(args)
-    if not cfg.out:
-        cfg.out = default_out(framework, cfg.preset)
-    return cfg, False
-
-
 def check_resumable(stored: Config, cfg: Config, run_dir: Path) -> None:
     """UserError naming every setting in which `cfg` contradicts the run it resumes (`stored`, its
     config.json): only RUN and PROBE settings may change, and --epochs may only grow."""
@@ -448,38 +397,9 @@ def check_resumable(stored: Config, cfg: Config, run_dir: Path) -> None:
     problems = [f"{flag(name)} {getattr(cfg, name)} (the run has {getattr(stored, name)})"
                 for name in changed]
     if cfg.epochs < stored.epochs:
-        problems.append(f"--epochs {cfg.epochs} (the run has {stored.epochs}; a resumed run can "
-                        "only be extended)")
+        problems.append(f"--epochs {cfg.epochs:g} (the run has {stored.epochs:g}; a resumed run "
+                        "can only be extended)")
     if problems:
         raise UserError(f"cannot resume {run_dir} with settings that contradict its "
                         f"{CONFIG_FILE}: {'; '.join(problems)}. Drop them, or start a new run "
                         "in another --out")
-
-
-def build_probe_parser(framework: str) -> argparse.ArgumentParser:
-    """The linear-probe command line shared by torch_impl.probe and jax_impl.probe."""
-    parser = UserErrorParser(
-        prog=f"python -m {framework}_impl.probe",
-        description="Linear probe: extract features of the frozen backbone (eval-mode BN) for the "
-                    "un-augmented train and test images once, train a linear classifier on them "
-                    "(SGD, cosine) and report top-1 on the test split. Writes "
-                    "RUN/probe_<dataset>.json (a run trained by the other framework: "
-                    f"probe_<dataset>_{framework}.json).")
-    parser.add_argument("--run", required=True, help="run folder written by the trainer")
-    parser.add_argument("--dataset", default="cifar10", choices=PROBE_DATASETS,
-                        help="dataset to probe on (default: cifar10)")
-    parser.add_argument("--random-init", action="store_true",
-                        help="probe an untrained backbone of the run's architecture (baseline)")
-    defaults = Config()
-    for f in fields(Config):
-        if f.metadata["role"] == PROBE or f.name in ("data_dir", "download", "precision"):
-            _add_setting_flag(parser, f, getattr(defaults, f.name), "the run's setting")
-    return parser
-
-
-def parse_probe_args(argv: list[str] | None, framework: str) -> tuple[Config, argparse.Namespace]:
-    """Parse the probe's command line into (the run's config with probe overrides, the args)."""
-    args = build_probe_parser(framework).parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("run", "dataset", "random_init")}
-    cfg = make_config(overrides, base=load_run_config(Path(args.run)))
-    return cfg, args

@@ -4,7 +4,8 @@ Every split comes back as (images uint8 [N, 32, 32, 3] NHWC RGB C-contiguous, la
 Layouts under a data directory:
 
     cifar-10-batches-py/data_batch_1..5, test_batch     CIFAR-10 python pickles, read here directly
-    gtsrb/GTSRB/Training/000NN/*.ppm                    GTSRB train, as torchvision.datasets.GTSRB reads it
+    gtsrb/GTSRB/Training/000NN/*.ppm                    GTSRB train, as torchvision.datasets.GTSRB
+                                                        reads it
     gtsrb/GTSRB/Final_Test/Images/*.ppm, gtsrb/GT-final_test.csv     GTSRB test
 
 torch is never imported at module level; torchvision is imported only to download a dataset or to
@@ -41,7 +42,8 @@ _GTSRB_LAYOUT = {
 }
 # Bump when the decoding or resizing of GTSRB changes, so that old caches are rebuilt.
 _GTSRB_CACHE_VERSION = 1
-# What a failed download can raise: network (URLError is an OSError), md5 mismatch (RuntimeError), bad archive.
+# What a failed download can raise: network (URLError is an OSError), md5 mismatch (RuntimeError),
+# bad archive.
 _DOWNLOAD_ERRORS = (OSError, RuntimeError, ValueError, tarfile.TarError, zipfile.BadZipFile)
 
 
@@ -50,8 +52,10 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("VICREG_DATA_DIR") or "data").expanduser()
 
 
-def load_split(name: str, data_dir, split: str, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """One split of a dataset: images uint8 [N, 32, 32, 3] (NHWC, RGB, C-contiguous), labels int64 [N].
+def load_split(name: str, data_dir, split: str,
+               download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One split of a dataset: images uint8 [N, 32, 32, 3] (NHWC, RGB, C-contiguous), labels
+    int64 [N].
 
     download=True fetches the dataset with torchvision when its files are missing (files already
     present are used as they are). Every problem with the data is raised as a one-line UserError.
@@ -70,11 +74,13 @@ def dataset_summary(name: str, data_dir) -> str:
     labels = {split: load_split(name, data_dir, split)[1] for split in SPLITS}
     classes = len(np.union1d(labels["train"], labels["test"]))
     sizes = ", ".join(f"{split} {len(y)}" for split, y in labels.items())
-    return f"{name} in {data_dir}: {sizes} images of {IMAGE_SIZE}x{IMAGE_SIZE} RGB, {classes} classes"
+    return (f"{name} in {data_dir}: {sizes} images of {IMAGE_SIZE}x{IMAGE_SIZE} RGB, "
+            f"{classes} classes")
 
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices (int64 [n], sorted) of a seeded random subset of `labels` (int [N]) with stratified classes.
+    """Indices (int64 [n], sorted) of a seeded random subset of `labels` (int [N]) with stratified
+    classes.
 
     Class c gets n * count_c / N samples rounded by largest remainder (Hamilton's method; equal
     remainders are ordered by the seed), drawn at random without replacement. n >= N gives all
@@ -91,13 +97,16 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
                         f"use at least {len(classes)}")
     rng = np.random.default_rng(seed)
     per_class = _largest_remainder(counts, n, rng)
-    picks = [rng.choice(np.flatnonzero(inverse == c), size=k, replace=False) for c, k in enumerate(per_class)]
+    picks = [rng.choice(np.flatnonzero(inverse == c), size=k, replace=False)
+             for c, k in enumerate(per_class)]
     return np.sort(np.concatenate(picks)).astype(np.int64)
 
 
 def _largest_remainder(weights: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
-    """Split `total` into int64 [K] shares proportional to `weights` (int [K], positive sum), Hamilton's method."""
-    # Integer arithmetic keeps the remainders exact, so equal quotas tie exactly and the rng decides.
+    """Split `total` into int64 [K] shares proportional to `weights` (int [K], positive sum),
+    Hamilton's method."""
+    # Integer arithmetic keeps the remainders exact, so equal quotas tie exactly and the rng
+    # decides.
     base, remainder = np.divmod(total * weights.astype(np.int64), weights.sum())
     order = np.lexsort((rng.permutation(len(weights)), -remainder))
     base[order[:total - base.sum()]] += 1
@@ -109,10 +118,11 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-# ---- CIFAR-10 -------------------------------------------------------------------------------------
+# ---- CIFAR-10 ------------------------------------------------------------------------------------
 
 class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles only what CIFAR-10 batches hold (dicts, lists, bytes, numpy arrays), so a data file cannot run code."""
+    """Unpickles only what CIFAR-10 batches hold (dicts, lists, bytes, numpy arrays), so a data file
+    cannot run code."""
 
     _ALLOWED = {
         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
@@ -135,7 +145,8 @@ def _load_cifar10(data_dir: Path, split: str, download: bool) -> tuple[np.ndarra
         _download_cifar10(data_dir)
     for path in (folder, *paths):
         if not path.exists():
-            raise UserError(f"CIFAR-10 not found: {path} does not exist (expected under {data_dir}: {_CIFAR10_LAYOUT}, "
+            raise UserError(f"CIFAR-10 not found: {path} does not exist (expected under "
+                            f"{data_dir}: {_CIFAR10_LAYOUT}, "
                             "the python version of CIFAR-10); pass --download to fetch it")
     batches = [_read_cifar10_batch(p) for p in paths]
     data = np.concatenate([d for d, _ in batches])
@@ -144,7 +155,8 @@ def _load_cifar10(data_dir: Path, split: str, download: bool) -> tuple[np.ndarra
 
 
 def _download_cifar10(data_dir: Path) -> None:
-    """Fetch and md5-check the CIFAR-10 archive into data_dir/cifar-10-batches-py/ with torchvision."""
+    """Fetch and md5-check the CIFAR-10 archive into data_dir/cifar-10-batches-py/ with
+    torchvision."""
     from torchvision.datasets import CIFAR10  # lazy: torch is heavy and only needed to download
 
     with _cleaned_up_on_failure(data_dir, "CIFAR-10", _CIFAR10_LAYOUT):
@@ -174,12 +186,14 @@ def _cleaned_up_on_failure(data_dir: Path, name: str, layout: str) -> Iterator[N
 
 
 def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One pickle batch: raw rows uint8 [n, 3072] (R, G, B planes of 32x32, row-major), labels int64 [n]."""
+    """One pickle batch: raw rows uint8 [n, 3072] (R, G, B planes of 32x32, row-major), labels
+    int64 [n]."""
     try:
         with open(path, "rb") as f:
             try:
                 batch = _BatchUnpickler(f, encoding="bytes").load()
-            # Garbage bytes can make unpickling fail in many ways (EOFError, KeyError, ValueError, ...).
+            # Garbage bytes can make unpickling fail in many ways (EOFError, KeyError, ValueError,
+            # ...).
             except Exception as e:
                 raise _corrupt_cifar10(path, f"cannot unpickle: {_one_line(e)}") from e
     except OSError as e:
@@ -193,7 +207,8 @@ def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise _corrupt_cifar10(path, f"b'data' should be uint8 [n, 3072], got {got}")
     if labels.ndim != 1 or len(labels) != len(data):
         raise _corrupt_cifar10(path, f"{labels.size} labels for {len(data)} images")
-    if labels.dtype.kind not in "iu" or labels.min(initial=0) < 0 or labels.max(initial=0) >= NUM_CLASSES["cifar10"]:
+    if (labels.dtype.kind not in "iu" or labels.min(initial=0) < 0
+            or labels.max(initial=0) >= NUM_CLASSES["cifar10"]):
         raise _corrupt_cifar10(path, "labels are not integers in 0..9")
     return data, labels.astype(np.int64)
 
@@ -203,17 +218,19 @@ def _corrupt_cifar10(path: Path, reason: str) -> UserError:
                      "and re-run with --download to fetch a fresh copy")
 
 
-# ---- GTSRB ----------------------------------------------------------------------------------------
+# ---- GTSRB ---------------------------------------------------------------------------------------
 
 def _load_gtsrb(data_dir: Path, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
-    """GTSRB split resized to 32x32: uint8 [N, 32, 32, 3], int64 [N]; cached as .npz next to the images."""
+    """GTSRB split resized to 32x32: uint8 [N, 32, 32, 3], int64 [N]; cached as .npz
+    next to the images."""
     base = data_dir / "gtsrb"
     if download and _gtsrb_missing(base, split):
         _download_gtsrb(data_dir, split)
     missing = _gtsrb_missing(base, split)
     if missing:
         raise UserError(f"GTSRB {split} split not found: {missing} does not exist (expected under "
-                        f"{data_dir}: {_GTSRB_LAYOUT[split]}, as torchvision.datasets.GTSRB lays it out); "
+                        f"{data_dir}: {_GTSRB_LAYOUT[split]}, as torchvision.datasets.GTSRB "
+                        "lays it out); "
                         "pass --download to fetch it")
     cache = base / f"vicreg_cache_{split}_{IMAGE_SIZE}x{IMAGE_SIZE}.npz"
     key = _gtsrb_fingerprint(base, split)
@@ -239,20 +256,27 @@ def _gtsrb_missing(base: Path, split: str) -> Path | None:
 
 def _download_gtsrb(data_dir: Path, split: str) -> None:
     """Fetch and md5-check the GTSRB archives for `split` into data_dir/gtsrb/ with torchvision."""
-    from torchvision.datasets import GTSRB  # lazy: torch is heavy and only needed to download or list
+    from torchvision.datasets import (
+        GTSRB,  # lazy: torch is heavy and only needed to download or list
+    )
 
     with _cleaned_up_on_failure(data_dir, f"GTSRB {split}", _GTSRB_LAYOUT[split]):
         GTSRB(root=str(data_dir), split=split, download=True)
 
 
 def _gtsrb_samples(data_dir: Path, split: str) -> list[tuple[str, int]]:
-    """(image path, class id) pairs in torchvision's order: train by class folder then name, test as in the csv."""
-    from torchvision.datasets import GTSRB  # lazy: torch is heavy and only needed to download or list
+    """(image path, class id) pairs in torchvision's order: train by class folder then name, test
+    as in the csv."""
+    from torchvision.datasets import (
+        GTSRB,  # lazy: torch is heavy and only needed to download or list
+    )
 
     try:
-        samples = GTSRB(root=str(data_dir), split=split)._samples  # private, but holds the paths we need to name bad files
+        # private, but holds the paths we need to name bad files
+        samples = GTSRB(root=str(data_dir), split=split)._samples
     except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"cannot list GTSRB {split} images under {data_dir / 'gtsrb'}: {_one_line(e)}") from e
+        raise UserError(f"cannot list GTSRB {split} images under {data_dir / 'gtsrb'}: "
+                        f"{_one_line(e)}") from e
     if not samples:
         raise UserError(f"no GTSRB {split} images found under {data_dir / 'gtsrb'} "
                         f"(expected {_GTSRB_LAYOUT[split]}); pass --download to fetch them")
@@ -268,7 +292,8 @@ def _decode_gtsrb(samples: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarra
 
 
 def _read_image(path: str) -> np.ndarray:
-    """One image file as uint8 [32, 32, 3] RGB; PIL's bilinear resize antialiases when it shrinks."""
+    """One image file as uint8 [32, 32, 3] RGB; PIL's bilinear resize antialiases when it
+    shrinks."""
     from PIL import Image  # lazy: only GTSRB needs Pillow
 
     try:
@@ -283,7 +308,8 @@ def _read_image(path: str) -> np.ndarray:
 
 
 def _gtsrb_fingerprint(base: Path, split: str) -> str:
-    """Hash of the name, size and mtime of every input file of `split`; changes whenever the file set does.
+    """Hash of the name, size and mtime of every input file of `split`; changes whenever the file
+    set does.
 
     It needs only os.walk and stat, not torchvision: about 0.4 s for 39,209 files. Plain strings
     rather than Path objects, which are several times slower at this count.
@@ -304,7 +330,8 @@ def _walk_ppm(top: str) -> list[str]:
 
 
 def _read_cache(path: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Cached (images uint8 [N, 32, 32, 3], labels int64 [N]) if `path` holds them under `key`, else None."""
+    """Cached (images uint8 [N, 32, 32, 3], labels int64 [N]) if `path` holds them under `key`, else
+    None."""
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["key"]) != key:
@@ -320,14 +347,16 @@ def _read_cache(path: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _write_cache(path: Path, key: str, images: np.ndarray, labels: np.ndarray) -> None:
-    """Store the arrays atomically (temp file, then os.replace); warn on stderr and go on if that fails."""
+    """Store the arrays atomically (temp file, then os.replace); warn on stderr and go on if that
+    fails."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             # Uncompressed: a 120 MB load is then a plain read, well under the 2 s budget.
             np.savez(f, key=np.array(key), images=images, labels=labels)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; others sharing the data folder should read it too
+        # mkstemp makes it 0600; others sharing the data folder should read it too
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as e:
         print(f"warning: cannot write the GTSRB cache {path} ({_one_line(e)}); "

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.augment import normalize, to_float01
-from shared.config import Config, parse_probe_args
+from shared.augment_ops import normalize, to_float01
+from shared.cli import cli_main, parse_probe_args
+from shared.config import Config
 from shared.data import NUM_CLASSES, load_split, stratified_subset
 from shared.errors import Interrupted, UserError
 from shared.runio import probe_result_path, run_folder_lock, write_json
-from shared.training import cli_main, gtsrb_available
+from shared.training import gtsrb_available
 
 # features(images uint8 [N, 32, 32, 3], description for the progress bar) -> float32 [N, F]
 Features = Callable[[np.ndarray, str], np.ndarray]
@@ -65,7 +66,8 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((np.argmax(logits, axis=1) == labels).mean())
 
 
-def per_class_accuracy(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float | None]:
+def per_class_accuracy(logits: np.ndarray, labels: np.ndarray,
+                       num_classes: int) -> list[float | None]:
     """Top-1 within each class (None for a class absent from the test split)."""
     hits = np.argmax(logits, axis=1) == labels
     return [float(hits[labels == c].mean()) if np.any(labels == c) else None

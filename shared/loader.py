@@ -23,7 +23,6 @@ import numpy as np
 from shared.augment import AugmentParams, PixelParams, draw_views, make_views
 from shared.errors import UserError
 
-
 # Salt of the image-order stream, so that it never coincides with the views' streams, which
 # shared.augment.view_rng draws from [seed, epoch, step, view] with the same seed and epoch.
 _ORDER_SALT = 0x5EED
@@ -56,8 +55,8 @@ class DrawnBatch:
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
     """Full batches per epoch (the last partial batch is dropped, as in the official code)."""
     if batch_size > num_images:
-        raise UserError(f"--batch-size {batch_size} is larger than the {num_images} training images "
-                        "(lower --batch-size or raise --subset)")
+        raise UserError(f"--batch-size {batch_size} is larger than the {num_images} training "
+                        "images (lower --batch-size or raise --subset)")
     return num_images // batch_size
 
 
@@ -113,15 +112,18 @@ def auto_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def epoch_batches(images: np.ndarray, params: AugmentParams, batch_size: int, seed: int,
-                  epoch: int, start_step: int = 0, prefetch: int = 3, workers: int = 1,
-                  shard: tuple[int, int] = (0, 1),
+def epoch_batches(images: np.ndarray, params: AugmentParams, *, batch_size: int, seed: int,
+                  epoch: int, start_step: int = 0, end_step: int | None = None,
+                  prefetch: int = 3, workers: int = 1, shard: tuple[int, int] = (0, 1),
                   on_device: bool = False) -> Iterator[ViewBatch | DrawnBatch]:
-    """Yield the batches of `epoch` from `start_step` on, in order, computed ahead by `workers`
-    background threads with up to `prefetch + workers` batches in flight; with shard = (i, n),
-    only part i of n of each batch (see shard_rows). on_device: DrawnBatches (indices and drawn
-    parameters, for a trainer that computes the views on its device) instead of ViewBatches."""
+    """Yield the batches of `epoch` from `start_step` up to `end_step` (default: the epoch's end),
+    in order, computed ahead by `workers` background threads with up to `prefetch + workers`
+    batches in flight; with shard = (i, n), only part i of n of each batch (see shard_rows).
+    on_device: DrawnBatches (indices and drawn parameters, for a trainer that computes the views
+    on its device) instead of ViewBatches."""
     total = steps_per_epoch(len(images), batch_size)
+    if end_step is not None:
+        total = min(total, end_step)
     make = partial(_draw_batch if on_device else _make_batch, images,
                    epoch_order(len(images), seed, epoch), params, batch_size, seed, epoch, shard)
     steps = iter(range(start_step, total))

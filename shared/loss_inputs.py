@@ -9,7 +9,6 @@ from __future__ import annotations
 from shared.config import LOSS_VARIANTS
 from shared.errors import UserError
 
-
 # variant -> (weight of v(Z) + v(Z'), eps inside the square root):
 #   solo-learn  v(Z) + v(Z')        solo-learn's variance_loss (its VICReg default, mu = 25)
 #   official    (v(Z) + v(Z')) / 2  facebookresearch/vicreg's main_vicreg.py

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
+import string
 import sys
 from pathlib import Path
 
@@ -19,13 +20,20 @@ from pathlib import Path
 # on machines without a display.
 from matplotlib.figure import Figure
 
-from shared.config import Config, UserErrorParser, make_config
+from shared.cli import UserErrorParser, cli_main, format_value, setting_flags
+from shared.config import Config, make_config
 from shared.errors import UserError
+from shared.results import (
+    DATASET_NAMES,
+    SWEEP_FILE,
+    RunResult,
+    format_duration,
+    load_run,
+    load_sweep,
+    read_sweep_file,
+    results_markdown_table,
+)
 from shared.runio import CONFIG_FILE, atomic_write_bytes, make_folder, read_metrics
-from shared.sweep import (DATASET_NAMES, SWEEP_FILE, RunResult, format_duration, format_value,
-                          load_run, load_sweep, override_flags, read_sweep_file,
-                          results_markdown_table)
-from shared.training import cli_main
 
 # The 43 classes of GTSRB by class id, as the benchmark's signnames list them.
 GTSRB_CLASS_NAMES = (
@@ -50,6 +58,8 @@ LOSS_PANELS = (("loss", "total loss (weighted sum)"),
                ("covariance", "covariance: squared off-diagonal covariances"))
 FIGURES = ("loss_curves", "embedding_std", "probe_accuracy")
 TRANSFER_EXAMPLES = 5
+# The report's text, with $placeholders for what the runs decide.
+TEMPLATE = string.Template((Path(__file__).with_name("report_template.md")).read_text())
 
 
 # ---- which runs ----------------------------------------------------------------------------------
@@ -213,68 +223,6 @@ def feature_dim(results: list[RunResult]) -> int | None:
     return next((p["feature_dim"] for r in results for p in r.probes.values()), None)
 
 
-def vicreg_section(results: list[RunResult]) -> str:
-    cfg = first_config(results)
-    return f"""## The principle of VICReg
-
-Each training image is augmented twice (random crop, flip, colour jitter, greyscale, solarize);
-both views go through the same backbone and expander, giving two batches of embeddings. The loss
-asks three things of them, each against one way the training could cheat:
-
-- **Invariance** (weight λ = `sim_coeff`, {format_value(cfg['sim_coeff'])} here): the mean squared
-  distance between the two views' embeddings. It makes the features ignore what the augmentations
-  change. On its own it is minimised by sending every image to the same point: collapse.
-- **Variance** (μ = `std_coeff`, {format_value(cfg['std_coeff'])} here): a hinge that pushes the
-  standard deviation of every embedding dimension, measured across the batch, up to 1. It prevents
-  complete collapse: the embeddings of different images cannot all be equal. The embedding-std
-  figure below is this signal; a value falling towards 0 means the run is collapsing.
-- **Covariance** (ν = `cov_coeff`, {format_value(cfg['cov_coeff'])} here): the sum of squared
-  off-diagonal entries of the embeddings' covariance matrix. It prevents dimensional collapse:
-  dimensions cannot repeat each other, so the information is spread over many decorrelated ones.
-
-No negative pairs, momentum encoder or stop-gradient are needed: the variance and covariance
-terms alone keep the embeddings informative.
-"""
-
-
-def expander_section(results: list[RunResult]) -> str:
-    cfg = first_config(results)
-    dim = feature_dim(results)
-    source = f"the backbone's {dim} features" if dim else "the backbone's features"
-    return f"""## The expander: loss after it, probe before it
-
-The expander is a small MLP on top of the backbone (here `{cfg['mlp']}`: Linear, BatchNorm and
-ReLU layers, the last Linear alone). It maps {source} to a
-{cfg['mlp'].split('-')[-1]}-dimensional embedding, and the loss is computed there. VICReg makes the
-expander wider than the representation: decorrelating many dimensions is a stronger constraint than
-decorrelating few, so a wide embedding makes the variance and covariance terms effective. The
-layers closest to the loss also become the most specialised to it: they discard whatever the
-augmentations vary, such as colour and position, which other tasks may need. The expander absorbs
-that specialisation, so the backbone's output, before the expander, keeps more general
-information. That is why the linear probe reads the backbone's output and the expander is
-discarded after pretraining.
-"""
-
-
-def probe_section(results: list[RunResult]) -> str:
-    settings = next((p["settings"] for r in results for p in r.probes.values()), None)
-    detail = (f" ({settings['epochs']} epochs, learning rate {settings['lr']}, batch "
-              f"{settings['batch_size']}, weight decay {settings['wd']})" if settings else "")
-    return f"""## The linear probe
-
-The probe measures what pretraining put into the features. The backbone is frozen: its weights
-do not change and its BatchNorm layers use their stored statistics. Features of the un-augmented
-train and test images (32x32, normalised with the CIFAR-10 mean and std used in pretraining) are
-extracted once and standardised; only a single linear layer (softmax regression) is trained on
-them, with SGD and a cosine learning rate{detail}. The score is top-1 accuracy on the test split.
-Freezing the backbone is the point: a linear layer can only separate classes that are already
-separated in feature space, so the labels cannot improve the features, and the accuracy credits the
-self-supervised pretraining alone. The random-init baseline runs the same probe on an untrained
-backbone of the same architecture; random convolutions already give useful features on small
-images, so the gain over this baseline is what pretraining contributed.
-"""
-
-
 def gtsrb_split_note(results: list[RunResult]) -> str:
     """Which GTSRB images the probes used, read from their probe_gtsrb*.json files."""
     groups: dict[tuple[int, int], list[str]] = {}
@@ -294,23 +242,6 @@ def gtsrb_split_note(results: list[RunResult]) -> str:
                          "test split.")
     return " ".join(sentences)
 
-
-def gtsrb_section(results: list[RunResult]) -> str:
-    return f"""## GTSRB: does it transfer?
-
-The German Traffic Sign Recognition Benchmark has 43 classes of traffic signs, photographed in
-real traffic at sizes from about 15 to 250 pixels: 39,209 training and 12,630 test images, with
-210 to 2,250 training images per class. Here every image is resized to 32x32 and normalised with
-the CIFAR-10 statistics, exactly as in pretraining. The backbone never saw a traffic sign:
-CIFAR-10 holds animals and vehicles. A good probe accuracy on GTSRB therefore means the features
-describe general shape, colour and texture rather than CIFAR-10's ten classes: a test of
-generalisation.
-
-{gtsrb_split_note(results)}
-"""
-
-
-# ---- tables --------------------------------------------------------------------------------------
 
 def _percent(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f}"
@@ -378,7 +309,7 @@ def train_command_line(result: RunResult) -> str:
                if k not in ("out", "preset") and v != preset.get(k)}
     framework = result.framework or "<torch|jax>"
     return " ".join([f"python -m {framework}_impl.train --preset {cfg['preset']} "
-                     f"--out {result.run_dir}", *override_flags(changed)])
+                     f"--out {result.run_dir}", *setting_flags(changed)])
 
 
 def commands_section(sources: Sources, report_command: str) -> str:
@@ -412,42 +343,35 @@ def status_note(results: list[RunResult]) -> str:
 
 def report_markdown(sources: Sources, figures: dict[str, Path], report_command: str,
                     notes: str = "") -> str:
-    """The whole report; figures maps figure name -> PNG path (linked by file name, as the
-    figures sit next to the report); `notes` (Markdown) become its "Findings" section."""
+    """The whole report, from report_template.md; figures maps figure name -> PNG path (linked by
+    file name, as the figures sit next to the report); `notes` (Markdown) become its "Findings"
+    section."""
     results = sources.results
+    cfg = first_config(results)
+    dim = feature_dim(results)
+    settings = next((p["settings"] for r in results for p in r.probes.values()), None)
     trained = sum(r.status == "done" for r in results)
     times = [r.summary["train_time_s"] for r in results if r.summary]
-    parts = [
-        "# VICReg on CIFAR-10: results\n",
-        f"{len(results)} runs ({trained} finished)"
-        + (f", {format_duration(sum(times))} of training in total" if times else "") + ".\n",
-        *([f"## Findings\n\n{notes.strip()}\n"] if notes.strip() else []),
-        vicreg_section(results), expander_section(results), probe_section(results),
-        gtsrb_section(results),
-        "## Results\n",
-        "Final loss terms are the last epoch's means (unweighted); top-1 is the linear probe's "
-        "test accuracy, the random-init columns the same probe on an untrained backbone.\n",
-        status_note(results) + results_markdown_table(results),
-    ]
-    captions = {
-        "loss_curves": "### Loss over training\n\nThe total loss and its three terms (unweighted), "
-                       "as logged every few steps; a log axis where the values span a factor of "
-                       "10 or more.",
-        "embedding_std": "### Embedding standard deviation\n\nThe collapse signal: the mean over "
-                         "embedding dimensions of their std across the batch. The variance term "
-                         "pushes it towards 1; a fall towards 0 is collapse.",
-        "probe_accuracy": "### Linear-probe accuracy\n\nPretrained backbone against an untrained "
-                          "one of the same architecture; the dotted line is chance.",
-    }
-    for name in FIGURES:
-        shown = (f"![{name.replace('_', ' ')}]({figures[name].name})" if name in figures else
-                 "No run has data for this figure yet.")
-        parts.append(f"{captions[name]}\n\n{shown}\n")
-    parts += ["### GTSRB accuracy per sign\n",
-              "Test accuracy (%) per class after pretraining, random-init baseline in brackets.\n",
-              transfer_summary(results), gtsrb_per_class_table(results),
-              commands_section(sources, report_command)]
-    return "\n".join(parts)
+    figure_text = {name: (f"![{name.replace('_', ' ')}]({figures[name].name})"
+                          if name in figures else "No run has data for this figure yet.")
+                   for name in FIGURES}
+    return TEMPLATE.substitute(
+        overview=f"{len(results)} runs ({trained} finished)"
+                 + (f", {format_duration(sum(times))} of training in total" if times else "")
+                 + ".",
+        findings=f"## Findings\n\n{notes.strip()}\n\n" if notes.strip() else "",
+        sim_coeff=format_value(cfg["sim_coeff"]), std_coeff=format_value(cfg["std_coeff"]),
+        cov_coeff=format_value(cfg["cov_coeff"]), mlp=cfg["mlp"],
+        feature_source=(f"the backbone's {dim} features" if dim else "the backbone's features"),
+        embedding_dim=cfg["mlp"].split("-")[-1],
+        probe_settings=(f" ({settings['epochs']} epochs, learning rate {settings['lr']}, batch "
+                        f"{settings['batch_size']}, weight decay {settings['wd']})"
+                        if settings else ""),
+        gtsrb_split=gtsrb_split_note(results), status=status_note(results),
+        results_table=results_markdown_table(results), **figure_text,
+        transfer_summary=transfer_summary(results), gtsrb_table=gtsrb_per_class_table(results),
+        commands=commands_section(sources, report_command))
+
 
 
 def read_notes(path: Path) -> str:
@@ -455,8 +379,8 @@ def read_notes(path: Path) -> str:
     try:
         return Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--notes {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") \
-            from None
+        reason = getattr(exc, "strerror", None) or exc
+        raise UserError(f"--notes {path}: cannot read it ({reason})") from None
 
 
 def write_report(paths: list[Path], out: Path | None, notes_path: Path | None = None) -> Path:
@@ -465,7 +389,8 @@ def write_report(paths: list[Path], out: Path | None, notes_path: Path | None = 
     if out.suffix.lower() != ".md":
         raise UserError(f"--out {out}: the report is Markdown, give a file name ending in .md")
     if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give the report's file name, e.g. {out}/report.md")
+        raise UserError(f"--out {out} is a folder; give the report's file name, e.g. "
+                        f"{out}/report.md")
     notes = read_notes(notes_path) if notes_path else ""
     sources = collect_runs(paths)
     make_folder(out.parent, "report folder")

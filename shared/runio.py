@@ -1,4 +1,5 @@
-"""The run folder both trainers write: config.json, metrics.jsonl, summary.json, probe_*.json.
+"""The run folder both trainers write: config.json, metrics.jsonl, summary.json, probe_*.json (and
+log.txt, the output of the commands a sweep runs in it).
 
 Files are replaced atomically (temp file in the same folder, then rename), so an interrupted run
 never leaves a half-written file behind, and they get the permissions the umask gives any other
@@ -13,6 +14,9 @@ import fcntl
 import json
 import math
 import os
+import re
+import shlex
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +38,8 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file and a rename: readers see old or new, never half."""
+    """Write `data` to `path` through a temp file and a rename: readers see old or new, never
+    half."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -110,6 +115,36 @@ def run_folder_lock(folder: Path, command: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a run's subprocess: this checkout importable, output unbuffered (so
+    log.txt can be followed while it grows)."""
+    root = str(Path(__file__).resolve().parent.parent)  # the checkout holding shared/
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
+def run_logged(command: tuple[str, ...], log_path: Path) -> int:
+    """Run `command` with stdout and stderr appended to log_path; return its exit status."""
+    # A blank line first: a killed command's last line may lack its newline.
+    separator = "\n" if log_path.exists() and log_path.stat().st_size else ""
+    with open(log_path, "a") as log:
+        log.write(f"{separator}$ {shlex.join(command)}\n")
+        log.flush()
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                              check=False).returncode
+
+
+def last_log_line(log_path: Path) -> str:
+    """The last non-empty line of a log (progress-bar redraws split at carriage returns)."""
+    if not log_path.exists():
+        return ""
+    with open(log_path, "rb") as f:
+        f.seek(max(0, log_path.stat().st_size - 8192))
+        tail = f.read().decode(errors="replace")
+    lines = [line.strip() for line in re.split(r"[\r\n]", tail) if line.strip()]
+    return lines[-1] if lines else ""
 
 
 class MetricsLog:

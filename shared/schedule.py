@@ -17,7 +17,8 @@ def lr_at(step: int, steps_per_epoch: int, cfg: Config) -> float:
     if cfg.schedule_unit == "epoch":
         t, total, warmup = step // steps_per_epoch, cfg.epochs, cfg.warmup_epochs
     else:
-        t, total, warmup = step, cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+        t, total = step, cfg.total_steps(steps_per_epoch)
+        warmup = cfg.warmup_epochs * steps_per_epoch
     if t < warmup:
         return peak * t / warmup
     q = 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / max(total - warmup, 1)))

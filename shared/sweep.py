@@ -2,59 +2,73 @@
 
     python -m shared.sweep --framework torch --preset cpu --out sweeps/std --grid std_coeff=5,25,50
 
-SWEEP_DIR/
-    sweep.json          the plan: framework, preset, data folder, the creating command, each run's
-                        settings; a re-run reads it, and refuses a different plan for the folder
-    runs/NAME/          one trainer run folder per run (config.json, metrics.jsonl, checkpoint,
-                        summary.json, probe_*.json), plus log.txt (the commands' output) and
-                        failure.json (only while the run's last attempt failed)
-    results.csv         one row a run, raw numbers (accuracies as fractions), rewritten after
-                        each run
-    results.md          the same table for reading
-
-Each run is a chain of subprocesses (`python -m {torch,jax}_impl.train`, which probes the trained
-backbone itself, then `python -m {torch,jax}_impl.probe --random-init` for the baseline). What a
-run still needs is read from its folder, so a re-run skips finished runs, resumes interrupted ones
-from their checkpoint and retries failed ones.
+SWEEP_DIR holds sweep.json (the plan; a re-run reads it and refuses another plan), runs/NAME/ (a
+run folder per run, with log.txt, and failure.json while its last attempt failed), results.csv
+and results.md (shared.results). Each run is a chain of subprocesses: the trainer, which probes
+the trained backbone itself, then the probe with --random-init for the baseline. What a run still
+needs is read from its folder, so a re-run skips finished runs, resumes interrupted ones and
+retries failed ones.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import difflib
 import hashlib
-import io
 import itertools
 import json
-import math
-import os
 import re
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import (BACKBONE, PRESETS, PROBE, RUN, Config, UserErrorParser,
-                           load_run_config, make_config, setting_types, settings_with_role,
-                           sweep_owned)
-from shared.errors import UserError
-from shared.runio import (CHECKPOINT_FILES, CONFIG_FILE, FRAMEWORKS, SUMMARY_FILE,
-                          atomic_write_bytes, make_folder, probe_result_path, read_json,
-                          run_folder_lock, run_framework, write_json)
-from shared.training import cli_main, gtsrb_available
+from shared.cli import (
+    UserErrorParser,
+    cli_main,
+    format_value,
+    parse_assignment,
+    parse_setting,
+    setting_flags,
+)
+from shared.config import (
+    BACKBONE,
+    PRESETS,
+    PROBE,
+    Config,
+    make_config,
+    settings_with_role,
+)
+from shared.errors import Interrupted, UserError
+from shared.results import (
+    FAILURE_FILE,
+    RUNS_DIR,
+    SWEEP_FILE,
+    accuracy_note,
+    format_duration,
+    load_sweep,
+    read_sweep_file,
+    results_csv,
+    sweep_results_markdown,
+)
+from shared.runio import (
+    CHECKPOINT_FILES,
+    FRAMEWORKS,
+    SUMMARY_FILE,
+    atomic_write_bytes,
+    last_log_line,
+    make_folder,
+    probe_result_path,
+    read_json,
+    run_folder_lock,
+    run_logged,
+    write_json,
+)
+from shared.training import gtsrb_available
 
-DATASET_NAMES = {"cifar10": "CIFAR-10", "gtsrb": "GTSRB"}
-SWEEP_FILE = "sweep.json"
-RUNS_DIR = "runs"
 LOG_FILE = "log.txt"
-FAILURE_FILE = "failure.json"
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
-_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 MAX_NAME = 120
 
 
@@ -73,67 +87,18 @@ class Plan:
                 "runs": [{"name": name, "overrides": overrides} for name, overrides in self.runs]}
 
 
-def check_setting_name(key: str, where: str) -> str:
-    """The Config field named `key` (flag spelling with '-' accepted); UserError otherwise."""
-    name = key.strip().replace("-", "_")
-    types = setting_types()
-    owned = sweep_owned()
-    if name in owned:
-        raise UserError(f"{where}: {name} cannot be swept ({owned[name]})")
-    if name not in types:
-        close = difflib.get_close_matches(name, types, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise UserError(f"{where}: unknown setting {key!r}; {hint}settings are config.json's "
-                        "field names, listed by `python -m torch_impl.train --help`")
-    return name
-
-
-def parse_value(name: str, text: str, where: str):
-    """`text` as the type of setting `name`; UserError naming the expected type otherwise."""
-    kind = setting_types()[name]
-    text = text.strip()
-    if kind is bool:
-        if text.lower() in _TRUE | _FALSE:
-            return text.lower() in _TRUE
-        raise UserError(f"{where}: {name} takes true or false, got {text!r}")
-    if kind is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise UserError(f"{where}: {name} takes an integer, got {text!r}") from None
-    if kind is float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise UserError(f"{where}: {name} takes a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise UserError(f"{where}: {name} must be a finite number, got {text!r}")
-        return value
-    if not text:
-        raise UserError(f"{where}: {name} needs a value")
-    return text
-
-
-def split_assignment(text: str, where: str) -> tuple[str, str]:
-    """"KEY=VALUE" -> (setting name, value text)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise UserError(f"{where}: expected KEY=VALUE, got {text!r}")
-    return check_setting_name(key, where), value
-
-
 def parse_grid(specs: list[str]) -> list[tuple[str, list]]:
     """["std_coeff=5,25", "mlp=512-512,1024-1024"] -> [(name, [values...]), ...] in flag order."""
     grid: list[tuple[str, list]] = []
     for spec in specs:
         where = f"--grid {spec}"
-        name, values_text = split_assignment(spec, where)
+        name, values_text = parse_assignment(spec, where)
         if name in dict(grid):
             raise UserError(f"{where}: {name} is already given by another --grid")
         texts = values_text.split(",")
         if any(not t.strip() for t in texts):
             raise UserError(f"{where}: expected {name}=V1,V2,... with no empty value")
-        values = [parse_value(name, t, where) for t in texts]
+        values = [parse_setting(name, t, f"{where}: {name}") for t in texts]
         if len(set(map(format_value, values))) < len(values):
             raise UserError(f"{where}: a value of {name} is listed twice")
         grid.append((name, values))
@@ -158,26 +123,16 @@ def parse_runs_file(path: Path) -> list[dict]:
         where = f"{path}:{number}"
         overrides: dict = {}
         for token in tokens:
-            name, value = split_assignment(token, where)
+            name, value = parse_assignment(token, where)
             if name in overrides:
                 raise UserError(f"{where}: {name} is set twice on one line")
-            overrides[name] = parse_value(name, value, where)
+            overrides[name] = parse_setting(name, value, f"{where}: {name}")
         if overrides:
             runs.append(overrides)
     if not runs:
         raise UserError(f"--runs-file {path} lists no runs (expected lines like: std_coeff=10 "
                         "mlp=512-512)")
     return runs
-
-
-def format_value(value) -> str:
-    """A setting value as it appears in run names and commands: 10.0 -> "10", True -> "true"."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        text = repr(value)
-        return text[:-2] if text.endswith(".0") else text
-    return str(value)
 
 
 def run_name(overrides: dict) -> str:
@@ -205,30 +160,12 @@ def build_plan(framework: str, preset: str, runs: list[dict]) -> Plan:
     return Plan(framework, preset, tuple(named))
 
 
-def read_sweep_file(sweep_dir: Path) -> dict | None:
-    """SWEEP_DIR/sweep.json, or None when the folder holds no sweep yet."""
-    return read_json(Path(sweep_dir) / SWEEP_FILE)
-
-
 def plan_from_json(stored: dict, path: Path) -> Plan:
     try:
         return Plan(stored["framework"], stored["preset"],
                     tuple((r["name"], r["overrides"]) for r in stored["runs"]))
     except (KeyError, TypeError):
         raise UserError(f"{path} is not a sweep plan (framework, preset, runs)") from None
-
-
-def sweep_run_dirs(sweep_dir: Path) -> list[tuple[str, Path, dict]]:
-    """(run name, run folder, planned config as a dict) for each run of the sweep in SWEEP_DIR."""
-    path = Path(sweep_dir) / SWEEP_FILE
-    stored = read_sweep_file(sweep_dir)
-    if stored is None:
-        raise UserError(f"no sweep in {sweep_dir}: {path} is missing")
-    plan = plan_from_json(stored, path)
-    return [(name, Path(sweep_dir) / RUNS_DIR / name,
-             dataclasses.asdict(make_config({"preset": plan.preset, **overrides,
-                                             "data_dir": stored.get("data_dir", "")})))
-            for name, overrides in plan.runs]
 
 
 # ---- one run: what it still needs ----------------------------------------------------------------
@@ -257,26 +194,15 @@ class Step:
     copy_from: Path | None = None
 
 
-def override_flags(overrides: dict) -> list[str]:
-    """{"std_coeff": 10.0, "lr_scaling": False} -> ["--std-coeff", "10", "--no-lr-scaling"]."""
-    flags = []
-    for key, value in overrides.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        else:
-            flags += [flag, format_value(value)]
-    return flags
-
-
 def train_command(job: Job, resume: bool) -> tuple[str, ...]:
     """The trainer's command line for a fresh start, or to continue from the checkpoint."""
-    settings = ["--resume"] if resume else ["--preset", job.preset, *override_flags(job.overrides)]
+    settings = ["--resume"] if resume else ["--preset", job.preset, *setting_flags(job.overrides)]
     return (sys.executable, "-m", f"{job.framework}_impl.train", *settings,
             "--out", str(job.run_dir), "--data-dir", job.data_dir)
 
 
 def probe_command(job: Job, dataset: str, random_init: bool) -> tuple[str, ...]:
+    """The probe's command line on the run's backbone, or (random_init) an untrained one."""
     return (sys.executable, "-m", f"{job.framework}_impl.probe", "--run", str(job.run_dir),
             "--dataset", dataset, *(["--random-init"] if random_init else []),
             "--data-dir", job.data_dir)
@@ -337,42 +263,10 @@ def plan_jobs(plan: Plan, sweep_dir: Path, data_dir: str) -> list[Job]:
 Launcher = Callable[[tuple[str, ...], Path], int]
 
 
-def child_env() -> dict[str, str]:
-    """The environment of a run's subprocess: this checkout importable, output unbuffered (so
-    log.txt can be followed while it grows)."""
-    root = str(Path(__file__).resolve().parent.parent)
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
-
-
-def run_logged(command: tuple[str, ...], log_path: Path) -> int:
-    """Run `command` with stdout and stderr appended to log_path; return its exit status."""
-    # A blank line first: a killed command's last line may lack its newline.
-    separator = "\n" if log_path.exists() and log_path.stat().st_size else ""
-    with open(log_path, "a") as log:
-        log.write(f"{separator}$ {shlex.join(command)}\n")
-        log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-                              check=False).returncode
-
-
-def last_log_line(log_path: Path) -> str:
-    """The last non-empty line of a log (progress-bar redraws split at carriage returns)."""
-    if not log_path.exists():
-        return ""
-    with open(log_path, "rb") as f:
-        f.seek(max(0, log_path.stat().st_size - 8192))
-        tail = f.read().decode(errors="replace")
-    lines = [line.strip() for line in re.split(r"[\r\n]", tail) if line.strip()]
-    return lines[-1] if lines else ""
-
-
 def describe_exit(code: int, last_line: str) -> str:
     """The failure to show: the command's last line, which names the error, unless the process
     was killed (out of memory, say), when that line is only progress output."""
-    if code < 0:
-        return f"killed by signal {-code}; last output: {last_line}"
-    return last_line
+    return f"killed by signal {-code}; last output: {last_line}" if code < 0 else last_line
 
 
 def copy_baseline(source: Path, target: Path) -> None:
@@ -404,27 +298,6 @@ def run_job(job: Job, launch: Launcher, echo: Callable[[str], None]) -> dict | N
     return None
 
 
-def format_duration(seconds: float) -> str:
-    """3725 -> "1h02m", 192 -> "3m12s", 42 -> "42s"."""
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
-
-def accuracy_note(job: Job) -> str:
-    """"CIFAR-10 top-1 62.00% (random init 41.00%), ..." from a finished run's probe files."""
-    notes = []
-    for dataset in job.datasets:
-        trained = read_json(probe_result_path(job.run_dir, dataset, random_init=False))["top1"]
-        baseline = read_json(probe_result_path(job.run_dir, dataset, random_init=True))["top1"]
-        notes.append(f"{DATASET_NAMES[dataset]} top-1 {100 * trained:.2f}% "
-                     f"(random init {100 * baseline:.2f}%)")
-    return ", ".join(notes)
-
-
 def run_sweep(plan: Plan, sweep_dir: Path, data_dir: str, launch: Launcher = run_logged,
               echo: Callable[[str], None] = print) -> list[str]:
     """Run every unfinished run of the plan; return the names of the runs that failed."""
@@ -445,146 +318,18 @@ def run_sweep(plan: Plan, sweep_dir: Path, data_dir: str, launch: Launcher = run
             failed.append(job.name)
         write_results(sweep_dir)
         left = (time.monotonic() - started) / index * (len(todo) - index)
-        outcome = f"FAILED: {failure['error']}" if failure else f"done: {accuracy_note(job)}"
+        outcome = (f"FAILED: {failure['error']}" if failure else
+                   f"done: {accuracy_note(job.run_dir, job.datasets)}")
         echo(f"[{finished}/{len(jobs)}] {job.name}: {outcome}"
              + (f"; about {format_duration(left)} left" if index < len(todo) else ""))
     return failed
 
 
-# ---- results tables ------------------------------------------------------------------------------
-
-@dataclass
-class RunResult:
-    """What one run folder holds, read without changing anything."""
-
-    label: str
-    run_dir: Path
-    status: str  # done, failed, incomplete (started, not finished) or pending (not started)
-    framework: str
-    config: dict | None
-    summary: dict | None
-    probes: dict  # "cifar10", "gtsrb", "cifar10_random_init", ... -> the probe JSON
-    failure: dict | None
-
-
-def load_run(run_dir: Path, label: str, planned_config: dict | None = None,
-             planned_framework: str = "") -> RunResult:
-    """Read a run folder; a sweep run not started yet is described by its planned settings."""
-    run_dir = Path(run_dir)
-    has_config = (run_dir / CONFIG_FILE).is_file()
-    config = dataclasses.asdict(load_run_config(run_dir)) if has_config else planned_config
-    summary = read_json(run_dir / SUMMARY_FILE)
-    failure = read_json(run_dir / FAILURE_FILE)
-    probes = {}
-    for dataset in ("cifar10", "gtsrb"):
-        for random_init, key in ((False, dataset), (True, f"{dataset}_random_init")):
-            result = read_json(probe_result_path(run_dir, dataset, random_init))
-            if result is not None:
-                probes[key] = result
-    if failure:
-        status = "failed"
-    elif summary is not None and "cifar10" in probes:
-        status = "done"
-    else:
-        status = "incomplete" if has_config else "pending"
-    return RunResult(label, run_dir, status, run_framework(run_dir, planned_framework or "torch"),
-                     config, summary, probes, failure)
-
-
-def load_sweep(sweep_dir: Path) -> list[RunResult]:
-    """The runs of the sweep in SWEEP_DIR, in plan order."""
-    framework = read_sweep_file(sweep_dir)["framework"]
-    return [load_run(run_dir, name, config, framework)
-            for name, run_dir, config in sweep_run_dirs(sweep_dir)]
-
-
-def differing_settings(results: list[RunResult]) -> list[str]:
-    """The settings (and framework) whose values are not the same in all runs, in Config order."""
-    def values(name):
-        return {json.dumps(r.config.get(name)) for r in results if r.config}
-    names = [f.name for f in fields(Config) if f.metadata["role"] != RUN]
-    varying = [n for n in names if len(values(n)) > 1]
-    frameworks = {r.framework for r in results}
-    return (["framework"] if len(frameworks) > 1 else []) + varying
-
-
-TERM_COLUMNS = ("loss", "invariance", "variance", "covariance", "embedding_std")
-PROBE_COLUMNS = ("cifar10", "cifar10_random_init", "gtsrb", "gtsrb_random_init")
-
-
-def result_row(result: RunResult, settings: list[str]) -> dict:
-    """One table row of raw values (None where the run has no such number)."""
-    final = (result.summary or {}).get("final") or {}
-    row = {"run": result.label, "status": result.status}
-    for name in settings:
-        row[name] = result.framework if name == "framework" else (result.config or {}).get(name)
-    row.update({f"final_{term}": final.get(term) for term in TERM_COLUMNS})
-    row.update({f"{key}_top1": result.probes[key]["top1"] if key in result.probes else None
-                for key in PROBE_COLUMNS})
-    row["train_time_s"] = (result.summary or {}).get("train_time_s")
-    row["error"] = (result.failure or {}).get("error")
-    return row
-
-
-def results_csv(results: list[RunResult]) -> str:
-    """The results table as CSV: raw values, accuracies as fractions, empty where missing."""
-    settings = differing_settings(results)
-    rows = [result_row(r, settings) for r in results]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["run"],
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows([{k: "" if v is None else v for k, v in row.items()} for row in rows])
-    return buffer.getvalue()
-
-
-def _cell(column: str, value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return format_value(value)
-    if column.endswith("_top1"):
-        return f"{100 * value:.2f}%"
-    if column == "train_time_s":
-        return format_duration(value)
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
-
-
-MD_HEADERS = {"final_loss": "loss", "final_invariance": "invariance",
-              "final_variance": "variance", "final_covariance": "covariance",
-              "final_embedding_std": "embedding std", "cifar10_top1": "CIFAR-10 top-1",
-              "cifar10_random_init_top1": "CIFAR-10 random init", "gtsrb_top1": "GTSRB top-1",
-              "gtsrb_random_init_top1": "GTSRB random init", "train_time_s": "train time"}
-
-
-def results_markdown_table(results: list[RunResult]) -> str:
-    """The results table in Markdown: losses are the last epoch's means of the unweighted terms."""
-    settings = differing_settings(results)
-    rows = [result_row(r, settings) for r in results]
-    if not rows:
-        return "(no runs)\n"
-    if not any(row["error"] for row in rows):
-        rows = [{k: v for k, v in row.items() if k != "error"} for row in rows]
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(MD_HEADERS.get(c, c) for c in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(c, row[c]) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_results(sweep_dir: Path) -> None:
     """Rewrite SWEEP_DIR/results.csv and results.md from the run folders."""
     results = load_sweep(sweep_dir)
-    stored = read_sweep_file(sweep_dir)
     atomic_write_bytes(Path(sweep_dir) / RESULTS_CSV, results_csv(results).encode())
-    markdown = (f"# Sweep results: {sweep_dir}\n\n"
-                f"Framework {stored['framework']}, preset {stored['preset']}; created with\n\n"
-                f"    {stored['command']}\n\n"
-                "Final losses are the last epoch's means of the unweighted terms; top-1 is the "
-                "linear probe's test accuracy (random init: the same probe on an untrained "
-                "backbone).\n\n" + results_markdown_table(results))
+    markdown = sweep_results_markdown(sweep_dir, read_sweep_file(sweep_dir), results)
     atomic_write_bytes(Path(sweep_dir) / RESULTS_MD, markdown.encode())
 
 
@@ -664,17 +409,16 @@ def main(argv: list[str] | None = None, launch: Launcher = run_logged) -> int:
         make_folder(sweep_dir, "sweep folder")
         with run_folder_lock(sweep_dir, "python -m shared.sweep"):
             write_json(sweep_path, {**plan.to_json(), "data_dir": data_dir, "command": command})
-            failed = run_sweep(plan, sweep_dir, data_dir, launch)
+            try:
+                failed = run_sweep(plan, sweep_dir, data_dir, launch)
+            except KeyboardInterrupt:
+                raise Interrupted("run the same command again to resume") from None
         if failed:
             raise UserError(f"{len(failed)} of {len(plan.runs)} runs failed ({', '.join(failed)}); "
                             f"see {sweep_dir / RESULTS_MD} and each run's {LOG_FILE}")
         print(f"all {len(plan.runs)} runs finished: {sweep_dir / RESULTS_MD}")
 
-    try:
-        return cli_main(body)
-    except KeyboardInterrupt:
-        print("\ninterrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    return cli_main(body)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,21 @@ from tqdm import tqdm
 
 from shared.config import Config
 from shared.data import load_split, stratified_subset
-from shared.loader import epoch_batches
 from shared.errors import Interrupted, UserError
-from shared.runio import (CHECKPOINT_FILES, CONFIG_FILE, LOCK_FILE, SUMMARY_FILE, MetricsLog,
-                          last_epoch_record, make_folder, read_json, run_folder_lock,
-                          start_run_dir, write_json)
+from shared.loader import epoch_batches
+from shared.runio import (
+    CHECKPOINT_FILES,
+    CONFIG_FILE,
+    LOCK_FILE,
+    SUMMARY_FILE,
+    MetricsLog,
+    last_epoch_record,
+    make_folder,
+    read_json,
+    run_folder_lock,
+    start_run_dir,
+    write_json,
+)
 
 TERMS = ("loss", "invariance", "variance", "covariance", "embedding_std")
 
@@ -124,7 +134,8 @@ class Progress:
 
     def record(self, per_epoch: int, cfg: Config) -> dict:
         """The checkpoint's progress entries: these, the global step and the settings."""
-        return {"epoch": self.epoch, "global_step": self.epoch * per_epoch,
+        global_step = min(self.epoch * per_epoch, cfg.total_steps(per_epoch))
+        return {"epoch": self.epoch, "global_step": global_step,
                 "train_time_s": self.train_time_s, "metrics_bytes": self.metrics_bytes,
                 "config": dataclasses.asdict(cfg)}
 
@@ -143,58 +154,60 @@ def resume_progress(cfg: Config, progress: Progress, metrics: MetricsLog | None)
     write_json(Path(cfg.out) / CONFIG_FILE, dataclasses.asdict(cfg))
 
 
-def finished_summary(cfg: Config, progress: Progress, world: World) -> dict | None:
-    """For a resumed run that has already trained all cfg.epochs and holds its summary (and
+def finished_summary(session, progress: Progress) -> dict | None:
+    """For a resumed run that has already trained all its epochs and holds its summary (and
     probe results, unless --no-probe): that summary, left as it is (the main process says how to
-    extend the run); None when work remains. Every process reads the same folder, so all agree."""
-    if progress.epoch < cfg.epochs:
+    extend the run); None when work remains. Every process reads the same folder, so all agree.
+    session: the trainer's Session."""
+    cfg, world = session.cfg, session.world
+    if progress.epoch < cfg.epoch_count(session.steps_per_epoch):
         return None
     summary = read_json(Path(cfg.out) / SUMMARY_FILE)
     if not isinstance(summary, dict) or (cfg.probe and "probe" not in summary):
         return None
     if world.is_main:
-        print(f"{cfg.out} has trained all its {cfg.epochs} epochs and holds its summary"
+        print(f"{cfg.out} has trained all its {cfg.epochs:g} epochs and holds its summary"
               f"{' and probe results' if cfg.probe else ''}; nothing to do. To train longer: "
-              f"--resume --out {cfg.out} --epochs N with N > {cfg.epochs}", flush=True)
+              f"--resume --out {cfg.out} --epochs N with N > {cfg.epochs:g}", flush=True)
     return summary
 
 
-def train_remaining(framework: str, s, state, progress: Progress, *, train_epoch, save_state,
+def train_remaining(framework: str, session, state, progress: Progress, *, train_epoch, save_state,
                     time_step, agree) -> tuple[object, Progress, dict | None]:
     """Everything between loading a session and the end of its run: (state, progress, None) after
     the epochs not yet done, each followed by its checkpoint; or, for a resumed run that has
     already finished, (state, progress, its summary), with nothing written (finished_summary).
 
-    s: the trainer's Session. The trainer's own parts: train_epoch(s, state, epoch, bar) ->
-    (state, epoch record); save_state(s, state, progress); time_step(s, state) -> seconds a step
-    takes here, measured on a copy of the state; agree(value) -> the main process's value, in
-    every process. A run that starts with a --time-budget first fixes its length
-    (fit_time_budget). Before the first epoch metrics.jsonl is rolled back to the checkpoint and
-    config.json holds the settings the run continues with.
+    session: the trainer's Session. The trainer's own parts: train_epoch(session, state, epoch,
+    bar) -> (state, epoch record); save_state(session, state, progress); time_step(session,
+    state) -> seconds a step takes here, measured on a copy of the state; agree(value) -> the
+    main process's value, in every process. A run that starts with a --time-budget first fixes
+    its length (fit_time_budget). Before the first epoch metrics.jsonl is rolled back to the
+    checkpoint and config.json holds the settings the run continues with.
     """
-    done = finished_summary(s.cfg, progress, s.world)
+    done = finished_summary(session, progress)
     if done is not None:
         return state, progress, done
     budget_note = ""
-    if progress.epoch == 0 and s.cfg.time_budget:
+    if progress.epoch == 0 and session.cfg.time_budget:
         started = time.perf_counter()
-        seconds_per_step = time_step(s, state)
-        epochs = agree(fit_time_budget(s, seconds_per_step, time.perf_counter() - started))
-        s.cfg = dataclasses.replace(s.cfg, epochs=epochs)
-        end = time.time() + epochs * s.steps_per_epoch * seconds_per_step
-        budget_note = (f" (what fits the {s.cfg.time_budget} time budget at "
-                       f"{s.cfg.batch_size / seconds_per_step:.0f} pairs/s: ends about "
+        seconds_per_step = time_step(session, state)
+        steps = agree(fit_time_budget(session, seconds_per_step, time.perf_counter() - started))
+        session.cfg = dataclasses.replace(session.cfg, epochs=steps / session.steps_per_epoch)
+        end = time.time() + steps * seconds_per_step
+        budget_note = (f" (what fits the {session.cfg.time_budget} time budget at "
+                       f"{session.cfg.batch_size / seconds_per_step:.0f} pairs/session: ends about "
                        f"{time.strftime('%H:%M', time.localtime(end))})")
-        if s.metrics is not None:
-            write_json(Path(s.cfg.out) / CONFIG_FILE, dataclasses.asdict(s.cfg))
-    resume_progress(s.cfg, progress, s.metrics)
-    startup_line(framework, s, budget_note)
-    with progress_bar(s.cfg, s.steps_per_epoch, progress, s.world) as bar:
-        for epoch in range(progress.epoch, s.cfg.epochs):
-            state, record = train_epoch(s, state, epoch, bar)
-            progress = Progress(epoch + 1, progress.train_time_s + record["epoch_time_s"],
-                                s.metrics.size() if s.metrics else 0)
-            save_state(s, state, progress)
+        if session.metrics is not None:
+            write_json(Path(session.cfg.out) / CONFIG_FILE, dataclasses.asdict(session.cfg))
+    resume_progress(session.cfg, progress, session.metrics)
+    startup_line(framework, session, budget_note)
+    with progress_bar(session.cfg, session.steps_per_epoch, progress, session.world) as bar:
+        for epoch in range(progress.epoch, session.cfg.epoch_count(session.steps_per_epoch)):
+            state, epoch_record = train_epoch(session, state, epoch, bar)
+            progress = Progress(epoch + 1, progress.train_time_s + epoch_record["epoch_time_s"],
+                                session.metrics.size() if session.metrics else 0)
+            save_state(session, state, progress)
     return state, progress, None
 
 
@@ -206,28 +219,31 @@ BUDGET_USE = 0.97
 TIMED_STEPS, TIMING_SHARE = 8, 0.05
 
 
-def fit_time_budget(s, seconds_per_step: float, spent_s: float) -> int:
-    """The whole epochs that fill BUDGET_USE of what the time budget leaves after `spent_s`
-    seconds (at least 1, at most cfg.epochs), at `seconds_per_step`."""
-    cfg = s.cfg
+def fit_time_budget(session, seconds_per_step: float, spent_s: float) -> int:
+    """The steps that fill BUDGET_USE of what the time budget leaves after `spent_s` seconds
+    (at least 1, at most --epochs' worth), at `seconds_per_step`."""
+    cfg, per_epoch = session.cfg, session.steps_per_epoch
     left = cfg.time_budget_s() - spent_s
-    fits = int(BUDGET_USE * left / (seconds_per_step * s.steps_per_epoch))
-    epochs = max(1, min(cfg.epochs, fits))
-    if cfg.warmup_epochs > epochs:
-        raise UserError(f"the {cfg.time_budget} time budget fits {epochs} epochs, fewer than "
-                        f"--warmup-epochs {cfg.warmup_epochs}; lower it or give more time")
-    return epochs
+    steps = max(1, min(cfg.total_steps(per_epoch), int(BUDGET_USE * left / seconds_per_step)))
+    if cfg.warmup_epochs * per_epoch > steps:
+        raise UserError(f"the {cfg.time_budget} time budget fits {steps / per_epoch:.2f} epochs, "
+                        f"fewer than --warmup-epochs {cfg.warmup_epochs:g}; lower it or give "
+                        "more time")
+    return steps
 
 
-def session_batches(s, epoch: int):
+def session_batches(session, epoch: int):
     """The batches of `epoch` a trainer's Session trains on (shared.loader.epoch_batches): views,
-    or drawn parameters when s.on_device; this process's rows of each."""
-    return epoch_batches(s.images, s.augment, s.cfg.batch_size, s.cfg.seed, epoch,
-                         workers=s.cfg.loader_workers(), shard=s.world.shard,
-                         on_device=s.on_device)
+    or drawn parameters when session.on_device; this process's rows of each."""
+    cfg = session.cfg
+    return epoch_batches(session.images, session.augment, batch_size=cfg.batch_size,
+                         seed=cfg.seed, epoch=epoch,
+                         end_step=cfg.steps_in_epoch(epoch, session.steps_per_epoch),
+                         workers=cfg.loader_workers(), shard=session.world.shard,
+                         on_device=session.on_device)
 
 
-def measure_step_seconds(s, run_step: Callable[[object], object],
+def measure_step_seconds(session, run_step: Callable[[object], object],
                          sync: Callable[[object], None]) -> float:
     """Seconds per step of run_step(batch) on the session's batches: two warm-up steps (which
     compile), then TIMED_STEPS, or fewer (at least 2) where they would take more than
@@ -235,13 +251,13 @@ def measure_step_seconds(s, run_step: Callable[[object], object],
     def batches():
         epoch = 0
         while True:
-            yield from session_batches(s, epoch)
+            yield from session_batches(session, epoch)
             epoch += 1
 
     stream = batches()
     for _ in range(2):
         sync(run_step(next(stream)))
-    limit = TIMING_SHARE * (s.cfg.time_budget_s() or float("inf"))
+    limit = TIMING_SHARE * (session.cfg.time_budget_s() or float("inf"))
     start, timed = time.perf_counter(), 0
     while timed < TIMED_STEPS and (timed < 2 or time.perf_counter() - start < limit):
         result = run_step(next(stream))
@@ -250,23 +266,25 @@ def measure_step_seconds(s, run_step: Callable[[object], object],
     return (time.perf_counter() - start) / timed
 
 
-def startup_line(framework: str, s, note: str = "") -> None:
+def startup_line(framework: str, session, note: str = "") -> None:
     """Print, on the main process, what is about to be trained, on what, and where it is written.
 
-    s: the trainer's Session (cfg, images, steps_per_epoch, world, device_name, precision_name,
-    and batch_split, how the batch is divided, e.g. " over 2 processes"); note: after the epochs.
+    session: the trainer's Session (cfg, images, steps_per_epoch, world, device_name,
+    precision_name, and batch_split, how the batch is divided, e.g. " over 2 processes"); note:
+    after the epochs.
     """
-    cfg = s.cfg
-    if s.world.is_main:
-        print(f"{framework}_impl: {cfg.model_description()}, {len(s.images)} images, "
-              f"{s.steps_per_epoch} steps/epoch x {cfg.epochs} epochs{note}, batch "
-              f"{cfg.batch_size}{s.batch_split}, {s.device_name} {s.precision_name}, run folder "
-              f"{cfg.out}", flush=True)
+    cfg = session.cfg
+    if session.world.is_main:
+        print(f"{framework}_impl: {cfg.model_description()}, {len(session.images)} images, "
+              f"{session.steps_per_epoch} steps/epoch x {cfg.epochs:g} epochs{note}, batch "
+              f"{cfg.batch_size}{session.batch_split}, {session.device_name} "
+              f"{session.precision_name}, run folder {cfg.out}", flush=True)
 
 
 def progress_bar(cfg: Config, per_epoch: int, progress: Progress, world: World):
     """The run's tqdm bar over all its steps (on stderr; shown by the main process only)."""
-    return tqdm(total=cfg.epochs * per_epoch, initial=progress.epoch * per_epoch, unit="step",
+    return tqdm(total=cfg.total_steps(per_epoch),
+                initial=min(progress.epoch * per_epoch, cfg.total_steps(per_epoch)), unit="step",
                 dynamic_ncols=True, mininterval=1.0, file=sys.stderr, disable=not world.is_main)
 
 
@@ -290,14 +308,16 @@ class EpochLog:
     """Collects one epoch's step terms (device scalars, read back only every cfg.log_every steps,
     so the device is not synchronised each step) and writes metrics.jsonl lines and the bar.
 
-    metrics is None in the processes of a data-parallel run other than the first: they check the
-    loss (the same global loss everywhere, so all stop together) but write nothing.
+    session: the trainer's Session (cfg, metrics, steps_per_epoch). Its metrics are None in the
+    processes of a data-parallel run other than the first: they check the loss (the same global
+    loss everywhere, so all stop together) but write nothing.
     """
 
-    def __init__(self, cfg: Config, metrics: MetricsLog | None, run_dir: Path, bar, epoch: int,
-                 per_epoch: int):
-        self.cfg, self.metrics, self.run_dir, self.bar = cfg, metrics, run_dir, bar
-        self.epoch, self.per_epoch = epoch, per_epoch
+    def __init__(self, session, bar, epoch: int):
+        self.cfg, self.metrics, self.bar = session.cfg, session.metrics, bar
+        self.run_dir = Path(session.cfg.out)
+        self.epoch, self.steps_per_epoch = epoch, session.steps_per_epoch
+        self.steps = session.cfg.steps_in_epoch(epoch, session.steps_per_epoch)  # this epoch's
         self.rows: list[dict[str, float]] = []
         self.window: list = []
         self.lr = 0.0
@@ -308,11 +328,12 @@ class EpochLog:
         self.window.append((self.epoch, step, terms))
         self.lr = lr
         self.bar.update(1)
-        if len(self.window) == self.cfg.log_every or step == self.per_epoch - 1:
+        if len(self.window) == self.cfg.log_every or step == self.steps - 1:
             means = check_finite(self.window, self.run_dir)
-            pairs_per_s = len(self.window) * self.cfg.batch_size / (time.perf_counter() - self.t_window)
+            elapsed = time.perf_counter() - self.t_window
+            pairs_per_s = len(self.window) * self.cfg.batch_size / elapsed
             self._write({"kind": "step", "epoch": self.epoch,
-                         "step": self.epoch * self.per_epoch + step + 1, "lr": lr,
+                         "step": self.epoch * self.steps_per_epoch + step + 1, "lr": lr,
                          "pairs_per_s": pairs_per_s, "images_per_s": 2 * pairs_per_s, **means})
             self.rows += [means] * len(self.window)
             self.bar.set_postfix(epoch=self.epoch + 1, loss=f"{means['loss']:.3f}",
@@ -322,8 +343,9 @@ class EpochLog:
     def close(self) -> dict:
         """Write and return the epoch record (mean terms, time, throughput)."""
         epoch_time = time.perf_counter() - self.t_epoch
-        pairs_per_s = self.per_epoch * self.cfg.batch_size / epoch_time
-        record = {"kind": "epoch", "epoch": self.epoch, "step": (self.epoch + 1) * self.per_epoch,
+        pairs_per_s = self.steps * self.cfg.batch_size / epoch_time
+        record = {"kind": "epoch", "epoch": self.epoch,
+                  "step": self.epoch * self.steps_per_epoch + self.steps,
                   "lr": self.lr, "epoch_time_s": epoch_time, "pairs_per_s": pairs_per_s,
                   "images_per_s": 2 * pairs_per_s,
                   **{k: float(np.mean([r[k] for r in self.rows])) for k in TERMS}}
@@ -335,45 +357,31 @@ class EpochLog:
             self.metrics.write(record)
 
 
-def run_summary(*, framework: str, device: str, precision: str, cfg: Config, per_epoch: int,
-                num_images: int, train_time: float) -> dict:
+def run_summary(framework: str, session, train_time: float) -> dict:
     """The summary.json of a finished run (before the probe results are added); the final losses
-    are the last epoch's record in metrics.jsonl, so a resumed run reports them too."""
-    steps = cfg.epochs * per_epoch
+    are the last epoch's record in metrics.jsonl, so a resumed run reports them too.
+    session: the trainer's Session."""
+    cfg = session.cfg
+    steps = cfg.total_steps(session.steps_per_epoch)
     last_epoch = last_epoch_record(Path(cfg.out))
-    return {"framework": framework, "device": device, "precision": precision,
-            "epochs": cfg.epochs, "steps": steps, "train_images": num_images,
+    return {"framework": framework, "device": session.device_name,
+            "precision": session.precision_name, "epochs": cfg.epochs, "steps": steps,
+            "train_images": len(session.images),
             "train_time_s": train_time,
             "pairs_per_s": steps * cfg.batch_size / max(train_time, 1e-9),
             "final": {k: last_epoch.get(k) for k in TERMS}}
 
 
-def finish_run(framework: str, s, progress: Progress, probe: Callable[[], dict]) -> dict:
+def finish_run(framework: str, session, progress: Progress, probe: Callable[[], dict]) -> dict:
     """The end of a run, on the main process: write summary.json, then (unless --no-probe) run
     `probe` (-> {dataset: top-1}) and write it again with the results; returns the summary.
-    s: the trainer's Session."""
-    cfg = s.cfg
-    summary = run_summary(framework=framework, device=s.device_name,
-                          precision=s.precision_name, cfg=cfg, per_epoch=s.steps_per_epoch,
-                          num_images=len(s.images), train_time=progress.train_time_s)
+    session: the trainer's Session."""
+    cfg = session.cfg
+    summary = run_summary(framework, session, progress.train_time_s)
     run_dir = Path(cfg.out)
     write_json(run_dir / SUMMARY_FILE, summary)
-    print(f"trained {cfg.epochs} epochs in {summary['train_time_s'] / 60:.1f} min", flush=True)
+    print(f"trained {cfg.epochs:g} epochs in {summary['train_time_s'] / 60:.1f} min", flush=True)
     if cfg.probe:
         summary["probe"] = probe()
         write_json(run_dir / SUMMARY_FILE, summary)
     return summary
-
-
-def cli_main(body: Callable[[], object]) -> int:
-    """Run a command's body; a UserError becomes `error: ...` on stderr and exit status 2, Ctrl-C
-    `interrupted: ...` and 130."""
-    try:
-        body()
-    except UserError as exc:
-        print(f"{exc.label}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return Interrupted.exit_code
-    return 0

@@ -1,11 +1,15 @@
-"""Fixtures that build tiny CIFAR-10 and GTSRB datasets in their real on-disk layouts, so tests run offline.
+"""Fixtures that build tiny CIFAR-10 and GTSRB datasets in their real on-disk layouts, so tests run
+offline.
 
-    tiny_data / tiny_data_dir   a session-wide folder with cifar-10-batches-py/ and gtsrb/ (treat it as read-only)
+    tiny_data / tiny_data_dir   a session-wide folder with cifar-10-batches-py/ and gtsrb/ (treat it
+                                as read-only)
     make_images                 callable: class-structured random images
     write_cifar10, write_gtsrb  callables that write custom datasets in the standard layouts
     real_data_dir               $VICREG_DATA_DIR, or the test is skipped
-    in_process_launcher         a shared.sweep launcher that runs commands in this process, recording them
-    smoke_sweep                 a finished shared.sweep folder of 3 smoke runs (read-only), and its launcher
+    in_process_launcher         a shared.sweep launcher that runs commands in this process,
+                                recording them
+    smoke_sweep                 a finished shared.sweep folder of 3 smoke runs (read-only), and its
+                                launcher
 
 Images are structured by class (a class colour, stripes whose direction and period depend on the
 class, plus noise), so a short self-supervised train followed by a linear probe beats chance.
@@ -31,11 +35,13 @@ GTSRB_SIZES = ((30, 34), (40, 40), (32, 32))
 
 @dataclass(frozen=True)
 class TinyData:
-    """A built tiny dataset folder and the arrays written into it, in the order a loader returns them."""
+    """A built tiny dataset folder and the arrays written into it, in the order a loader returns
+    them."""
 
     root: Path
     cifar10: dict  # split -> (images uint8 [N, 32, 32, 3], labels int64 [N])
-    gtsrb: dict  # split -> (list of uint8 [h, w, 3] images at their written sizes, labels int64 [N])
+    # split -> (list of uint8 [h, w, 3] images at their written sizes, labels int64 [N])
+    gtsrb: dict
 
 
 def _make_images(labels, rng, size=(32, 32)) -> np.ndarray:
@@ -54,7 +60,8 @@ def _make_images(labels, rng, size=(32, 32)) -> np.ndarray:
 
 
 def _write_cifar10_batch(path: Path, images: np.ndarray, labels, batch_label: str) -> None:
-    # The CIFAR-10 python format: rows of 3072 uint8, the R plane then G then B, each 32x32 row-major.
+    # The CIFAR-10 python format: rows of 3072 uint8, the R plane then G then B, each 32x32
+    # row-major.
     data = np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2).reshape(len(images), 3072))
     names = [f"img_{i:05d}.png".encode() for i in range(len(images))]
     with open(path, "wb") as f:
@@ -63,7 +70,8 @@ def _write_cifar10_batch(path: Path, images: np.ndarray, labels, batch_label: st
 
 
 def _write_cifar10(root, images_train, labels_train, images_test, labels_test) -> Path:
-    """Write root/cifar-10-batches-py/ (data_batch_1..5 splitting the train arrays, test_batch, batches.meta).
+    """Write root/cifar-10-batches-py/ (data_batch_1..5 splitting the train arrays, test_batch,
+    batches.meta).
 
     images: uint8 [N, 32, 32, 3] NHWC RGB; labels: int [N]. Returns the cifar-10-batches-py folder.
     """
@@ -71,12 +79,13 @@ def _write_cifar10(root, images_train, labels_train, images_test, labels_test) -
     folder.mkdir(parents=True, exist_ok=True)
     chunks = np.array_split(np.arange(len(images_train)), 5)
     for b, idx in enumerate(chunks, start=1):
-        _write_cifar10_batch(folder / f"data_batch_{b}", images_train[idx], np.asarray(labels_train)[idx],
-                             f"training batch {b} of 5")
+        _write_cifar10_batch(folder / f"data_batch_{b}", images_train[idx],
+                             np.asarray(labels_train)[idx], f"training batch {b} of 5")
     _write_cifar10_batch(folder / "test_batch", images_test, labels_test, "testing batch 1 of 1")
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                     "ship", "truck"], "num_cases_per_batch": len(chunks[0]), "num_vis": 3072},
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                     "horse", "ship", "truck"],
+                     "num_cases_per_batch": len(chunks[0]), "num_vis": 3072},
                     f, protocol=2)
     return folder
 
@@ -84,8 +93,8 @@ def _write_cifar10(root, images_train, labels_train, images_test, labels_test) -
 def _write_gtsrb(root, train, test) -> dict:
     """Write root/gtsrb/ in torchvision.datasets.GTSRB's layout.
 
-    train, test: lists of (image uint8 [h, w, 3], class id). Train classes must be 0..K-1 with no gap,
-    because torchvision numbers train classes by their sorted folder names. Returns split ->
+    train, test: lists of (image uint8 [h, w, 3], class id). Train classes must be 0..K-1 with no
+    gap, because torchvision numbers train classes by their sorted folder names. Returns split ->
     (images, labels int64 [N]) in the order torchvision lists them (train by class then file name,
     test in csv order).
     """
@@ -98,18 +107,21 @@ def _write_gtsrb(root, train, test) -> dict:
     ordered = []
     for label, images in sorted(by_class.items()):
         folder = base / "GTSRB" / "Training" / f"{label:05d}"
-        rows = [_save_ppm(folder / f"{j // 30:05d}_{j % 30:05d}.ppm", image, label) for j, image in enumerate(images)]
+        rows = [_save_ppm(folder / f"{j // 30:05d}_{j % 30:05d}.ppm", image, label)
+                for j, image in enumerate(images)]
         _write_csv(folder / f"GT-{label:05d}.csv", header, rows)
         ordered += [(image, label) for image in images]
     test_dir = base / "GTSRB" / "Final_Test" / "Images"
-    rows = [_save_ppm(test_dir / f"{i:05d}.ppm", image, label) for i, (image, label) in enumerate(test)]
+    rows = [_save_ppm(test_dir / f"{i:05d}.ppm", image, label)
+            for i, (image, label) in enumerate(test)]
     _write_csv(base / "GT-final_test.csv", header, rows)
     return {split: ([im for im, _ in pairs], np.array([y for _, y in pairs], dtype=np.int64))
             for split, pairs in (("train", ordered), ("test", list(test)))}
 
 
 def _save_ppm(path: Path, image: np.ndarray, label: int) -> list:
-    """Save one image as .ppm; returns its GTSRB csv row (ROI = the whole image minus a 1-pixel margin)."""
+    """Save one image as .ppm; returns its GTSRB csv row (ROI = the whole image minus a 1-pixel
+    margin)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
     height, width = image.shape[:2]
@@ -130,27 +142,30 @@ def _balanced_labels(num_classes: int, per_class: int, rng) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def make_images():
-    """Callable (labels int [N], rng, size=(width, height)) -> uint8 [N, height, width, 3], class-structured."""
+    """Callable (labels int [N], rng, size=(width, height)) -> uint8 [N, height, width, 3],
+    class-structured."""
     return _make_images
 
 
 @pytest.fixture(scope="session")
 def write_cifar10():
-    """Callable (root, images_train, labels_train, images_test, labels_test) -> the cifar-10-batches-py folder."""
+    """Callable (root, images_train, labels_train, images_test, labels_test)
+    -> the cifar-10-batches-py folder."""
     return _write_cifar10
 
 
 @pytest.fixture(scope="session")
 def write_gtsrb():
-    """Callable (root, train, test), each a list of (image uint8 [h, w, 3], class id) -> split -> (images, labels)."""
+    """Callable (root, train, test), each a list of (image uint8 [h, w, 3], class id) -> split
+    -> (images, labels)."""
     return _write_gtsrb
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> TinyData:
-    """CIFAR-10: 200 train (5 batches of 40) + 100 test, 10 balanced classes. GTSRB: 43 classes, 2 train
-    images each + 1 test image each, sizes 30x34, 40x40 and 32x32 (width x height). Treat as read-only
-    (loading GTSRB writes its .npz cache there, which is harmless)."""
+    """CIFAR-10: 200 train (5 batches of 40) + 100 test, 10 balanced classes. GTSRB: 43 classes,
+    2 train images each + 1 test image each, sizes 30x34, 40x40 and 32x32 (width x height). Treat
+    as read-only (loading GTSRB writes its .npz cache there, which is harmless)."""
     rng = np.random.default_rng(0)
     root = tmp_path_factory.mktemp("tiny_data")
     cifar = {}
@@ -175,7 +190,8 @@ def tiny_data_dir(tiny_data) -> Path:
 
 @pytest.fixture
 def real_data_dir() -> Path:
-    """The folder of real datasets named by $VICREG_DATA_DIR (e.g. prepare.py's output); skips if unset."""
+    """The folder of real datasets named by $VICREG_DATA_DIR (e.g. prepare.py's output); skips if
+    unset."""
     if not os.environ.get("VICREG_DATA_DIR"):
         pytest.skip("VICREG_DATA_DIR is unset")
     return Path(os.environ["VICREG_DATA_DIR"])

@@ -28,9 +28,11 @@ def test_the_gpu_check_runs_every_step_and_prints_one_table(tiny_data_dir, tmp_p
 
 
 def test_the_jpeg_copy_of_cifar10_is_laid_out_as_the_pickles(tmp_path):
-    from bench.layout_cifar10 import layout
-    from PIL import Image
     import io
+
+    from PIL import Image
+
+    from bench.layout_cifar10 import layout
 
     rng = np.random.default_rng(0)
     arrays = {}

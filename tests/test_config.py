@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from shared.config import (PRESETS, Config, build_train_parser, load_run_config, make_config,
-                           parse_mlp, parse_train_args)
+from shared.cli import build_train_parser, parse_train_args
+from shared.config import PRESETS, Config, load_run_config, make_config, parse_mlp
 from shared.errors import UserError
 
 
@@ -71,7 +71,7 @@ def test_resume_reads_the_stored_config_and_applies_new_flags(tmp_path):
     ({"flip_p": 2.0}, r"--flip-p 2.0: must be a probability in \[0, 1\]"),
     ({"gray_p": -1.0}, r"--gray-p -1.0: must be a probability in \[0, 1\]"),
     ({"crop_min_scale": 5.0}, r"--crop-min-scale 5.0: must lie in \(0, 1\]"),
-    ({"epochs": 10, "warmup_epochs": 20.0}, r"--warmup-epochs 20.0 is longer than the run "
+    ({"epochs": 10, "warmup_epochs": 20.0}, r"--warmup-epochs 20 is longer than the run "
                                             r"\(--epochs 10\)"),
     ({"base_lr": float("nan")}, "--base-lr nan: must be a finite number"),
     ({"base_lr": float("inf")}, "--base-lr inf: must be a finite number"),
@@ -80,7 +80,8 @@ def test_resume_reads_the_stored_config_and_applies_new_flags(tmp_path):
     ({"probe_subset": 10}, "--probe-subset 10: must be 0 .all. or at least 43"),
     ({"momentum": 1.0}, r"--momentum 1.0: must lie in \[0, 1\)"),
     ({"seed": -1}, "--seed -1: must be 0 or more"),
-    ({"epochs": "2"}, "--epochs takes an integer, got '2'"),
+    ({"epochs": "2"}, "--epochs takes a number, got '2'"),
+    ({"width": 1.5}, "--width takes an integer, got 1.5"),
 ])
 def test_bad_settings_raise_user_errors(overrides, message):
     with pytest.raises(UserError, match=message):

@@ -1,4 +1,5 @@
-"""shared.data against the arrays written by the conftest builders and against independent computations."""
+"""shared.data against the arrays written by the conftest builders and against independent
+computations."""
 import hashlib
 import os
 import pickle
@@ -14,7 +15,13 @@ import pytest
 from PIL import Image
 
 from shared import data
-from shared.data import NUM_CLASSES, dataset_summary, default_data_dir, load_split, stratified_subset
+from shared.data import (
+    NUM_CLASSES,
+    dataset_summary,
+    default_data_dir,
+    load_split,
+    stratified_subset,
+)
 from shared.errors import UserError
 
 
@@ -29,14 +36,16 @@ def user_error(fn, *args, **kwargs) -> str:
 
 @pytest.fixture
 def cifar_copy(tiny_data_dir, tmp_path):
-    """A private copy of the tiny cifar-10-batches-py/ that a test may break; returns the data dir."""
+    """A private copy of the tiny cifar-10-batches-py/ that a test may break; returns the data
+    dir."""
     shutil.copytree(tiny_data_dir / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
     return tmp_path
 
 
 @pytest.fixture
 def small_gtsrb(tmp_path, make_images, write_gtsrb):
-    """A fresh GTSRB folder (3 classes x 2 train images, 3 test images, mixed sizes); returns (data dir, written)."""
+    """A fresh GTSRB folder (3 classes x 2 train images, 3 test images, mixed sizes);
+    returns (data dir, written)."""
     rng = np.random.default_rng(1)
     sizes = [(30, 34), (40, 40), (32, 32)]
     train = [(make_images([y], rng, sizes[i % 3])[0], y) for i, y in enumerate([0, 0, 1, 1, 2, 2])]
@@ -51,7 +60,7 @@ def pil_resized(image: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((32, 32), Image.Resampling.BILINEAR))
 
 
-# ---- names, splits, data dir ----------------------------------------------------------------------
+# ---- names, splits, data dir ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, split, bad, expected", [
     ("imagenet", "train", "'imagenet'", "cifar10, gtsrb"),
@@ -71,11 +80,13 @@ def test_default_data_dir(monkeypatch, tmp_path):
 
 
 def test_importing_shared_data_does_not_import_torch():
-    code = "import sys, shared.data; sys.exit('torch' in sys.modules or 'torchvision' in sys.modules)"
-    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True)
+    code = ("import sys, shared.data; "
+            "sys.exit('torch' in sys.modules or 'torchvision' in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                   check=True)
 
 
-# ---- CIFAR-10 -------------------------------------------------------------------------------------
+# ---- CIFAR-10 ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_cifar10_returns_written_pixels_and_labels(tiny_data, split):
@@ -94,8 +105,8 @@ def test_cifar10_row_layout_is_rgb_planes(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(2)
-    rows_per_file = {"data_batch_1": 1, "data_batch_2": 3, "data_batch_3": 2, "data_batch_4": 1, "data_batch_5": 2,
-                     "test_batch": 2}
+    rows_per_file = {"data_batch_1": 1, "data_batch_2": 3, "data_batch_3": 2, "data_batch_4": 1,
+                     "data_batch_5": 2, "test_batch": 2}
     rows = {}
     for name, n in rows_per_file.items():
         rows[name] = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
@@ -106,7 +117,8 @@ def test_cifar10_row_layout_is_rgb_planes(tmp_path):
     assert images.shape == (9, 32, 32, 3)
     assert labels.tolist() == [0, 0, 1, 2, 0, 1, 0, 0, 1]
     for i, row in enumerate(all_rows):
-        want = [[[row[ch * 1024 + r * 32 + c] for ch in range(3)] for c in range(32)] for r in range(32)]
+        want = [[[row[ch * 1024 + r * 32 + c] for ch in range(3)] for c in range(32)]
+                for r in range(32)]
         np.testing.assert_array_equal(images[i], np.array(want, dtype=np.uint8))
 
 
@@ -119,7 +131,8 @@ def test_cifar10_missing_folder(tmp_path):
 def test_cifar10_missing_batch_file(cifar_copy):
     (cifar_copy / "cifar-10-batches-py" / "data_batch_3").unlink()
     message = user_error(load_split, "cifar10", cifar_copy, "train")
-    assert str(cifar_copy / "cifar-10-batches-py" / "data_batch_3") in message and "--download" in message
+    assert (str(cifar_copy / "cifar-10-batches-py" / "data_batch_3") in message
+            and "--download" in message)
     assert len(load_split("cifar10", cifar_copy, "test")[0]) == 100
 
 
@@ -139,16 +152,22 @@ class _RunsCode:
 
 BAD_BATCHES = {
     "truncated": lambda raw, _: raw[: len(raw) // 2],
-    "garbage": lambda raw, _: np.random.default_rng(3).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+    "garbage": lambda raw, _: np.random.default_rng(3).integers(0, 256, 5000,
+                                                                dtype=np.uint8).tobytes(),
     "empty": lambda raw, _: b"",
     "not a dict": lambda raw, _: _pickled([1, 2, 3]),
     "missing labels": lambda raw, _: _pickled({b"data": np.zeros((40, 3072), np.uint8)}),
-    "str keys": lambda raw, _: _pickled({"data": np.zeros((40, 3072), np.uint8), "labels": [0] * 40}),
-    "wrong width": lambda raw, _: _pickled({b"data": np.zeros((40, 3000), np.uint8), b"labels": [0] * 40}),
-    "wrong dtype": lambda raw, _: _pickled({b"data": np.zeros((40, 3072), np.float32), b"labels": [0] * 40}),
+    "str keys": lambda raw, _: _pickled({"data": np.zeros((40, 3072), np.uint8),
+                                         "labels": [0] * 40}),
+    "wrong width": lambda raw, _: _pickled({b"data": np.zeros((40, 3000), np.uint8),
+                                            b"labels": [0] * 40}),
+    "wrong dtype": lambda raw, _: _pickled({b"data": np.zeros((40, 3072), np.float32),
+                                            b"labels": [0] * 40}),
     "data not an array": lambda raw, _: _pickled({b"data": b"\0" * 3072, b"labels": [0]}),
-    "label count": lambda raw, _: _pickled({b"data": np.zeros((40, 3072), np.uint8), b"labels": [0] * 39}),
-    "label range": lambda raw, _: _pickled({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}),
+    "label count": lambda raw, _: _pickled({b"data": np.zeros((40, 3072), np.uint8),
+                                            b"labels": [0] * 39}),
+    "label range": lambda raw, _: _pickled({b"data": np.zeros((2, 3072), np.uint8),
+                                            b"labels": [0, 10]}),
     "runs code": lambda raw, marker: _pickled({b"data": _RunsCode(marker), b"labels": []}),
 }
 
@@ -163,7 +182,8 @@ def test_cifar10_corrupt_batch(cifar_copy, kind):
     assert not marker.exists()
 
 
-def test_cifar10_download_fetches_only_when_files_are_missing(monkeypatch, tmp_path, tiny_data, write_cifar10):
+def test_cifar10_download_fetches_only_when_files_are_missing(monkeypatch, tmp_path, tiny_data,
+                                                              write_cifar10):
     calls = []
 
     class FakeCIFAR10:
@@ -185,10 +205,12 @@ def test_cifar10_download_failure_is_a_user_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr("torchvision.datasets.CIFAR10", offline)
     message = user_error(load_split, "cifar10", tmp_path, "train", download=True)
-    assert "downloading CIFAR-10" in message and str(tmp_path) in message and "name resolution" in message
+    assert ("downloading CIFAR-10" in message and str(tmp_path) in message
+            and "name resolution" in message)
 
 
-def test_an_offline_download_says_how_to_use_a_copy_and_leaves_nothing_behind(monkeypatch, tmp_path):
+def test_an_offline_download_says_how_to_use_a_copy_and_leaves_nothing_behind(monkeypatch,
+                                                                               tmp_path):
     data_dir = tmp_path / "data"
     (tmp_path / "keep").mkdir()
 
@@ -200,7 +222,8 @@ def test_an_offline_download_says_how_to_use_a_copy_and_leaves_nothing_behind(mo
 
     monkeypatch.setattr("torchvision.datasets.CIFAR10", offline_after_a_partial_write)
     message = user_error(load_split, "cifar10", data_dir, "train", download=True)
-    assert "--data-dir" in message and "VICREG_DATA_DIR" in message and "cifar-10-batches-py" in message
+    assert ("--data-dir" in message and "VICREG_DATA_DIR" in message
+            and "cifar-10-batches-py" in message)
     assert not data_dir.exists()  # the folder the download made is gone with its partial file
     data_dir.mkdir()
     (data_dir / "mine.txt").write_text("a user's file")
@@ -208,14 +231,15 @@ def test_an_offline_download_says_how_to_use_a_copy_and_leaves_nothing_behind(mo
     assert sorted(p.name for p in data_dir.iterdir()) == ["mine.txt"]
 
 
-# ---- GTSRB ----------------------------------------------------------------------------------------
+# ---- GTSRB ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_gtsrb_equals_pil_resize_of_written_images(tiny_data, split):
     images, labels = load_split("gtsrb", tiny_data.root, split)
     written, want_labels = tiny_data.gtsrb[split]
     assert {im.shape[:2] for im in written} == {(34, 30), (40, 40), (32, 32)}
-    assert images.dtype == np.uint8 and images.shape == (len(written), 32, 32, 3) and images.flags.c_contiguous
+    assert (images.dtype == np.uint8 and images.shape == (len(written), 32, 32, 3)
+            and images.flags.c_contiguous)
     np.testing.assert_array_equal(images, np.stack([pil_resized(im) for im in written]))
     np.testing.assert_array_equal(labels, want_labels)
     assert labels.dtype == np.int64 and set(labels.tolist()) == set(range(NUM_CLASSES["gtsrb"]))
@@ -301,13 +325,15 @@ def test_gtsrb_missing_test_image(small_gtsrb):
 ])
 def test_gtsrb_missing_layout(tmp_path, split, expected):
     message = user_error(load_split, "gtsrb", tmp_path, split)
-    assert str(tmp_path / "gtsrb" / "GTSRB") in message and expected in message and "--download" in message
+    assert (str(tmp_path / "gtsrb" / "GTSRB") in message and expected in message
+            and "--download" in message)
 
 
 def test_gtsrb_missing_test_csv(small_gtsrb):
     root, _ = small_gtsrb
     (root / "gtsrb" / "GT-final_test.csv").unlink()
-    assert str(root / "gtsrb" / "GT-final_test.csv") in user_error(load_split, "gtsrb", root, "test")
+    assert (str(root / "gtsrb" / "GT-final_test.csv")
+            in user_error(load_split, "gtsrb", root, "test"))
 
 
 def test_gtsrb_empty_training_folder(tmp_path):
@@ -330,15 +356,17 @@ def test_dataset_summary(tiny_data_dir):
         f"cifar10 in {tiny_data_dir}: train 200, test 100 images of 32x32 RGB, 10 classes")
 
 
-# ---- stratified_subset ----------------------------------------------------------------------------
+# ---- stratified_subset ---------------------------------------------------------------------------
 
 def shuffled_labels(counts: dict, seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(np.concatenate([[k] * n for k, n in counts.items()]))
+    return np.random.default_rng(seed).permutation(
+        np.concatenate([[k] * n for k, n in counts.items()]))
 
 
 def test_stratified_subset_largest_remainder_counts():
     labels = shuffled_labels({7: 50, 2: 30, 9: 20})
-    # Quotas 3.5, 2.1, 1.4: floors 3, 2, 1 and the one left over goes to the largest remainder (class 7).
+    # Quotas 3.5, 2.1, 1.4: floors 3, 2, 1 and the one left over goes to the largest
+    # remainder (class 7).
     idx = stratified_subset(labels, 7, seed=0)
     assert idx.dtype == np.int64 and np.all(np.diff(idx) > 0) and idx[-1] < len(labels)
     assert {k: int(np.sum(labels[idx] == k)) for k in (7, 2, 9)} == {7: 4, 2: 2, 9: 1}
@@ -370,16 +398,18 @@ def test_stratified_subset_all_when_n_is_large():
         np.testing.assert_array_equal(stratified_subset(labels, n, seed=0), np.arange(5))
 
 
-@pytest.mark.parametrize("n, expected", [(0, "positive"), (-3, "positive"), (2, "number of classes (3)")])
+@pytest.mark.parametrize("n, expected", [(0, "positive"), (-3, "positive"),
+                                         (2, "number of classes (3)")])
 def test_stratified_subset_bad_sizes(n, expected):
     assert expected in user_error(stratified_subset, shuffled_labels({0: 5, 1: 5, 2: 5}), n, 0)
 
 
-# ---- real data (VICREG_DATA_DIR) ------------------------------------------------------------------
+# ---- real data (VICREG_DATA_DIR) -----------------------------------------------------------------
 
 @pytest.fixture
 def prepared_dir(real_data_dir):
-    """real_data_dir when it is ../shared/data/prepare.py's output, whose pixel hashes its README publishes."""
+    """real_data_dir when it is ../shared/data/prepare.py's output, whose pixel hashes its README
+    publishes."""
     if not (real_data_dir / "PREPARED").exists():
         pytest.skip("not prepare.py's output: the published hashes do not apply")
     return real_data_dir
@@ -418,7 +448,8 @@ def test_real_gtsrb_counts_and_cached_reload(real_data_dir):
      "90dbce9392b7eec7db1b1f1f13ea73598b72822efaaf9f608c935064fad29db2"),
 ])
 def test_real_pixels_match_published_hashes(prepared_dir, name, split, x_hash, y_hash):
-    """shared/data/README.md publishes sha256 of the NHWC uint8 arrays and uint8 labels in this order."""
+    """shared/data/README.md publishes sha256 of the NHWC uint8 arrays and uint8 labels in this
+    order."""
     images, labels = load_split(name, prepared_dir, split)
     assert sha256(images) == x_hash
     assert sha256(labels.astype(np.uint8)) == y_hash

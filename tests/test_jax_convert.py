@@ -1,4 +1,5 @@
-"""jax_impl.convert: exact round trips, equal features across frameworks, probes of converted runs, errors."""
+"""jax_impl.convert: exact round trips, equal features across frameworks, probes of converted runs,
+errors."""
 import json
 from dataclasses import asdict
 
@@ -15,7 +16,8 @@ from jax_impl.optim import build_optimizer
 from shared.config import make_config
 from torch_impl import probe as torch_probe
 from torch_impl import train as torch_train
-from torch_impl.checkpoint import load_checkpoint as load_torch, save_checkpoint as save_torch
+from torch_impl.checkpoint import load_checkpoint as load_torch
+from torch_impl.checkpoint import save_checkpoint as save_torch
 from torch_impl.model import VICReg as TorchVICReg
 from torch_impl.optim import build_optimizer as build_torch_optimizer
 
@@ -23,7 +25,8 @@ PROGRESS = {"epoch": 3, "global_step": 12, "train_time_s": 5.0, "metrics_bytes":
 
 
 def config_for(run, data_dir, width=4):
-    return make_config({"preset": "smoke", "width": width, "data_dir": str(data_dir), "out": str(run)})
+    return make_config({"preset": "smoke", "width": width, "data_dir": str(data_dir),
+                        "out": str(run)})
 
 
 def torch_run(run, data_dir, width=4, config_width=None):
@@ -46,13 +49,15 @@ def jax_run(run, data_dir):
     cfg = config_for(run, data_dir)
     variables = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims()), seed=5)
     rng = np.random.default_rng(5)
-    stats = jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(s.dtype) if s.dtype == np.float32
+    stats = jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(s.dtype)
+                         if s.dtype == np.float32
                          else np.full(s.shape, 7, s.dtype), variables["batch_stats"])
     run.mkdir()
     (run / "config.json").write_text(cfg.to_json())
     save_checkpoint(run / CHECKPOINT_FILE, {
         "params": variables["params"], "batch_stats": stats,
-        "opt_state": build_optimizer(cfg).init(variables["params"]), "config": asdict(cfg), **PROGRESS})
+        "opt_state": build_optimizer(cfg).init(variables["params"]), "config": asdict(cfg),
+        **PROGRESS})
     return run
 
 
@@ -73,7 +78,8 @@ def test_torch_to_flax_to_torch_is_exact(tiny_data_dir, tmp_path, capsys):
     for key, tensor in original["model"].items():
         assert restored["model"][key].dtype == tensor.dtype, key
         assert torch.equal(restored["model"][key], tensor), key
-    assert {k: restored[k] for k in [*PROGRESS, "config"]} == {k: original[k] for k in [*PROGRESS, "config"]}
+    assert ({k: restored[k] for k in [*PROGRESS, "config"]}
+            == {k: original[k] for k in [*PROGRESS, "config"]})
     assert restored["optimizer"]["state"] == {}  # weights only: a fresh optimizer
 
     flax = load_checkpoint(run / CHECKPOINT_FILE)  # the layouts, by hand
@@ -83,7 +89,8 @@ def test_torch_to_flax_to_torch_is_exact(tiny_data_dir, tmp_path, capsys):
     linear = original["model"]["projector.3.weight"].numpy()  # [out, in]
     np.testing.assert_array_equal(flax["params"]["projector"]["3"]["kernel"], linear.T)
     bn = flax["batch_stats"]["backbone"]["layer1"]["1"]["bn2"]
-    np.testing.assert_array_equal(bn["running_var"], original["model"]["backbone.layer1.1.bn2.running_var"])
+    np.testing.assert_array_equal(bn["running_var"],
+                                  original["model"]["backbone.layer1.1.bn2.running_var"])
     assert bn["num_batches_tracked"] == 1
     assert flax["epoch"] == 3 and flax["config"] == original["config"]
 
@@ -121,7 +128,8 @@ def test_torch_run_converted_to_flax_is_probed_by_jax(tiny_data_dir, tmp_path):
     assert jax_probe.main(["--run", str(run), "--dataset", "gtsrb", "--probe-epochs", "2",
                            "--data-dir", str(tiny_data_dir)]) == 0
     result = json.loads((run / "probe_gtsrb.json").read_text())
-    assert (result["framework"], result["checkpoint_epoch"], result["num_classes"]) == ("jax", 3, 43)
+    assert ((result["framework"], result["checkpoint_epoch"], result["num_classes"])
+            == ("jax", 3, 43))
 
 
 def test_a_probe_by_the_other_framework_keeps_the_trained_runs_result(tiny_data_dir, tmp_path):
@@ -154,7 +162,8 @@ def test_refuses_to_overwrite_unless_forced(tiny_data_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case,args,message", [
-    ("wrong direction", ["--to", "flax"], "holds a flax checkpoint (checkpoint.msgpack) and no torch one"),
+    ("wrong direction", ["--to", "flax"],
+     "holds a flax checkpoint (checkpoint.msgpack) and no torch one"),
     ("other architecture", ["--to", "flax"], "does not fit resnet18 width 8 expander 32-32"),
     ("corrupt", ["--to", "flax"], "is corrupt or truncated"),
     ("no run folder", ["--to", "flax"], "config.json is missing"),

@@ -48,7 +48,10 @@ def parity_report() -> dict:
     cfg = make_config({"preset": "smoke", "precision": "fp32"})
     model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), jnp.float64)
     optimizer = build_optimizer(cfg)
-    wide = lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    def wide(a):
+        return a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
     state = jax.tree.map(wide, initial_state(model, optimizer, cfg))
     images = np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     batch = batch_at(images, cfg.augment_params((0.5,) * 3, (0.25,) * 3), 16, 0, 0, 0)

@@ -82,7 +82,8 @@ def test_default_coefficients_and_hinge_by_hand():
 def test_gradient_matches_torch_autograd():
     a, b = sample(6, 3, 1)
     with jax.enable_x64(True):
-        ga, gb = jax.grad(lambda x, y: vicreg_loss(x, y)[0], argnums=(0, 1))(jnp.asarray(a), jnp.asarray(b))
+        ga, gb = jax.grad(lambda x, y: vicreg_loss(x, y)[0], argnums=(0, 1))(jnp.asarray(a),
+                                                                             jnp.asarray(b))
         ga, gb = np.asarray(ga), np.asarray(gb)
     ta, tb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
     torch_vicreg_loss(ta, tb)[0].backward()

@@ -1,4 +1,7 @@
-"""jax_impl.model against torch_impl.model (names, shapes, outputs) and against hand computations."""
+"""jax_impl.model against torch_impl.model (names, shapes, outputs) and against hand
+computations."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,18 +11,30 @@ from flax.traverse_util import flatten_dict
 
 from jax_impl import runtime
 from jax_impl.convert import from_torch_state, to_torch_state, torch_name
-from jax_impl.model import (CONV_IMPLS, BatchNorm, Bottleneck, Conv, ResNet, backbone_of,
-                            backbone_variables, build_model, default_conv_impl, init_variables,
-                            variable_shapes)
+from jax_impl.model import (
+    CONV_IMPLS,
+    BatchNorm,
+    Bottleneck,
+    Conv,
+    ResNet,
+    backbone_of,
+    backbone_variables,
+    build_model,
+    default_conv_impl,
+    init_variables,
+    variable_shapes,
+)
 from shared.archs import feature_dim
 from shared.errors import UserError
-from torch_impl.model import Bottleneck as TorchBottleneck, VICReg as TorchVICReg
+from torch_impl.model import Bottleneck as TorchBottleneck
+from torch_impl.model import VICReg as TorchVICReg
 
 MLP = [16, 8]
 
 
 def torch_layout_shapes(tree) -> dict:
-    """{torch key: shape in torch's layout} of a flax variables tree (kernels transposed by hand)."""
+    """{torch key: shape in torch's layout} of a flax variables tree (kernels transposed by
+    hand)."""
     shapes = {}
     for (_, *path), leaf in flatten_dict(tree).items():
         shape = tuple(leaf.shape)
@@ -35,7 +50,8 @@ def test_names_shapes_and_parameter_count_equal_torch(arch, width):
     model = build_model(arch, width, MLP)
     shapes = variable_shapes(model)
     torch_model = TorchVICReg(arch, width, MLP)
-    assert torch_layout_shapes(shapes) == {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
+    assert torch_layout_shapes(shapes) == {k: tuple(v.shape)
+                                           for k, v in torch_model.state_dict().items()}
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes["params"]))
     assert count == sum(p.numel() for p in torch_model.parameters())
     assert feature_dim(arch, width) == torch_model.backbone.feature_dim
@@ -43,7 +59,8 @@ def test_names_shapes_and_parameter_count_equal_torch(arch, width):
 
 def test_expander_last_linear_has_no_bias_and_others_do():
     params = variable_shapes(build_model("resnet18", 4, [32, 24, 8]))["params"]["projector"]
-    assert sorted(params) == ["0", "1", "3", "4", "6"]  # torch's Sequential indices (ReLUs hold nothing)
+    # torch's Sequential indices (ReLUs hold nothing)
+    assert sorted(params) == ["0", "1", "3", "4", "6"]
     assert set(params["0"]) == {"kernel", "bias"} and set(params["3"]) == {"kernel", "bias"}
     assert set(params["6"]) == {"kernel"}
     assert params["6"]["kernel"].shape == (24, 8)
@@ -61,7 +78,8 @@ def test_conv_equals_torch_conv2d_with_symmetric_padding(impl, kernel, stride):
     ref = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2),
                                      torch.from_numpy(weights).permute(3, 2, 0, 1), stride=stride,
                                      padding=(kernel - 1) // 2)
-    np.testing.assert_allclose(np.asarray(got), ref.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got), ref.permute(0, 2, 3, 1).numpy(), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_conv_impl_is_im2col_on_cpu_and_checked():
@@ -86,8 +104,10 @@ def test_batchnorm_follows_torch_by_hand(shape):
     y, updated = bn.apply(variables, x, train=True, mutable=["batch_stats"])
     axes = tuple(range(len(shape) - 1))
     n = x.size // 3
-    mean, var = x.astype(np.float64).mean(axes), x.astype(np.float64).var(axes)  # biased, to normalise
-    ref = (x - mean) / np.sqrt(var + 1e-5) * variables["params"]["weight"] + variables["params"]["bias"]
+    # biased, to normalise
+    mean, var = x.astype(np.float64).mean(axes), x.astype(np.float64).var(axes)
+    ref = ((x - mean) / np.sqrt(var + 1e-5) * variables["params"]["weight"]
+           + variables["params"]["bias"])
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
     stats = updated["batch_stats"]
     # running = 0.9 running + 0.1 batch, with the UNBIASED variance var * n / (n - 1) (init 0 and 1)
@@ -104,7 +124,7 @@ def test_init_draws_torch_default_distributions():
     model = build_model("resnet18", 8, [64, 16])
     variables = init_variables(model, seed=0)
     flat = flatten_dict(variables)
-    for (collection, *path), value in flat.items():
+    for (_collection, *path), value in flat.items():
         value = np.asarray(value)
         assert value.dtype == (np.int32 if path[-1] == "num_batches_tracked" else np.float32)
         if path[-1] == "kernel":
@@ -133,7 +153,8 @@ def exact_float32():
 
 
 def torch_and_converted(arch, conv_impl, seed=0):
-    """A torch VICReg whose BN statistics moved (one train forward) and the same weights for flax."""
+    """A torch VICReg whose BN statistics moved (one train forward) and the same weights for
+    flax."""
     torch.manual_seed(seed)
     torch_model = TorchVICReg(arch, 4, MLP)
     with torch.no_grad():
@@ -175,7 +196,8 @@ def test_strided_bottleneck_block_matches_torch(precision, conv_impl):
         block.train()(torch.randn(8, 8, 8, 8) + 1.0)  # move the BN statistics
     weights = {k: v.detach().numpy().copy() for k, v in block.state_dict().items()}
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
-    mine = Bottleneck(4, 2, dtype, conv_impl)
+    mine = Bottleneck(4, 2, functools.partial(Conv, dtype=dtype, impl=conv_impl),
+                      functools.partial(BatchNorm, dtype=dtype))
     x = np.random.default_rng(2).normal(size=(4, 8, 8, 8)).astype(np.float32)
     variables = from_torch_state(weights, variable_shapes(mine, x.shape), "test", "bottleneck")
     with torch.no_grad():
@@ -184,17 +206,20 @@ def test_strided_bottleneck_block_matches_torch(precision, conv_impl):
         got = jax.jit(lambda v, x: mine.apply(v, x, train=False))(variables, x)
     assert got.shape == (4, 4, 4, 16) and got.dtype == dtype
     tol = 1e-4 if precision == "fp32" else 5e-2
-    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=tol, atol=tol * np.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=tol,
+                               atol=tol * np.abs(ref).max())
 
 
 def test_bf16_model_computes_in_bf16_with_float32_parameters():
     model = build_model("resnet50", 4, MLP, jnp.bfloat16)
     shapes = variable_shapes(model)
-    assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
+    assert ({leaf.dtype for leaf in jax.tree.leaves(shapes)}
+            == {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)})
     out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), shapes,
                          jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
     features = jax.eval_shape(lambda v, x: backbone_of(model).apply(v, x, train=False),
-                              backbone_variables(shapes), jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+                              backbone_variables(shapes),
+                              jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
     assert (out.shape, out.dtype) == ((2, 8), jnp.bfloat16)
     assert (features.shape, features.dtype) == ((2, 128), jnp.float32)  # pooled in float32
 

@@ -42,8 +42,8 @@ def test_lars_three_steps_match_numpy():
     params = start()
     grads = grads_for(params)
     got, state = run_optax(cfg, params, grads)
-    # By hand: g' = g + wd p, q = eta ||p|| / ||g'|| (1 when a norm is 0), mu = m mu + q g', p -= lr mu;
-    # 1-D parameters skip the decay and the trust ratio.
+    # By hand: g' = g + wd p, q = eta ||p|| / ||g'|| (1 when a norm is 0), mu = m mu + q g',
+    # p -= lr mu; 1-D parameters skip the decay and the trust ratio.
     ref = jax.tree.map(np.copy, params)
     mu = jax.tree.map(np.zeros_like, params)
     for lr, g in zip(LRS, grads):
@@ -54,7 +54,7 @@ def test_lars_three_steps_match_numpy():
                 g = g * (0.02 * pn / gn if pn > 0 and gn > 0 else 1.0)
             return 0.9 * m + g
         mu = jax.tree.map(update, ref, g, mu)
-        ref = jax.tree.map(lambda p, m: p - lr * m, ref, mu)
+        ref = jax.tree.map(lambda p, m, lr=lr: p - lr * m, ref, mu)
     for path_value, expected in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_allclose(path_value, expected, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(np.asarray(state.inner_state[0].mu["conv"]), mu["conv"], rtol=1e-12)
@@ -66,8 +66,8 @@ def test_adam_coupled_l2_three_steps_match_numpy_and_torch():
     params = start(2)
     grads = grads_for(params, seed=3)
     got, _ = run_optax(cfg, params, grads)
-    # torch.optim.Adam(weight_decay): g' = g + wd p; m = b1 m + (1 - b1) g'; v = b2 v + (1 - b2) g'^2;
-    # p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    # torch.optim.Adam(weight_decay): g' = g + wd p; m = b1 m + (1 - b1) g';
+    # v = b2 v + (1 - b2) g'^2; p -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
     ref = jax.tree.map(np.copy, params)
     m = jax.tree.map(np.zeros_like, params)
     v = jax.tree.map(np.zeros_like, params)
@@ -75,7 +75,7 @@ def test_adam_coupled_l2_three_steps_match_numpy_and_torch():
         g = jax.tree.map(lambda g, p: g + 0.1 * p, g, ref)
         m = jax.tree.map(lambda m, g: 0.9 * m + 0.1 * g, m, g)
         v = jax.tree.map(lambda v, g: 0.999 * v + 0.001 * g ** 2, v, g)
-        ref = jax.tree.map(lambda p, m, v: p - lr * (m / (1 - 0.9 ** t)) /
+        ref = jax.tree.map(lambda p, m, v, lr=lr, t=t: p - lr * (m / (1 - 0.9 ** t)) /
                            (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8), ref, m, v)
     tensors = [torch.tensor(p, requires_grad=True) for p in jax.tree.leaves(params)]
     adam = torch.optim.Adam(tensors, lr=0.0, weight_decay=0.1)

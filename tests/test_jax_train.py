@@ -1,4 +1,5 @@
-"""jax_impl.train and jax_impl.probe end to end on the tiny datasets: run folder, resume, CLI errors."""
+"""jax_impl.train and jax_impl.probe end to end on the tiny datasets: run folder, resume, CLI
+errors."""
 import json
 import math
 
@@ -11,9 +12,9 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax_impl import probe as jax_probe
 from jax_impl import train as jax_train
 from jax_impl.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from shared.training import TERMS
 from jax_impl.model import build_model, variable_shapes
 from shared.config import make_config
+from shared.training import TERMS
 
 STEP_KEYS = {"kind", "epoch", "step", "lr", "pairs_per_s", "images_per_s", "loss", "invariance",
              "variance", "covariance", "embedding_std"}
@@ -28,7 +29,8 @@ PROBE_KEYS = {"framework", "dataset", "top1", "per_class_top1", "num_train", "nu
 def compile_cache(tmp_path_factory):
     """Every run here compiles the same train step: let XLA reload it from a disk cache."""
     compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax-cache"))
+    jax.config.update("jax_compilation_cache_dir",
+                      str(tmp_path_factory.getbasetemp() / "jax-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     yield
     jax.config.update("jax_compilation_cache_dir", None)
@@ -36,8 +38,10 @@ def compile_cache(tmp_path_factory):
 
 
 def smoke(data_dir, out, *extra):
-    """Flags of a seconds-long run: the smoke preset (64 images, batch 16: 4 steps/epoch) at width 4."""
-    return ["--preset", "smoke", "--width", "4", "--data-dir", str(data_dir), "--out", str(out), *extra]
+    """Flags of a seconds-long run: the smoke preset (64 images, batch 16: 4 steps/epoch) at
+    width 4."""
+    return ["--preset", "smoke", "--width", "4", "--data-dir", str(data_dir), "--out", str(out),
+            *extra]
 
 
 def error_line(capsys) -> str:
@@ -68,8 +72,8 @@ def test_smoke_train_then_probe_writes_the_run_folder(tiny_data_dir, tmp_path, c
         assert r["images_per_s"] == pytest.approx(2 * r["pairs_per_s"])
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary) == SUMMARY_KEYS
-    assert (summary["framework"], summary["precision"], summary["steps"], summary["train_images"]) == \
-        ("jax", "fp32", 4, 64)
+    assert (summary["framework"], summary["precision"], summary["steps"],
+            summary["train_images"]) == ("jax", "fp32", 4, 64)
     assert set(summary["final"]) == set(TERMS)
     stored = load_checkpoint(run / CHECKPOINT_FILE)
     assert (stored["epoch"], stored["global_step"]) == (1, 4)
@@ -78,8 +82,9 @@ def test_smoke_train_then_probe_writes_the_run_folder(tiny_data_dir, tmp_path, c
     for dataset, train, test, classes in (("cifar10", 200, 100, 10), ("gtsrb", 86, 43, 43)):
         result = json.loads((run / f"probe_{dataset}.json").read_text())
         assert set(result) == PROBE_KEYS
-        assert (result["framework"], result["num_train"], result["num_test"], result["num_classes"],
-                result["feature_dim"], result["checkpoint_epoch"]) == ("jax", train, test, classes, 32, 1)
+        assert ((result["framework"], result["num_train"], result["num_test"],
+                 result["num_classes"], result["feature_dim"], result["checkpoint_epoch"])
+                == ("jax", train, test, classes, 32, 1))
         assert len(result["per_class_top1"]) == classes
         assert summary["probe"][dataset] == result["top1"]
     assert summary["probe"]["cifar10"] > 0.3  # class-structured images: far above chance (0.1)
@@ -95,10 +100,12 @@ def test_smoke_train_then_probe_writes_the_run_folder(tiny_data_dir, tmp_path, c
 
 def nan_lr_at(global_step, lr_at):
     """Wrap optim.lr_at so that the update of `global_step` uses lr = NaN: the weights diverge."""
-    return lambda step, per_epoch, cfg: float("nan") if step == global_step else lr_at(step, per_epoch, cfg)
+    return lambda step, per_epoch, cfg: (float("nan") if step == global_step
+                                         else lr_at(step, per_epoch, cfg))
 
 
-def test_divergence_stops_and_resume_continues_exactly(tiny_data_dir, tmp_path, monkeypatch, capsys):
+def test_divergence_stops_and_resume_continues_exactly(tiny_data_dir, tmp_path, monkeypatch,
+                                                       capsys):
     reference, run = tmp_path / "reference", tmp_path / "run"
     assert jax_train.main(smoke(tiny_data_dir, reference, "--epochs", "2", "--no-probe")) == 0
 
@@ -126,7 +133,7 @@ def test_divergence_stops_and_resume_continues_exactly(tiny_data_dir, tmp_path, 
     assert lines[0] == lines[1]  # the diverged epoch's lines were rolled back, then redone
 
 
-# ---- bad input: one line on stderr, exit code 2 ----------------------------------------------------
+# ---- bad input: one line on stderr, exit code 2 --------------------------------------------------
 
 @pytest.mark.parametrize("flags,message", [
     (["--preset", "turbo"], "unknown preset 'turbo'"),
@@ -156,7 +163,8 @@ def run_folder(path, width=4, checkpoint: bytes | None = None):
 
 
 def zero_checkpoint(path, width):
-    """checkpoint.msgpack with all-zero variables of a resnet18 at `width` (no compilation needed)."""
+    """checkpoint.msgpack with all-zero variables of a resnet18 at `width` (no compilation
+    needed)."""
     shapes = variable_shapes(build_model("resnet18", width, [32, 32]))
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     save_checkpoint(path, {**zeros, "opt_state": {}, "epoch": 1, "global_step": 4,
@@ -171,7 +179,8 @@ def test_corrupt_and_truncated_checkpoints(tiny_data_dir, tmp_path, capsys):
     good = tmp_path / "good.msgpack"
     zero_checkpoint(good, 4)
     blob = good.read_bytes()
-    for name, data in (("garbage", b"\x93\x00not msgpack at all" * 50), ("truncated", blob[:len(blob) // 2])):
+    for name, data in (("garbage", b"\x93\x00not msgpack at all" * 50),
+                       ("truncated", blob[:len(blob) // 2])):
         run = run_folder(tmp_path / name, checkpoint=data)
         assert jax_probe.main(probe_args(run, tiny_data_dir)) == 2
         assert "is corrupt or truncated and cannot be loaded" in error_line(capsys)

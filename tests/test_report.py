@@ -9,7 +9,7 @@ from PIL import Image
 
 from shared import report
 from shared.config import make_config
-from shared.sweep import format_duration
+from shared.results import format_duration
 
 FIGURES = ("loss_curves", "embedding_std", "probe_accuracy")
 

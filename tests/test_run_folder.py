@@ -226,8 +226,8 @@ def test_a_time_budget_fixes_the_length_and_a_resume_keeps_it(framework, tiny_da
     from shared.schedule import lr_at
     trainer = TRAINERS[framework]
     run = tmp_path / "run"
-    # 10 ms a step, 4 steps an epoch: 0.97 x 1 s fills 24 epochs, fewer than the 50 allowed
-    monkeypatch.setattr(trainer, "time_step", lambda s, state: 0.01)
+    # 12.3 ms a step, 4 steps an epoch: 0.97 x 1 s fills 78 steps, 19.5 epochs (of 50 allowed)
+    monkeypatch.setattr(trainer, "time_step", lambda s, state: 0.0123)
     real_epoch = trainer.train_epoch
 
     def stop_in_epoch_three(s, state, epoch, bar):
@@ -239,16 +239,17 @@ def test_a_time_budget_fixes_the_length_and_a_resume_keeps_it(framework, tiny_da
     flags = smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50", "--no-probe",
                   "--log-every", "4", "--warmup-epochs", "2")
     assert trainer.main(flags) == 130
-    assert "x 24 epochs (what fits the 1s time budget at 1600 pairs/s" in capsys.readouterr().out
+    assert "x 19.5 epochs (what fits the 1s time budget at 1301 pairs/s" in \
+        capsys.readouterr().out
     cfg = load_run_config(run)
-    assert (cfg.epochs, cfg.time_budget) == (24, "1s")
+    assert (cfg.epochs, cfg.time_budget) == (19.5, "1s")
     monkeypatch.setattr(trainer, "train_epoch", real_epoch)
     monkeypatch.setattr(trainer, "time_step", lambda s, state: pytest.fail("measured again"))
     assert trainer.main(["--resume", "--out", str(run)]) == 0
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "step"]
-    assert [r["step"] for r in steps] == [4 * e for e in range(1, 25)]
-    # the warmup-cosine over 24 epochs, before and after the resume
+    assert [r["step"] for r in steps] == [4 * e for e in range(1, 20)] + [78]
+    # the warmup-cosine over 78 steps, before and after the resume
     assert [r["lr"] for r in steps] == [lr_at(r["step"] - 1, 4, cfg) for r in steps]
 
 

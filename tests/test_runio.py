@@ -8,8 +8,15 @@ import pytest
 
 from shared.config import make_config
 from shared.errors import UserError
-from shared.runio import (MetricsLog, atomic_write_bytes, make_folder, probe_result_path,
-                          read_metrics, run_folder_lock, start_run_dir)
+from shared.runio import (
+    MetricsLog,
+    atomic_write_bytes,
+    make_folder,
+    probe_result_path,
+    read_metrics,
+    run_folder_lock,
+    start_run_dir,
+)
 
 
 def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
@@ -125,7 +132,8 @@ def test_the_lock_names_its_holder_and_is_released_by_a_killed_holder(tmp_path):
         holder.kill()  # kill -9: no clean-up runs, the kernel drops the lock
         holder.wait()
     with run_folder_lock(tmp_path, "python -m torch_impl.probe"):
-        assert (tmp_path / ".lock").read_text().startswith(f"{os.getpid()} python -m torch_impl.probe")
+        assert (tmp_path / ".lock").read_text().startswith(
+            f"{os.getpid()} python -m torch_impl.probe")
 
 
 def test_probe_result_names(tmp_path):

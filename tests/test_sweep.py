@@ -286,8 +286,8 @@ def error_line(capsys) -> str:
     (["--grid", "=1"], "expected KEY=VALUE"),
     (["--grid", "std_coeff=1,,2"], "expected std_coeff=V1,V2,... with no empty value"),
     (["--grid", "std_coeff=abc"], "std_coeff takes a number, got 'abc'"),
-    (["--grid", "std_coeff=inf"], "std_coeff must be a finite number"),
-    (["--grid", "epochs=1.5"], "epochs takes an integer, got '1.5'"),
+    (["--grid", "std_coeff=inf"], "--std-coeff inf: must be a finite number"),
+    (["--grid", "width=1.5"], "width takes an integer, got '1.5'"),
     (["--grid", "lr_scaling=maybe"], "lr_scaling takes true or false, got 'maybe'"),
     (["--grid", "out=x"], "out cannot be swept (the sweep names each run folder"),
     (["--grid", "data_dir=x"], "data_dir cannot be swept (use --data-dir)"),
@@ -366,5 +366,6 @@ def test_help_explains_every_flag(capsys):
 
 
 def test_setting_errors_name_their_source():
+    from shared.cli import parse_setting
     with pytest.raises(UserError, match=r"^f:3: std_coeff takes a number, got 'x'$"):
-        sweep.parse_value("std_coeff", "x", "f:3")
+        parse_setting("std_coeff", "x", "f:3: std_coeff")

@@ -20,9 +20,15 @@ from shared.errors import UserError
 from shared.loader import batch_at, epoch_batches, shard_rows, split_batch
 from torch_impl import train as train_cli
 from torch_impl.checkpoint import load_checkpoint
+from torch_impl.distributed import (
+    FullGatherLayer,
+    World,
+    data_parallel,
+    on_main,
+    sync_batch_norm,
+    world_from_env,
+)
 from torch_impl.model import build_model
-from torch_impl.distributed import (FullGatherLayer, World, data_parallel, on_main,
-                                    sync_batch_norm, world_from_env)
 from torch_impl.optim import build_optimizer, set_lr
 from torch_impl.runtime import memory_format, to_channels_last
 
@@ -42,7 +48,8 @@ def test_the_parts_of_a_batch_are_the_single_process_batch_byte_for_byte():
         assert all(p.view_a.shape == (12 // count, 32, 32, 3) for p in parts)
         assert np.concatenate([p.view_a for p in parts]).tobytes() == whole.view_a.tobytes()
         assert np.concatenate([p.view_b for p in parts]).tobytes() == whole.view_b.tobytes()
-    threaded = list(epoch_batches(images, params, 12, 3, 1, workers=2, shard=(1, 2)))
+    threaded = list(epoch_batches(images, params, batch_size=12, seed=3, epoch=1, workers=2,
+                                  shard=(1, 2)))
     assert threaded[2].view_b.tobytes() == whole.view_b[6:].tobytes()
 
 
@@ -180,7 +187,7 @@ def assert_close_report(got: dict, want: dict, tolerance: float, what: str) -> f
     scale = max(want[k].abs().max().item() for k in floats)
     for k in floats:
         torch.testing.assert_close(got[k].to(want[k].dtype), want[k], rtol=tolerance,
-                                   atol=tolerance * scale, msg=lambda m: f"{what} {k}: {m}")
+                                   atol=tolerance * scale, msg=lambda m, k=k: f"{what} {k}: {m}")
     return max((got[k].to(want[k].dtype) - want[k]).abs().max().item() for k in floats) / scale
 
 

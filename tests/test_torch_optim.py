@@ -7,8 +7,8 @@ import torch
 
 from shared.config import make_config
 from shared.schedule import lr_at
-from torch_impl.optim import LARS, build_optimizer
 from torch_impl.model import VICReg
+from torch_impl.optim import LARS, build_optimizer
 
 
 def numpy_lars_step(p, g, mu, lr, wd, momentum, eta, excluded):

@@ -1,4 +1,5 @@
-"""torch_impl end to end on a tiny dataset: train, probe, resume, divergence, and every CLI error."""
+"""torch_impl end to end on a tiny dataset: train, probe, resume, divergence, and every CLI
+error."""
 import json
 
 import numpy as np
@@ -96,8 +97,9 @@ def test_resume_equals_an_uninterrupted_run(tiny_data_dir, tmp_path, monkeypatch
         assert torch.equal(a["model"][name], b["model"][name]), name
     for key, state in a["optimizer"]["state"].items():
         assert torch.equal(state["mu"], b["optimizer"]["state"][key]["mu"])
-    strip = lambda path: [{k: v for k, v in json.loads(s).items() if "per_s" not in k and "time" not in k}
-                          for s in (path / "metrics.jsonl").read_text().splitlines()]
+    def strip(path):
+        return [{k: v for k, v in json.loads(s).items() if "per_s" not in k and "time" not in k}
+                for s in (path / "metrics.jsonl").read_text().splitlines()]
     assert strip(straight) == strip(resumed)
 
 
@@ -123,7 +125,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_data_dir, tmp_path, m
     (["--mlp", "2048-x-2048"], "malformed expander spec"),
     (["--batch-size", "1"], "at least 2 images per batch"),
     (["--batch-size", "100000"], "larger than the 64 training images"),
-    (["--epochs", "two"], "invalid int value"),
+    (["--epochs", "two"], "--epochs takes a number, got 'two'"),
 ])
 def test_bad_flags_are_one_line_errors(tiny_data_dir, tmp_path, capsys, flags, message):
     run = tmp_path / "run"

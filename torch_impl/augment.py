@@ -1,11 +1,12 @@
 """The VICReg views computed on the trainer's device, from parameters drawn on the host.
 
 The twin of jax_impl.augment, and the same arithmetic as shared.augment's numpy pipeline (the
-reference): shared.augment.draw_views draws a batch's random parameters and derives every index and
-weight (PixelParams); apply_view here turns uint8 pixels into a normalised view with them. Each op
-below computes what its numpy namesake computes, in the same order of float32 operations, for the
-whole batch at once; per-image choices (which images are jittered, greyed, blurred, ...) select
-between the op's result and its input, so there is no loop over images.
+reference; its ops are in shared.augment_ops): shared.augment.draw_views draws a batch's random
+parameters and derives every index and weight (PixelParams); apply_view here turns uint8 pixels
+into a normalised view with them. Each op below computes what its numpy namesake computes, in the
+same order of float32 operations, for the whole batch at once; per-image choices (which images are
+jittered, greyed, blurred, ...) select between the op's result and its input, so there is no loop
+over images.
 
 Images are NHWC float32 in [0, 1] until the last step, as in numpy.
 """
@@ -42,7 +43,7 @@ def resized_crop(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tens
     """Bilinear resize of each image's crop box: float32 [N, H, W, C] -> [N, size, size, C].
 
     out = a + w (b - a) along the rows (a, b: rows rows0 and rows1, w: row_weight), then the same
-    along the columns, as shared.augment.resized_crop.
+    along the columns, as shared.augment_ops.resized_crop.
     """
     n, _, w, c = images.shape
     size = p["rows0"].shape[1]
@@ -100,13 +101,16 @@ def adjust_hue(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
     Hue in turns from the hexcone: 6h = (g - b) / spread if max is R, 2 + (b - r) / spread if G,
     4 + (r - g) / spread if B (ties to R, then G), 0 for grey pixels; back to RGB as
-    channel = min + spread k, k a clamped triangle wave of 6h (shared.augment.adjust_hue).
+    channel = min + spread k, k a clamped triangle wave of 6h (shared.augment_ops.adjust_hue).
     """
     r, g, b = images[..., 0], images[..., 1], images[..., 2]
     maxc = torch.maximum(torch.maximum(r, g), b)
     minc = torch.minimum(torch.minimum(r, g), b)
     spread = maxc - minc
-    as_float = (lambda mask: mask.to(images.dtype))
+
+    def as_float(mask: torch.Tensor) -> torch.Tensor:
+        return mask.to(images.dtype)
+
     r_max = maxc == r
     g_max = maxc == g
     is_r, is_g, is_b = as_float(r_max), as_float(g_max & ~r_max), as_float(~(r_max | g_max))

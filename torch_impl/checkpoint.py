@@ -30,8 +30,9 @@ def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         jax_twin = path.with_name(JAX_CHECKPOINT_FILE)
         if jax_twin.is_file():
-            raise UserError(f"{path.parent} holds a JAX checkpoint ({jax_twin.name}), not a PyTorch "
-                            f"one; convert it with: python -m jax_impl.convert {path.parent} --to torch")
+            raise UserError(f"{path.parent} holds a JAX checkpoint ({jax_twin.name}), not a "
+                            "PyTorch one; convert it with: python -m jax_impl.convert "
+                            f"{path.parent} --to torch")
         raise UserError(f"no checkpoint at {path} (train first, or check --run/--out)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -66,7 +66,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet: [N, 3, H, W] float -> pooled features [N, feature_dim] (512 or 2048 at width 64)."""
+    """CIFAR ResNet: [N, 3, H, W] float -> pooled features [N, feature_dim] (512 or 2048 at
+    width 64)."""
 
     def __init__(self, arch: str = "resnet18", width: int = 64):
         super().__init__()
@@ -93,7 +94,8 @@ class ResNet(nn.Module):
 
 
 def expander(in_dim: int, dims: list[int]) -> nn.Sequential:
-    """[N, in_dim] -> [N, dims[-1]]: (Linear+BN+ReLU) for all but the last layer, last Linear no bias."""
+    """[N, in_dim] -> [N, dims[-1]]: (Linear+BN+ReLU) for all but the last layer, the last Linear
+    without bias."""
     layers: list[nn.Module] = []
     widths = [in_dim, *dims]
     for i in range(len(dims) - 1):

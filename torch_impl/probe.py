@@ -1,4 +1,5 @@
-"""Linear probe of a frozen backbone: `python -m torch_impl.probe --run RUN_DIR --dataset cifar10|gtsrb`.
+"""Linear probe of a frozen backbone:
+`python -m torch_impl.probe --run RUN_DIR --dataset cifar10|gtsrb`.
 
 Writes RUN_DIR/probe_<dataset>.json (probe_<dataset>_random_init.json with --random-init;
 ..._torch.json for a run trained by jax_impl) and prints one line with the top-1 accuracy. This
@@ -17,8 +18,14 @@ from tqdm import tqdm
 
 from shared.config import Config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
-from shared.linear_probe import (Features, normalize_images, probe_batches, probe_lr, probe_main,
-                                 standardize)
+from shared.linear_probe import (
+    Features,
+    normalize_images,
+    probe_batches,
+    probe_lr,
+    probe_main,
+    standardize,
+)
 from shared.linear_probe import probe_after_training as shared_probe_after_training
 from torch_impl.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model_state
 from torch_impl.model import build_model
@@ -43,7 +50,8 @@ def extract_features(backbone: nn.Module, images: np.ndarray, cfg: Config, desc:
 
 def train_linear(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num_classes: int,
                  cfg: Config) -> np.ndarray:
-    """Fit a linear classifier on standardised features [N, F]; return test logits [M, C] float32."""
+    """Fit a linear classifier on standardised features [N, F]; return test logits [M, C]
+    float32."""
     torch.manual_seed(cfg.seed)
     train_x, test_x = standardize(train_x, test_x)
     classifier = nn.Linear(train_x.shape[1], num_classes)

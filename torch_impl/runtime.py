@@ -12,7 +12,8 @@ def pick_device() -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """True where bf16 matmuls and convolutions run natively (CUDA bf16, or CPU with AVX512-BF16/AMX)."""
+    """True where bf16 matmuls and convolutions run natively (CUDA bf16, or CPU with
+    AVX512-BF16/AMX)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -30,11 +31,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def memory_format(width: int) -> torch.memory_format:
-    """channels_last, except below width 8, where oneDNN's CPU kernels crash (heap corruption seen
-    with torch 2.14 at width 4) and the layout buys nothing anyway."""
+    """channels_last, except below width 8, where oneDNN's channels_last CPU kernels can corrupt
+    the heap (docs/performance.md) and the layout buys nothing anyway."""
     return torch.channels_last if width >= 8 else torch.contiguous_format
 
 
 def to_channels_last(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    """float32 [N, H, W, C] numpy -> a [N, C, H, W] tensor in channels_last layout, no copy on CPU."""
+    """float32 [N, H, W, C] numpy -> a [N, C, H, W] tensor in channels_last layout, no copy on
+    CPU."""
     return torch.from_numpy(batch).permute(0, 3, 1, 2).to(device, non_blocking=True)

@@ -23,19 +23,42 @@ from torch import nn
 from tqdm import tqdm
 
 from shared.augment import AugmentParams
-from shared.config import Config, parse_train_args
+from shared.cli import cli_main, parse_train_args
+from shared.config import Config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.loader import DrawnBatch, ViewBatch, split_batch, steps_per_epoch
 from shared.runio import MetricsLog
 from shared.schedule import lr_at
-from shared.training import (EpochLog, Progress, World, augments_on_device, cli_main, finish_run,
-                             measure_step_seconds, prepare_run_dir, resumable_on_interrupt,
-                             run_folder, session_batches, train_images, train_remaining)
+from shared.training import (
+    EpochLog,
+    Progress,
+    World,
+    augments_on_device,
+    finish_run,
+    measure_step_seconds,
+    prepare_run_dir,
+    resumable_on_interrupt,
+    run_folder,
+    session_batches,
+    train_images,
+    train_remaining,
+)
 from torch_impl.augment import apply_view, device_params
-from torch_impl.checkpoint import (CHECKPOINT_FILE, load_checkpoint, load_model_state,
-                                   save_checkpoint)
-from torch_impl.distributed import (broadcast_from_main, data_parallel, gather_batch, joined,
-                                    on_main, sync_batch_norm, world_from_env)
+from torch_impl.checkpoint import (
+    CHECKPOINT_FILE,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
+from torch_impl.distributed import (
+    broadcast_from_main,
+    data_parallel,
+    gather_batch,
+    joined,
+    on_main,
+    sync_batch_norm,
+    world_from_env,
+)
 from torch_impl.loss import vicreg_loss
 from torch_impl.model import VICReg, build_model
 from torch_impl.optim import build_optimizer, set_lr
@@ -168,48 +191,52 @@ class Session:
         return f" over {self.world.size} processes" if self.world.size > 1 else ""
 
 
-def step_inputs(s: Session, batch: ViewBatch | DrawnBatch) -> tuple:
-    """What s.step_fn takes besides the state and lr: the two views, or (with the views computed
+def step_inputs(session: Session, batch: ViewBatch | DrawnBatch) -> tuple:
+    """What session.step_fn takes besides the state and lr: the two views, or (with the views
+    computed
     on the device) the images, the batch's indices and the views' parameters, on the device."""
     if isinstance(batch, ViewBatch):
-        return to_channels_last(batch.view_a, s.device), to_channels_last(batch.view_b, s.device)
-    index = torch.from_numpy(batch.index).to(s.device, non_blocking=True)
-    return (s.device_images, index, device_params(batch.view_a, s.device),
-            device_params(batch.view_b, s.device))
+        return (to_channels_last(batch.view_a, session.device),
+                to_channels_last(batch.view_b, session.device))
+    index = torch.from_numpy(batch.index).to(session.device, non_blocking=True)
+    return (session.device_images, index, device_params(batch.view_a, session.device),
+            device_params(batch.view_b, session.device))
 
 
-def train_epoch(s: Session, state: TrainState, epoch: int,
+def train_epoch(session: Session, state: TrainState, epoch: int,
                 bar: tqdm) -> tuple[TrainState, dict[str, float]]:
     """One epoch of steps, logged every cfg.log_every steps; returns (state, the epoch record)."""
     state.model.train()
-    log = EpochLog(s.cfg, s.metrics, s.run_dir, bar, epoch, s.steps_per_epoch)
-    for batch in session_batches(s, epoch):
-        lr = lr_at(epoch * s.steps_per_epoch + batch.step, s.steps_per_epoch, s.cfg)
-        state, terms = s.step_fn(state, *step_inputs(s, batch), lr)
+    log = EpochLog(session, bar, epoch)
+    for batch in session_batches(session, epoch):
+        lr = lr_at(epoch * session.steps_per_epoch + batch.step, session.steps_per_epoch,
+                   session.cfg)
+        state, terms = session.step_fn(state, *step_inputs(session, batch), lr)
         log.add(batch.step, lr, terms)
     return state, log.close()
 
 
-def time_step(s: Session, state: TrainState) -> float:
+def time_step(session: Session, state: TrainState) -> float:
     """Seconds a training step takes here (shared.training.measure_step_seconds), measured on
     steps that the state's weights, statistics and optimizer state are restored from."""
     weights = copy.deepcopy(network(state).state_dict())
     optimizer = copy.deepcopy(state.optimizer.state_dict())
-    sync = (lambda _: torch.cuda.synchronize()) if s.device.type == "cuda" else (lambda _: None)
+    on_cuda = session.device.type == "cuda"
+    sync = (lambda _: torch.cuda.synchronize()) if on_cuda else (lambda _: None)
     try:
-        return measure_step_seconds(s, lambda batch: s.step_fn(state, *step_inputs(s, batch), 0.0),
-                                    sync)
+        return measure_step_seconds(
+            session, lambda batch: session.step_fn(state, *step_inputs(session, batch), 0.0), sync)
     finally:
         network(state).load_state_dict(weights)
         state.optimizer.load_state_dict(optimizer)
 
 
-def save_state(s: Session, state: TrainState, progress: Progress) -> None:
+def save_state(session: Session, state: TrainState, progress: Progress) -> None:
     """The checkpoint of `progress`, written by rank 0 (a plain single-process state_dict)."""
-    if s.world.is_main:
-        save_checkpoint(s.run_dir / CHECKPOINT_FILE, {
+    if session.world.is_main:
+        save_checkpoint(session.run_dir / CHECKPOINT_FILE, {
             "model": network(state).state_dict(), "optimizer": state.optimizer.state_dict(),
-            **progress.record(s.steps_per_epoch, s.cfg)})
+            **progress.record(session.steps_per_epoch, session.cfg)})
 
 
 def start_session(cfg: Config, resume: bool, world: World,
@@ -222,13 +249,13 @@ def start_session(cfg: Config, resume: bool, world: World,
     """
     images = train_images(cfg)
     on_main(world, lambda: prepare_run_dir(cfg, resume, "torch"))
-    s = Session(cfg, images, device, autocast_dtype(cfg.precision, device), world,
+    session = Session(cfg, images, device, autocast_dtype(cfg.precision, device), world,
                 MetricsLog(cfg.out) if world.is_main else None)
-    path = s.run_dir / CHECKPOINT_FILE
+    path = session.run_dir / CHECKPOINT_FILE
     if not (resume and path.is_file()):  # rank 0 has decided: a checkpoint is there, or none is
-        return s, initial_state(cfg, device, world), Progress()
+        return session, initial_state(cfg, device, world), Progress()
     stored = load_checkpoint(path)
-    return s, resumed_state(cfg, device, world, stored, path), Progress.of_checkpoint(stored)
+    return session, resumed_state(cfg, device, world, stored, path), Progress.of_checkpoint(stored)
 
 
 def run(cfg: Config, resume: bool) -> dict:
@@ -241,18 +268,18 @@ def run(cfg: Config, resume: bool) -> dict:
     split_batch(cfg.batch_size, world.size)  # an uneven split fails before the processes meet
     with run_folder(cfg, "torch", world), resumable_on_interrupt("torch", Path(cfg.out)):
         with joined(world) as device:
-            s, state, progress = start_session(cfg, resume, world, device)
+            session, state, progress = start_session(cfg, resume, world, device)
             state, progress, done = train_remaining(
-                "torch", s, state, progress, train_epoch=train_epoch, save_state=save_state,
+                "torch", session, state, progress, train_epoch=train_epoch, save_state=save_state,
                 time_step=time_step, agree=lambda value: broadcast_from_main(world, value))
         if done is not None or not world.is_main:
             return done or {}
 
         def probe() -> dict:
             from torch_impl.probe import probe_after_training
-            return probe_after_training(cfg, s.run_dir, network(state).backbone)
+            return probe_after_training(cfg, session.run_dir, network(state).backbone)
 
-        return finish_run("torch", s, progress, probe)
+        return finish_run("torch", session, progress, probe)
 
 
 def main(argv: list[str] | None = None) -> int:

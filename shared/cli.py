@@ -1,0 +1,203 @@
+"""The command lines of both trainers and both probes, built once from Config's fields.
+
+A setting's flag, help text, choices and parsing come from its field in shared.config, so a flag
+means the same in both frameworks and in a sweep's KEY=VALUE. Every mistake is a UserError: one
+line on stderr and exit status 2 (cli_main), Ctrl-C one line and 130.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+
+from shared.config import (
+    PRESETS,
+    PROBE,
+    PROBE_DATASETS,
+    Config,
+    check_resumable,
+    default_out,
+    flag,
+    load_run_config,
+    make_config,
+    setting_types,
+    sweep_owned,
+)
+from shared.errors import Interrupted, UserError
+from shared.runio import CHECKPOINT_FILES
+
+
+class UserErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a UserError (one line, exit 2) instead of exiting, and
+    takes no abbreviated flags (--epoch is not --epochs)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        raise UserError(message)
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def parse_setting(name: str, text: str, where: str):
+    """The value of setting `name` written as `text` (a flag's argument, a sweep's KEY=VALUE), of
+    the setting's type; UserError "<where> takes ..." otherwise. Ranges are validate's."""
+    kind = setting_types()[name]
+    text = text.strip()
+    if kind is bool:
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise UserError(f"{where} takes true or false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        noun = {int: "an integer", float: "a number"}.get(kind, "a value")
+        raise UserError(f"{where} takes {noun}, got {text!r}") from None
+
+
+def check_setting_name(key: str, where: str) -> str:
+    """The Config field named `key` (flag spelling with '-' accepted); UserError otherwise."""
+    name = key.strip().replace("-", "_")
+    types = setting_types()
+    owned = sweep_owned()
+    if name in owned:
+        raise UserError(f"{where}: {name} cannot be swept ({owned[name]})")
+    if name not in types:
+        close = difflib.get_close_matches(name, types, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"{where}: unknown setting {key!r}; {hint}settings are config.json's "
+                        "field names, listed by `python -m torch_impl.train --help`")
+    return name
+
+
+def parse_assignment(text: str, where: str) -> tuple[str, str]:
+    """"KEY=VALUE" -> (setting name, value text)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"{where}: expected KEY=VALUE, got {text!r}")
+    return check_setting_name(key, where), value
+
+
+def setting_flags(settings: dict) -> list[str]:
+    """The flags that give `settings`: {"std_coeff": 10.0, "lr_scaling": False} ->
+    ["--std-coeff", "10", "--no-lr-scaling"]."""
+    flags = []
+    for name, value in settings.items():
+        if isinstance(value, bool):
+            flags.append(flag(name) if value else "--no-" + flag(name)[2:])
+        else:
+            flags += [flag(name), format_value(value)]
+    return flags
+
+
+def format_value(value) -> str:
+    """A setting value as flags, run names and tables write it: 10.0 -> "10", True -> "true"."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
+    return str(value)
+
+
+def _add_setting_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, default,
+                      default_text: str) -> None:
+    help_text = f"{f.metadata['help']} (default: {default_text})"
+    if isinstance(default, bool):
+        parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                            default=argparse.SUPPRESS, help=help_text)
+    else:
+        parser.add_argument(flag(f.name), dest=f.name,
+                            type=lambda text: parse_setting(f.name, text, flag(f.name)),
+                            default=argparse.SUPPRESS, choices=f.metadata["choices"] or None,
+                            metavar=f.name.upper(), help=help_text)
+
+
+def build_train_parser(framework: str) -> argparse.ArgumentParser:
+    """The pretraining command line shared by torch_impl.train and jax_impl.train."""
+    parser = UserErrorParser(
+        prog=f"python -m {framework}_impl.train",
+        description="Pretrain a ResNet with VICReg on CIFAR-10, then measure a linear probe on "
+                    "CIFAR-10 and GTSRB. Defaults are solo-learn's CIFAR recipe (ResNet-18, "
+                    "2048-2048-2048 expander, LARS, 1000 epochs); `--preset cpu` trains in "
+                    "minutes on a laptop CPU.",
+        epilog="presets (flags given override them): " + "; ".join(
+            f"{name}: " + (", ".join(f"{k}={v}" for k, v in values.items()) or "the defaults")
+            for name, values in PRESETS.items()))
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint "
+                             f"({CHECKPOINT_FILES[framework]}); only --epochs (to extend it), "
+                             "the probe settings and how the run executes (--data-dir, "
+                             "--workers, --log-every, --compile, --no-probe) may change")
+    defaults = Config()
+    for f in fields(Config):
+        default = getattr(defaults, f.name)
+        _add_setting_flag(parser, f, default, format_value(default))
+    return parser
+
+
+def parse_train_args(argv: list[str] | None, framework: str) -> tuple[Config, bool]:
+    """Parse the trainer's command line into (config, resume)."""
+    args = vars(build_train_parser(framework).parse_args(argv))
+    resume = args.pop("resume")
+    out = args.get("out") or ""
+    if resume:
+        if not out:
+            raise UserError("--resume needs --out RUN_DIR, the run folder to continue")
+        stored = load_run_config(Path(out))
+        cfg = make_config(args, base=stored)
+        check_resumable(stored, cfg, Path(out))
+        return cfg, True
+    cfg = make_config(args)
+    if not cfg.out:
+        cfg.out = default_out(framework, cfg.preset)
+    return cfg, False
+
+
+def build_probe_parser(framework: str) -> argparse.ArgumentParser:
+    """The linear-probe command line shared by torch_impl.probe and jax_impl.probe."""
+    parser = UserErrorParser(
+        prog=f"python -m {framework}_impl.probe",
+        description="Linear probe: extract features of the frozen backbone (eval-mode BN) for the "
+                    "un-augmented train and test images once, train a linear classifier on them "
+                    "(SGD, cosine) and report top-1 on the test split. Writes "
+                    "RUN/probe_<dataset>.json (a run trained by the other framework: "
+                    f"probe_<dataset>_{framework}.json).")
+    parser.add_argument("--run", required=True, help="run folder written by the trainer")
+    parser.add_argument("--dataset", default="cifar10", choices=PROBE_DATASETS,
+                        help="dataset to probe on (default: cifar10)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="probe an untrained backbone of the run's architecture (baseline)")
+    defaults = Config()
+    for f in fields(Config):
+        if f.metadata["role"] == PROBE or f.name in ("data_dir", "download", "precision"):
+            _add_setting_flag(parser, f, getattr(defaults, f.name), "the run's setting")
+    return parser
+
+
+def parse_probe_args(argv: list[str] | None, framework: str) -> tuple[Config, argparse.Namespace]:
+    """Parse the probe's command line into (the run's config with probe overrides, the args)."""
+    args = build_probe_parser(framework).parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("run", "dataset", "random_init")}
+    cfg = make_config(overrides, base=load_run_config(Path(args.run)))
+    return cfg, args
+
+
+def cli_main(body: Callable[[], object]) -> int:
+    """Run a command's body; a UserError becomes `error: ...` on stderr and exit status 2, Ctrl-C
+    `interrupted: ...` and 130."""
+    try:
+        body()
+    except UserError as exc:
+        print(f"{exc.label}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return Interrupted.exit_code
+    return 0
