@@ -6,16 +6,16 @@
 # SOURCE: a folder holding cifar-10-batches-py/ or cifar10_jpeg.npz (default: .gpu-data/, ignored
 # by git, so the check needs nothing beside the repository). Everything it writes goes to
 # $GPU_CHECK_DIR (default .gpu-data/). Steps, each under its own time limit:
-#   1. lay out CIFAR-10 (bench/layout_cifar10.py);
-#   2. bench/throughput.py at the default recipe, batch 512: each trainer's step alone and end to
-#      end with the views on the host and on the device, the augmentation alone; then, under a
-#      limit of its own (compiling is the slow part), eager against torch.compile at batch 256;
-#   3. a 3-epoch run of each trainer (end-to-end pairs/s from metrics.jsonl, the first epoch,
-#      which compiles, left out);
-#   4. a torch_impl.train run of a few minutes, then its CIFAR-10 probe;
-# and prints one table (bench/gpu_report.py). About 7 minutes on one H200 when each step fits its
-# limit (limits add up to 13). --quick does the same in a minute or two on a CPU (smoke preset),
-# to check the script itself.
+#   1. lay out CIFAR-10 (bench/layout_cifar10.py), note the versions and the GPU;
+#   2. a 3-epoch run of each trainer, and of torch_impl.train --compile off (end-to-end pairs/s
+#      from metrics.jsonl, the first epoch, which compiles, left out);
+#   3. bench/throughput.py at the default recipe, batch 512: each trainer's step alone and end to
+#      end with the views on the host and on the device, the augmentation alone;
+#   4. eager against torch.compile and CUDA graphs (reduce-overhead) at the launch-bound batch 256;
+#   5. a torch_impl.train run of a few minutes, then its CIFAR-10 probe;
+# and prints one table (bench/gpu_report.py). Limits add up to 13 minutes; the steps take less
+# on one H200. --quick does the same in a minute or two on a CPU (smoke preset), to check the
+# script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
@@ -26,7 +26,7 @@ quick=0
 for arg in "$@"; do
     case "$arg" in
         --quick) quick=1 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) source="$arg" ;;
     esac
 done
@@ -34,7 +34,7 @@ done
 if [ "$quick" = 1 ]; then
     preset=smoke batch=16 steps=2 epochs=2 limit=150
 else
-    preset=default batch=512 steps=15 epochs=40 limit=200
+    preset=default batch=512 steps=30 epochs=20 limit=150
 fi
 mkdir -p "$work"
 work="$(cd "$work" && pwd)"
@@ -53,17 +53,25 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, its output into 
 }
 
 started=$SECONDS
-data="$(timeout 180 python bench/layout_cifar10.py "$source" "$work")" || {
+python -c "import sys, torch, jax, flax, optax, numpy; print(sys.version.split()[0], 'torch',
+    torch.__version__, 'jax', jax.__version__, 'flax', flax.__version__, 'optax',
+    optax.__version__, 'numpy', numpy.__version__, jax.devices())" > "$out/versions.log" 2>&1
+nvidia-smi -L >> "$out/versions.log" 2>&1
+data="$(timeout 60 python bench/layout_cifar10.py "$source" "$work")" || {
     echo "error: could not lay out CIFAR-10 from $source"; exit 2; }
 echo "data: $data"
+for fw in torch jax; do
+    step "$fw-3-epochs" 100 python -m "${fw}_impl.train" --preset "$preset" \
+        --batch-size "$batch" --epochs 3 --warmup-epochs 1 --no-probe --data-dir "$data" \
+        --out "$out/$fw-3-epochs"
+done
+[ "$quick" = 1 ] || step torch-eager-3-epochs 100 python -m torch_impl.train --preset "$preset" \
+    --compile off --batch-size "$batch" --epochs 3 --warmup-epochs 1 --no-probe \
+    --data-dir "$data" --out "$out/torch-eager-3-epochs"
 step bench "$limit" python bench/throughput.py --preset "$preset" --batch-size "$batch" \
     --steps "$steps" --rows trainers,augment
-[ "$quick" = 1 ] || step compile 120 python bench/throughput.py --preset "$preset" \
+[ "$quick" = 1 ] || step compile 110 python bench/throughput.py --preset "$preset" \
     --batch-size 256 --steps "$steps" --rows compile
-for fw in torch jax; do
-    step "$fw-3-epochs" 120 python -m "${fw}_impl.train" --preset "$preset" \
-        --batch-size "$batch" --epochs 3 --no-probe --data-dir "$data" --out "$out/$fw-3-epochs"
-done
 step torch-probe "$limit" python -m torch_impl.train --preset "$preset" --batch-size "$batch" \
     --epochs "$epochs" --data-dir "$data" --out "$out/torch-probe"
 echo "all steps: $((SECONDS - started)) s"

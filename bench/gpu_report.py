@@ -26,7 +26,7 @@ def table_lines(log: Path) -> list[str]:
 def run_row(run: Path) -> str:
     epochs = [r for r in read_metrics(run) if r.get("kind") == "epoch"]
     summary = read_json(run / "summary.json") or {}
-    steady = [r["pairs_per_s"] for r in epochs[1:]] or [r["pairs_per_s"] for r in epochs]
+    steady = [r["pairs_per_s"] for r in epochs[1:]]
     rate = f"{sum(steady) / len(steady):,.0f}" if steady else "-"
     probe = summary.get("probe", {}).get("cifar10")
     minutes = f"{summary['train_time_s'] / 60:.1f}" if "train_time_s" in summary else "-"
@@ -37,6 +37,9 @@ def run_row(run: Path) -> str:
 
 def main(check_dir: Path) -> None:
     print(f"\n## GPU check: {check_dir}\n")
+    versions = check_dir / "versions.log"
+    if versions.is_file():
+        print(versions.read_text())
     for name in ("bench.log", "compile.log"):
         print("\n".join(table_lines(check_dir / name)) + "\n")
     print("| run | device | epochs | end-to-end pairs/s (epochs 2+) | train min | CIFAR-10 top-1 |")

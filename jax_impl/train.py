@@ -61,6 +61,7 @@ from shared.errors import UserError
 from shared.loader import DrawnBatch, ViewBatch, split_batch, steps_per_epoch
 from shared.runio import MetricsLog
 from shared.schedule import lr_at
+from shared.tensorboard import EventLog
 from shared.training import (
     EpochLog,
     Progress,
@@ -189,6 +190,7 @@ class Session:
     on_device: bool = field(init=False)  # the views are computed on the device
     device_images: jax.Array | None = field(init=False)  # the uint8 images there, if so
     step_fn: Callable = field(init=False)
+    events: EventLog | None = field(default=None, init=False)  # --tensorboard, main process
     batch_sharding: NamedSharding = field(init=False)  # the views: rows split over the mesh
 
     def __post_init__(self):

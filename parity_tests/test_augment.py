@@ -184,3 +184,18 @@ def test_a_process_applying_its_rows_gets_its_rows_of_the_batch():
         assert torch.equal(full[rows], mine)
         assert jnp.array_equal(jax_views(params)(images, JA.device_params(p_whole))[rows],
                                jax_views(params)(images[rows], JA.device_params(p_part)))
+
+
+def test_views_through_torch_compile_equal_the_numpy_pipeline():
+    """On a GPU the trainer compiles the views: torch.compile fuses their element-wise kernels and
+    may reorder float32 arithmetic. Inductor's CPU code shows the result stays within bounds."""
+    params = PIPELINES["every op on every image"]
+    images = pixels(13)
+    compiled = torch.compile(lambda x, p: TA.apply_view(x, p, params), dynamic=False)
+    for step in range(2):
+        reference = A.make_views(images, params, seed=5, epoch=0, step=step)
+        drawn = A.draw_views(N, H, W, params, seed=5, epoch=0, step=step)
+        for view, ref, p in zip("ab", reference, drawn):
+            torch_view = compiled(on_torch(images), TA.device_params(p, "cpu"))
+            check(f"compiled, step {step} view {view}", ref, torch_view.permute(0, 2, 3, 1),
+                  jax_views(params)(images, JA.device_params(p)))

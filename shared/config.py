@@ -222,10 +222,14 @@ class Config:
                               "threads), device (on the trainer's GPU or CPU, from parameters "
                               "drawn on the host: the same views), or auto (device on a GPU, "
                               "host on a CPU)", RUN, choices=AUGMENT_PLACES)
-    compile: bool = setting(False, "compile the train step (torch.compile); jax always "
+    compile: bool = setting(False, "torch.compile the forward pass and loss of the train step "
+                            "(on a GPU the views computed there are always compiled); jax always "
                             "jit-compiles", RUN)
     log_every: int = setting(20, "write a metrics.jsonl line every this many steps", RUN,
                              check=POSITIVE)
+    tensorboard: bool = setting(False, "also write the curves as TensorBoard events into "
+                                "RUN/tensorboard/ (needs pip install -e \".[tensorboard]\"; view "
+                                "them with tensorboard --logdir RUN/tensorboard)", RUN)
     sync_bn: bool = setting(True, "batch-norm statistics over the global batch when training on "
                             "several processes (torch_impl: SyncBatchNorm; no effect with one "
                             "process); jax_impl always normalises over the global batch",

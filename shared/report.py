@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from shared.cli import UserErrorParser, cli_main, format_value, setting_flags
 from shared.config import Config, make_config
 from shared.errors import UserError
+from shared.report_pdf import write_pdf
 from shared.results import (
     DATASET_NAMES,
     SWEEP_FILE,
@@ -383,11 +384,15 @@ def read_notes(path: Path) -> str:
         raise UserError(f"--notes {path}: cannot read it ({reason})") from None
 
 
-def write_report(paths: list[Path], out: Path | None, notes_path: Path | None = None) -> Path:
-    """Read the folders, draw the figures next to `out`, write the Markdown; returns its path."""
+def write_report(paths: list[Path], out: Path | None, notes_path: Path | None = None,
+                 pdf: Path | None = None) -> list[Path]:
+    """Read the folders, draw the figures next to `out`, write the Markdown and (given `pdf`) the
+    same report as a PDF; returns the paths written."""
     out = Path(out) if out else Path(paths[0]) / "report.md"
     if out.suffix.lower() != ".md":
         raise UserError(f"--out {out}: the report is Markdown, give a file name ending in .md")
+    if pdf is not None and Path(pdf).suffix.lower() != ".pdf":
+        raise UserError(f"--pdf {pdf}: give a file name ending in .pdf")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give the report's file name, e.g. "
                         f"{out}/report.md")
@@ -395,13 +400,19 @@ def write_report(paths: list[Path], out: Path | None, notes_path: Path | None = 
     sources = collect_runs(paths)
     make_folder(out.parent, "report folder")
     command = shlex.join(["python", "-m", "shared.report", *map(str, paths), "--out", str(out),
-                          *(["--notes", str(notes_path)] if notes_path else [])])
+                          *(["--notes", str(notes_path)] if notes_path else []),
+                          *(["--pdf", str(pdf)] if pdf else [])])
     try:
         figures = write_figures(sources.results, out)
-        atomic_write_bytes(out, report_markdown(sources, figures, command, notes).encode())
+        markdown = report_markdown(sources, figures, command, notes)
+        atomic_write_bytes(out, markdown.encode())
+        if pdf is not None:
+            make_folder(Path(pdf).parent, "report folder")
+            write_pdf(markdown, out.parent, Path(pdf))
     except OSError as exc:
-        raise UserError(f"cannot write the report {out}: {exc.strerror or exc}") from None
-    return out
+        raise UserError(f"cannot write the report: {exc.strerror or exc} ({exc.filename})") \
+            from None
+    return [out] + ([Path(pdf)] if pdf else [])
 
 
 def build_report_parser() -> argparse.ArgumentParser:
@@ -420,13 +431,17 @@ def build_report_parser() -> argparse.ArgumentParser:
     parser.add_argument("--notes", type=Path, metavar="NOTES.md",
                         help="your findings in Markdown, placed under the title as the report's "
                              "\"Findings\" section (the numbers themselves are read from the runs)")
+    parser.add_argument("--pdf", type=Path, metavar="REPORT.pdf",
+                        help="also write the report as a PDF (the same text, tables and figures, "
+                             "laid out by matplotlib)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     def body():
         args = build_report_parser().parse_args(argv)
-        print(f"wrote {write_report(args.paths, args.out, args.notes)}")
+        written = write_report(args.paths, args.out, args.notes, args.pdf)
+        print("wrote " + ", ".join(map(str, written)))
     return cli_main(body)
 
 

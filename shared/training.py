@@ -34,6 +34,7 @@ from shared.runio import (
     start_run_dir,
     write_json,
 )
+from shared.tensorboard import EventLog, require_tensorboard
 
 TERMS = ("loss", "invariance", "variance", "covariance", "embedding_std")
 
@@ -118,7 +119,10 @@ def resumable_on_interrupt(framework: str, run_dir: Path) -> Iterator[None]:
 
 def prepare_run_dir(cfg: Config, resume: bool, framework: str) -> bool:
     """Make the run folder ready (main process, lock held): True when there is a checkpoint of
-    `framework` to continue from (see runio.start_run_dir)."""
+    `framework` to continue from (see runio.start_run_dir). A --tensorboard without its package
+    is refused first."""
+    if cfg.tensorboard:
+        require_tensorboard()
     return start_run_dir(Path(cfg.out), cfg.to_json(), resume, framework)
 
 
@@ -196,11 +200,14 @@ def train_remaining(framework: str, session, state, progress: Progress, *, train
         session.cfg = dataclasses.replace(session.cfg, epochs=steps / session.steps_per_epoch)
         end = time.time() + steps * seconds_per_step
         budget_note = (f" (what fits the {session.cfg.time_budget} time budget at "
-                       f"{session.cfg.batch_size / seconds_per_step:.0f} pairs/session: ends about "
+                       f"{session.cfg.batch_size / seconds_per_step:.0f} pairs/s: ends about "
                        f"{time.strftime('%H:%M', time.localtime(end))})")
         if session.metrics is not None:
             write_json(Path(session.cfg.out) / CONFIG_FILE, dataclasses.asdict(session.cfg))
     resume_progress(session.cfg, progress, session.metrics)
+    if session.cfg.tensorboard and session.metrics is not None:
+        resumed_at = progress.epoch * session.steps_per_epoch + 1 if progress.epoch else None
+        session.events = EventLog(session.cfg.out, resumed_at)
     startup_line(framework, session, budget_note)
     with progress_bar(session.cfg, session.steps_per_epoch, progress, session.world) as bar:
         for epoch in range(progress.epoch, session.cfg.epoch_count(session.steps_per_epoch)):
@@ -208,6 +215,8 @@ def train_remaining(framework: str, session, state, progress: Progress, *, train
             progress = Progress(epoch + 1, progress.train_time_s + epoch_record["epoch_time_s"],
                                 session.metrics.size() if session.metrics else 0)
             save_state(session, state, progress)
+            if session.events is not None:
+                session.events.flush()
     return state, progress, None
 
 
@@ -314,7 +323,8 @@ class EpochLog:
     """
 
     def __init__(self, session, bar, epoch: int):
-        self.cfg, self.metrics, self.bar = session.cfg, session.metrics, bar
+        self.cfg, self.metrics, self.events, self.bar = (session.cfg, session.metrics,
+                                                         session.events, bar)
         self.run_dir = Path(session.cfg.out)
         self.epoch, self.steps_per_epoch = epoch, session.steps_per_epoch
         self.steps = session.cfg.steps_in_epoch(epoch, session.steps_per_epoch)  # this epoch's
@@ -355,6 +365,8 @@ class EpochLog:
     def _write(self, record: dict) -> None:
         if self.metrics is not None:
             self.metrics.write(record)
+        if self.events is not None:
+            self.events.write(record)
 
 
 def run_summary(framework: str, session, train_time: float) -> dict:
@@ -374,8 +386,8 @@ def run_summary(framework: str, session, train_time: float) -> dict:
 
 def finish_run(framework: str, session, progress: Progress, probe: Callable[[], dict]) -> dict:
     """The end of a run, on the main process: write summary.json, then (unless --no-probe) run
-    `probe` (-> {dataset: top-1}) and write it again with the results; returns the summary.
-    session: the trainer's Session."""
+    `probe` (-> {dataset: top-1}) and write it again with the results (and to TensorBoard, as
+    probe/<dataset>_top1 at the last step); returns the summary. session: the trainer's Session."""
     cfg = session.cfg
     summary = run_summary(framework, session, progress.train_time_s)
     run_dir = Path(cfg.out)
@@ -384,4 +396,10 @@ def finish_run(framework: str, session, progress: Progress, probe: Callable[[], 
     if cfg.probe:
         summary["probe"] = probe()
         write_json(run_dir / SUMMARY_FILE, summary)
+        if session.events is not None:
+            session.events.scalars(summary["steps"], {f"{dataset}_top1": top1 for dataset, top1
+                                                      in summary["probe"].items()},
+                                   prefix="probe/")
+    if session.events is not None:
+        session.events.close()
     return summary

@@ -231,3 +231,34 @@ def test_help_explains_every_argument(capsys):
     assert "RUN_OR_SWEEP_DIR" in text and "sweep.json" in text and "--out" in text
     assert "--notes" in text and "Findings" in text
     assert "_loss_curves.png" in text
+
+
+def test_the_pdf_holds_the_reports_runs_and_accuracies(smoke_sweep, tmp_path):
+    from pypdf import PdfReader
+
+    out, _ = smoke_sweep
+    markdown, pdf = tmp_path / "report.md", tmp_path / "pdf" / "report.pdf"
+    assert report.main([str(out), "--out", str(markdown), "--pdf", str(pdf)]) == 0
+    reader = PdfReader(pdf)
+    assert len(reader.pages) >= 3
+    text = " ".join(page.extract_text() for page in reader.pages)
+    words = " ".join(text.split())
+    for heading in ("The principle of VICReg", "The linear probe", "GTSRB accuracy per sign",
+                    "Commands"):
+        assert heading in words
+    for run in run_dirs(out):
+        assert run.name in words
+        for dataset in ("cifar10", "gtsrb"):
+            top1 = read_json(run / f"probe_{dataset}.json")["top1"]
+            assert f"{100 * top1:.2f}%" in words  # as the results table writes it
+    # matplotlib's pages share one resource dictionary, so every page lists every image
+    images = {image.name for page in reader.pages for image in page.images}
+    assert len(images) == len(FIGURES)
+
+
+def test_a_pdf_name_that_is_not_a_pdf_is_one_line(smoke_sweep, tmp_path, capsys):
+    out, _ = smoke_sweep
+    assert report.main([str(out), "--out", str(tmp_path / "r.md"), "--pdf",
+                        str(tmp_path / "r.txt")]) == 2
+    expected = f"error: --pdf {tmp_path / 'r.txt'}: give a file name ending in .pdf"
+    assert error_line(capsys) == expected

@@ -207,3 +207,26 @@ def test_command_line_error_is_one_line_with_exit_code_2(tmp_path):
     assert result.stderr.strip() == "error: unknown preset 'nope'; choose one of: default, " \
                                     "homework, cpu, smoke"
     assert not (tmp_path / "run").exists()
+
+
+def test_compiled_step_is_traced_once_whatever_the_learning_rate(monkeypatch):
+    """With --compile a new learning rate each step must not make torch.compile trace again (each
+    trace takes seconds on a GPU); dynamo's own eager backend keeps the test fast on a CPU."""
+    import torch._dynamo
+
+    from shared.config import make_config
+    from shared.training import World
+
+    compile_for_real = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kwargs: compile_for_real(fn, backend="eager", **kwargs))
+    cfg = make_config({"preset": "smoke", "compile": True})
+    state = train_cli.initial_state(cfg, torch.device("cpu"), World())
+    step = train_cli.make_train_step(cfg, None)
+    views = [torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+             for _ in range(2)]
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lr in (0.1, 0.2, 0.3):
+            state, terms = step(state, views[0], views[1], lr)
+    assert torch.isfinite(terms["loss"])

@@ -29,6 +29,7 @@ from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.loader import DrawnBatch, ViewBatch, split_batch, steps_per_epoch
 from shared.runio import MetricsLog
 from shared.schedule import lr_at
+from shared.tensorboard import EventLog
 from shared.training import (
     EpochLog,
     Progress,
@@ -83,9 +84,14 @@ def step_loss(model: nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, cfg: Confi
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x_a: torch.Tensor,
-               x_b: torch.Tensor, cfg: Config, amp: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """One optimisation step; returns the detached loss terms (on the device, not synchronised)."""
-    loss, terms = step_loss(model, x_a, x_b, cfg, amp)
+               x_b: torch.Tensor, cfg: Config, amp: torch.dtype | None,
+               loss_fn: Callable = step_loss) -> dict[str, torch.Tensor]:
+    """One optimisation step; returns the detached loss terms (on the device, not synchronised).
+
+    loss_fn: step_loss, or step_loss through torch.compile. The optimizer step stays outside it,
+    so that a new learning rate each step does not make torch.compile trace the step again.
+    """
+    loss, terms = loss_fn(model, x_a, x_b, cfg, amp)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -100,25 +106,30 @@ class TrainState(NamedTuple):
     optimizer: torch.optim.Optimizer
 
 
-def make_train_step(cfg: Config, amp: torch.dtype | None, augment: AugmentParams | None = None):
+def make_train_step(cfg: Config, amp: torch.dtype | None, augment: AugmentParams | None = None,
+                    compile_views: bool = False):
     """step(state, x_a, x_b, lr) -> (state, terms): train_step at learning rate lr (updating the
-    state in place), through torch.compile with --compile.
+    state in place), its forward pass and loss through torch.compile with --compile.
 
     With `augment`, the views are computed here, on the device (torch_impl.augment):
     step(state, images, index, view_a, view_b, lr), images uint8 [N, 32, 32, 3] on the device,
-    index int64 [B], view_a/b the views' device_params.
+    index int64 [B], view_a/b the views' device_params; with compile_views through torch.compile,
+    which fuses their few hundred small element-wise kernels into a few.
     """
-    compute = torch.compile(train_step) if cfg.compile else train_step
+    def views(images: torch.Tensor, index: torch.Tensor, view_a: dict, view_b: dict):
+        batch = images[index]
+        return apply_view(batch, view_a, augment), apply_view(batch, view_b, augment)
+
+    loss_fn = torch.compile(step_loss) if cfg.compile else step_loss
+    compute_views = torch.compile(views, dynamic=False) if compile_views else views
 
     def step(state: TrainState, x_a: torch.Tensor, x_b: torch.Tensor, lr: float):
         set_lr(state.optimizer, lr)
-        return state, compute(state.model, state.optimizer, x_a, x_b, cfg, amp)
+        return state, train_step(state.model, state.optimizer, x_a, x_b, cfg, amp, loss_fn)
 
     def augmented_step(state: TrainState, images: torch.Tensor, index: torch.Tensor,
                        view_a: dict, view_b: dict, lr: float):
-        batch = images[index]
-        return step(state, apply_view(batch, view_a, augment), apply_view(batch, view_b, augment),
-                    lr)
+        return step(state, *compute_views(images, index, view_a, view_b), lr)
 
     return step if augment is None else augmented_step
 
@@ -164,6 +175,7 @@ class Session:
     on_device: bool = field(init=False)  # the views are computed on the device
     device_images: torch.Tensor | None = field(init=False)  # the uint8 images there, if so
     step_fn: Callable = field(init=False)
+    events: EventLog | None = field(default=None, init=False)  # --tensorboard, main process
 
     def __post_init__(self):
         self.steps_per_epoch = steps_per_epoch(len(self.images), self.cfg.batch_size)
@@ -172,7 +184,8 @@ class Session:
         self.device_images = (torch.from_numpy(self.images).to(self.device) if self.on_device
                               else None)
         self.step_fn = make_train_step(self.cfg, self.amp,
-                                       self.augment if self.on_device else None)
+                                       self.augment if self.on_device else None,
+                                       compile_views=self.device.type == "cuda")
 
     @property
     def run_dir(self) -> Path:

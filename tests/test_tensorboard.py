@@ -1,0 +1,66 @@
+"""--tensorboard: both trainers write the curves and the probe results as TensorBoard events, read
+back here with the tensorboard package's own reader; a resume shows each step once; without the
+package the flag is a one-line error."""
+import json
+import sys
+
+import pytest
+
+from jax_impl import train as jax_train
+from shared.tensorboard import SCALARS, read_scalars
+from torch_impl import train as torch_train
+
+TRAINERS = {"torch": torch_train, "jax": jax_train}
+
+
+def smoke(data_dir, out, *extra):
+    return ["--preset", "smoke", "--width", "4", "--data-dir", str(data_dir), "--out", str(out),
+            "--probe-epochs", "2", "--tensorboard", *extra]
+
+
+def logged_steps(run) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "step"]
+
+
+@pytest.mark.parametrize("framework", TRAINERS)
+def test_the_curves_and_the_probes_are_written_as_events(framework, tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert TRAINERS[framework].main(smoke(tiny_data_dir, run, "--epochs", "2")) == 0
+    scalars = read_scalars(run)
+    assert set(SCALARS) | {"probe/cifar10_top1", "probe/gtsrb_top1"} == set(scalars)
+    for tag in SCALARS:
+        assert [step for step, _ in scalars[tag]] == logged_steps(run) == list(range(1, 9))
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "step"]
+    assert [value for _, value in scalars["loss"]] == pytest.approx(losses, rel=1e-6)
+    summary = json.loads((run / "summary.json").read_text())
+    assert scalars["probe/cifar10_top1"] == [(8, pytest.approx(summary["probe"]["cifar10"]))]
+
+
+def test_a_resumed_run_shows_each_step_once(tiny_data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    real_epoch = torch_train.train_epoch
+
+    def stop_late_in_epoch_two(session, state, epoch, bar):
+        if epoch == 1:
+            real_epoch(session, state, epoch, bar)  # logs steps 5-8 to TensorBoard...
+            raise KeyboardInterrupt  # ...and dies before epoch 2's checkpoint
+        return real_epoch(session, state, epoch, bar)
+
+    monkeypatch.setattr(torch_train, "train_epoch", stop_late_in_epoch_two)
+    assert torch_train.main(smoke(tiny_data_dir, run, "--epochs", "3", "--no-probe")) == 130
+    monkeypatch.setattr(torch_train, "train_epoch", real_epoch)
+    assert torch_train.main(["--resume", "--out", str(run)]) == 0
+    scalars = read_scalars(run)
+    assert [step for step, _ in scalars["loss"]] == list(range(1, 13)) == logged_steps(run)
+    assert len(list((run / "tensorboard").iterdir())) == 2  # one event file per attempt
+
+
+def test_without_the_package_the_flag_is_one_line(tiny_data_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
+    assert torch_train.main(smoke(tiny_data_dir, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ('error: --tensorboard needs the tensorboard package: '
+                           'pip install -e ".[tensorboard]"')
+    assert not (tmp_path / "run").exists()
