@@ -315,7 +315,8 @@ def run(cfg: Config, resume: bool) -> dict:
             from jax_impl.probe import probe_after_training
             # host copies: the replicated arrays span every process's devices, the probe only ours
             variables = jax.device_get(backbone_variables(network(state)))
-            return probe_after_training(cfg, session.run_dir, backbone_of(session.model), variables)
+            return probe_after_training(session.cfg, session.run_dir, backbone_of(session.model),
+                                        variables)
 
         return finish_run("jax", session, progress, probe)
 

@@ -43,12 +43,12 @@ PRESETS: dict[str, dict] = {
         batch_size=512, epochs=100, optimizer="adam", base_lr=2e-4, lr_scaling=False, wd=1e-6,
         warmup_epochs=0.0, final_lr_ratio=0.0, schedule_unit="epoch", blur_p=0.5, blur_kernel=3,
         solarize_p=0.2, loss_variant="homework"),
-    # A narrow ResNet-18 trained for 15 minutes on whatever CPU runs it, then both probes: within
+    # A narrow ResNet-18 trained for 14 minutes on whatever CPU runs it, then both probes: within
     # 20 minutes end to end on 2 cores (docs/results/cpu_recipe.md has the settings tried).
     "cpu": dict(
-        width=16, mlp="1024-1024-1024", epochs=100, time_budget="15m", batch_size=256,
-        optimizer="adam", base_lr=1e-3, lr_scaling=False, wd=1e-6, warmup_epochs=0.25,
-        final_lr_ratio=0.01, probe_epochs=50),
+        width=16, mlp="1024-1024-1024", epochs=100, time_budget="14m", batch_size=128,
+        optimizer="lars", base_lr=0.6, lr_scaling=True, wd=1e-4, crop_min_scale=0.35,
+        warmup_epochs=0.25, final_lr_ratio=0.01, probe_epochs=50),
     # Seconds, for tests: a tiny network on a tiny subset, probed on a small subset.
     "smoke": dict(
         width=8, mlp="32-32", epochs=1, batch_size=16, subset=64, optimizer="lars",

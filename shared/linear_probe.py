@@ -76,7 +76,7 @@ def per_class_accuracy(logits: np.ndarray, labels: np.ndarray,
 
 def probe_record(*, framework: str, dataset: str, logits: np.ndarray, num_train: int,
                  test_labels: np.ndarray, feature_dim: int, cfg: Config, random_init: bool,
-                 checkpoint_epoch: int | None, time_s: float) -> dict:
+                 checkpoint_epoch: float | None, time_s: float) -> dict:
     """The probe_<dataset>.json content: top-1 (fraction), per-class top-1, counts, settings."""
     num_classes = NUM_CLASSES[dataset]
     return {
@@ -112,7 +112,7 @@ def probe_split(cfg: Config, dataset: str, split: str) -> tuple[np.ndarray, np.n
 
 
 def probe(cfg: Config, run_dir: Path, dataset: str, *, framework: str, features: Features,
-          train_linear: LinearTrainer, random_init: bool, checkpoint_epoch: int | None) -> dict:
+          train_linear: LinearTrainer, random_init: bool, checkpoint_epoch: float | None) -> dict:
     """Run the protocol on `dataset`, write its result file (see report_probe) and return it.
 
     A classifier that diverges (non-finite logits, say from a too large --probe-lr) is a

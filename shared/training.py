@@ -223,9 +223,10 @@ def train_remaining(framework: str, session, state, progress: Progress, *, train
 # The share of what is left of a time budget the planned epochs may fill: the rest absorbs what
 # the measured steps do not show (an epoch's start and its checkpoint, the rate's wobble).
 BUDGET_USE = 0.97
-# Steps timed to measure the rate (after two that warm up and compile), at most this share of
-# the budget's time.
-TIMED_STEPS, TIMING_SHARE = 8, 0.05
+# The rate is timed (after two steps that warm up and compile) over at least TIMED_STEPS steps and
+# TIMED_SECONDS seconds, since a few fast steps fed from the loader's prefetched batches flatter
+# it, but over at most TIMING_SHARE of the budget's time.
+TIMED_STEPS, TIMED_SECONDS, TIMING_SHARE = 8, 20.0, 0.05
 
 
 def fit_time_budget(session, seconds_per_step: float, spent_s: float) -> int:
@@ -255,8 +256,9 @@ def session_batches(session, epoch: int):
 def measure_step_seconds(session, run_step: Callable[[object], object],
                          sync: Callable[[object], None]) -> float:
     """Seconds per step of run_step(batch) on the session's batches: two warm-up steps (which
-    compile), then TIMED_STEPS, or fewer (at least 2) where they would take more than
-    TIMING_SHARE of the time budget. sync(result) waits for the device."""
+    compile), then at least TIMED_STEPS steps and TIMED_SECONDS seconds, or fewer (at least 2)
+    where they would take more than TIMING_SHARE of the time budget. sync(result) waits for the
+    device."""
     def batches():
         epoch = 0
         while True:
@@ -268,10 +270,14 @@ def measure_step_seconds(session, run_step: Callable[[object], object],
         sync(run_step(next(stream)))
     limit = TIMING_SHARE * (session.cfg.time_budget_s() or float("inf"))
     start, timed = time.perf_counter(), 0
-    while timed < TIMED_STEPS and (timed < 2 or time.perf_counter() - start < limit):
+    while True:
         result = run_step(next(stream))
         timed += 1
-    sync(result)
+        sync(result)
+        elapsed = time.perf_counter() - start
+        enough = timed >= TIMED_STEPS and elapsed >= TIMED_SECONDS
+        if timed >= 2 and (enough or elapsed >= limit):
+            break
     return (time.perf_counter() - start) / timed
 
 

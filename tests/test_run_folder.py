@@ -253,6 +253,18 @@ def test_a_time_budget_fixes_the_length_and_a_resume_keeps_it(framework, tiny_da
     assert [r["lr"] for r in steps] == [lr_at(r["step"] - 1, 4, cfg) for r in steps]
 
 
+@pytest.mark.parametrize("framework", TRAINERS)
+def test_the_probes_after_a_time_budgeted_run_record_the_epochs_it_trained(
+        framework, tiny_data_dir, tmp_path, monkeypatch):
+    trainer = TRAINERS[framework]
+    run = tmp_path / "run"
+    monkeypatch.setattr(trainer, "time_step", lambda s, state: 0.0123)  # 19.5 epochs, as above
+    assert trainer.main(smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50")) == 0
+    for dataset in ("cifar10", "gtsrb"):
+        result = json.loads((run / f"probe_{dataset}.json").read_text())
+        assert result["checkpoint_epoch"] == 19.5  # not the 50 --epochs allowed
+
+
 @pytest.mark.parametrize("value", ["0", "abc", "-5m", "5x"])
 def test_a_bad_time_budget_is_one_line(value, tiny_data_dir, tmp_path, capsys):
     assert torch_train.main(smoke(tiny_data_dir, tmp_path / "run", f"--time-budget={value}")) == 2

@@ -290,7 +290,7 @@ def run(cfg: Config, resume: bool) -> dict:
 
         def probe() -> dict:
             from torch_impl.probe import probe_after_training
-            return probe_after_training(cfg, session.run_dir, network(state).backbone)
+            return probe_after_training(session.cfg, session.run_dir, network(state).backbone)
 
         return finish_run("torch", session, progress, probe)
 
