@@ -5,10 +5,13 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_the_gpu_check_runs_every_step_and_prints_one_table(tiny_data_dir, tmp_path):
     result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tiny_data_dir),
                              "--quick"], capture_output=True, text=True, timeout=900,

@@ -230,3 +230,32 @@ def test_compiled_step_is_traced_once_whatever_the_learning_rate(monkeypatch):
         for lr in (0.1, 0.2, 0.3):
             state, terms = step(state, views[0], views[1], lr)
     assert torch.isfinite(terms["loss"])
+
+
+# oneDNN's ISA cap and ATen's kernel choice as on a CPU without AVX-512 (a no-op on one).
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+@pytest.mark.parametrize("width", [3, 4])
+def test_narrow_networks_train_on_every_cpu_kind(width, tiny_data_dir, tmp_path):
+    """Below 8 channels oneDNN's channels_last kernels hang or corrupt memory on AVX2 CPUs. A
+    narrow network trains in a subprocess with the default kernels and with AVX2's; the first
+    step's loss is the same in both (the same arithmetic, rounding apart; later steps part as
+    LARS on a batch of 16 amplifies the rounding)."""
+    import os
+    import subprocess
+    import sys
+    losses = {}
+    for kind, env in {"default": {}, "avx2": AVX2_ONLY}.items():
+        run = tmp_path / kind
+        result = subprocess.run(
+            [sys.executable, "-m", "torch_impl.train",
+             *smoke_args(tiny_data_dir, run, "--width", str(width), "--epochs", "2",
+                         "--no-probe")],
+            env={**os.environ, **env}, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-2000:]
+        records = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[kind] = np.array([r["loss"] for r in records if r["kind"] == "step"])
+    for kind in losses:
+        assert len(losses[kind]) == 8 and np.isfinite(losses[kind]).all(), kind
+    np.testing.assert_allclose(losses["avx2"][0], losses["default"][0], rtol=1e-5)

@@ -88,9 +88,19 @@ class ResNet(nn.Module):
         self.feature_dim = cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The input takes the weights' layout: given one tensor in channels_last, oneDNN runs a
+        # convolution with its channels_last kernels, which corrupt memory or hang for fewer than
+        # 8 channels on AVX2 CPUs (runtime.memory_format keeps narrow networks contiguous).
+        x = x.contiguous(memory_format=layout_of(self.conv1.weight))
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(x.mean(dim=(2, 3)), 1)
+
+
+def layout_of(weight: torch.Tensor) -> torch.memory_format:
+    """The memory format a 4-d convolution weight is stored in."""
+    channels_last = weight.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def expander(in_dim: int, dims: list[int]) -> nn.Sequential:
