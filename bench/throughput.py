@@ -35,12 +35,12 @@ from shared.augment import draw_views, make_views  # noqa: E402
 from shared.config import PRESETS, Config, make_config  # noqa: E402
 from shared.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from shared.loader import epoch_batches  # noqa: E402
-from shared.training import World  # noqa: E402
+from shared.loop import World  # noqa: E402
 from torch_impl import augment as torch_augment  # noqa: E402
-from torch_impl import train as torch_train  # noqa: E402
-from torch_impl.model import build_model  # noqa: E402
+from torch_impl import step as torch_step  # noqa: E402
+from torch_impl.model import build_model, init_variables  # noqa: E402
 from torch_impl.optim import build_optimizer  # noqa: E402
-from torch_impl.runtime import autocast_dtype, pick_device  # noqa: E402
+from torch_impl.runtime import compute_dtype, pick_device  # noqa: E402
 
 
 def time_calls(call: Callable[[], object], steps: int, sync: Callable[[object], None]) -> float:
@@ -74,21 +74,23 @@ def random_images(cfg: Config, steps: int) -> np.ndarray:
                                              dtype=np.uint8)
 
 
-def torch_step_rate(cfg: Config, device, layout, amp, compile_mode: str | bool,
+def torch_step_rate(cfg: Config, device, layout, dtype, compile_mode: str | bool,
                     steps: int) -> float:
-    """The torch train step alone on fixed random views in `layout`; compile_mode: False (eager)
-    or a torch.compile mode."""
-    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), 0).to(device, memory_format=layout)
-    optimizer = build_optimizer(model, cfg)
+    """The torch train step alone on fixed random views in `layout`, computing in `dtype`;
+    compile_mode: False (eager) or a torch.compile mode."""
+    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims()), 0)
+    model = model.to(device, memory_format=layout)
+    state = torch_step.TrainState(model, build_optimizer(cfg, model=model))
     views = [torch.from_numpy(v).to(device).contiguous(memory_format=layout)
              for v in random_views(cfg, (3, 32, 32))]
-    loss_fn = (torch.compile(torch_train.step_loss, mode=compile_mode) if compile_mode
-               else torch_train.step_loss)
+    loss_fn = (torch.compile(torch_step.step_loss, mode=compile_mode) if compile_mode
+               else torch_step.step_loss)
 
     def step():
         if compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done
-        return torch_train.train_step(model, optimizer, *views, cfg, amp, loss_fn)
+        return torch_step.train_step(state, *views, 0.01, cfg=cfg, dtype=dtype,
+                                     loss_fn=loss_fn)[1]
     return cfg.batch_size / time_calls(step, steps, torch_sync(device))
 
 
@@ -98,14 +100,14 @@ def jax_step_rate(cfg: Config, bf16: bool, conv_impl: str | None, steps: int) ->
 
     from jax_impl.model import build_model as build_jax_model
     from jax_impl.optim import build_optimizer as build_jax_optimizer
-    from jax_impl.train import initial_state, make_train_step
+    from jax_impl.step import initial_state, make_train_step
 
     model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(),
                             jnp.bfloat16 if bf16 else jnp.float32, conv_impl)
     optimizer = build_jax_optimizer(cfg)
-    step_fn = make_train_step(model, optimizer, cfg)
+    step_fn = make_train_step(cfg, model=model, optimizer=optimizer)
     views = [jnp.asarray(v) for v in random_views(cfg, (32, 32, 3))]
-    holder = [initial_state(model, optimizer, cfg)]
+    holder = [initial_state(cfg, model=model, optimizer=optimizer)]
 
     def step():
         holder[0], terms = step_fn(holder[0], *views, 0.01)
@@ -113,55 +115,40 @@ def jax_step_rate(cfg: Config, bf16: bool, conv_impl: str | None, steps: int) ->
     return cfg.batch_size / time_calls(step, steps, jax_sync)
 
 
-def trainer_session(framework: str, cfg: Config, images: np.ndarray):
-    """(the trainer's Session, a fresh state, sync) as `python -m {framework}_impl.train` builds
-    them for cfg on this machine's default device."""
-    if framework == "torch":
-        device = pick_device()
-        session = torch_train.Session(cfg, images, device, autocast_dtype(cfg.precision, device),
-                                World(), None)
-        return session, torch_train.initial_state(cfg, device, World()), torch_sync(device)
-    from jax_impl import train as jax_train
-    from jax_impl.distributed import data_mesh
-    from jax_impl.model import build_model as build_jax_model
-    from jax_impl.optim import build_optimizer as build_jax_optimizer
-    from jax_impl.runtime import compute_dtype
-    from jax_impl.runtime import pick_device as jax_device
-
-    device = jax_device()
-    dtype = compute_dtype(cfg.precision, device)
-    model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), dtype)
-    optimizer = build_jax_optimizer(cfg)
-    session = jax_train.Session(cfg, images, device, dtype, World(), None, model, optimizer,
-                                data_mesh())
-    return session, jax_train.initial_state(model, optimizer, cfg), jax_sync
+def trainer_backend(framework: str, cfg: Config, images: np.ndarray):
+    """(the trainer's Backend, a fresh state) as `python -m {framework}_impl.train` builds them for
+    cfg on this machine's default device."""
+    backend_module = importlib.import_module(f"{framework}_impl.backend")
+    runtime = importlib.import_module(f"{framework}_impl.runtime")
+    augment = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
+    backend = backend_module.Backend(cfg, World(), images, augment, runtime.pick_device())
+    return backend, backend.initial_state()
 
 
 def trainer_rate(framework: str, cfg: Config, augment_on: str | None, steps: int) -> float:
     """The trainer's own step on fixed views (augment_on None), or its epoch loop's work end to
     end: loader, views (on the host or the device), step."""
-    module = importlib.import_module(f"{framework}_impl.train")
     cfg = dataclasses.replace(cfg, augment_on=augment_on or "host")
     images = random_images(cfg, steps)
-    session, state, sync = trainer_session(framework, cfg, images)
+    backend, state = trainer_backend(framework, cfg, images)
     holder = [state]
     if augment_on is None:
-        fixed = next(epoch_batches(images, session.augment, batch_size=cfg.batch_size, seed=0,
-                                   epoch=0))
-        inputs = module.step_inputs(session, fixed)
+        fixed = next(epoch_batches(images, cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD),
+                                   batch_size=cfg.batch_size, seed=0, epoch=0))
+        inputs = backend.step_inputs(fixed)
 
         def step():
-            holder[0], terms = session.step_fn(holder[0], *inputs, 0.01)
+            holder[0], terms = backend.step_fn(holder[0], *inputs, 0.01)
             return terms
     else:
-        batches = epoch_batches(images, session.augment, batch_size=cfg.batch_size, seed=0, epoch=0,
-                                workers=cfg.loader_workers(), on_device=session.on_device)
+        batches = epoch_batches(images, cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD),
+                                batch_size=cfg.batch_size, seed=0, epoch=0,
+                                workers=cfg.loader_workers(), on_device=backend.on_device)
 
         def step():
-            inputs = module.step_inputs(session, next(batches))
-            holder[0], terms = session.step_fn(holder[0], *inputs, 0.01)
+            holder[0], terms = backend.train_step(holder[0], next(batches), 0.01)
             return terms
-    return cfg.batch_size / time_calls(step, steps, sync)
+    return cfg.batch_size / time_calls(step, steps, backend.wait)
 
 
 def numpy_augment_rate(cfg: Config, steps: int) -> float:
@@ -187,7 +174,7 @@ def device_augment_rate(framework: str, cfg: Config, steps: int) -> float:
     if framework == "torch":
         device = pick_device()
         pixels = torch.from_numpy(images).to(device)
-        views = [torch_augment.device_params(p, device) for p in drawn]
+        views = [torch_augment.device_params(p, device=device) for p in drawn]
         return cfg.batch_size / time_calls(
             lambda: [torch_augment.apply_view(pixels, p, params) for p in views], steps,
             torch_sync(device))
@@ -204,25 +191,26 @@ def device_augment_rate(framework: str, cfg: Config, steps: int) -> float:
 def row_groups(cfg: Config, steps: int, jax_rows: bool) -> dict[str, list[tuple[str, Callable]]]:
     """The rows, by group: name -> [(row name, measure() -> pairs/s)]."""
     device = pick_device()
-    cl, nchw, bf16 = torch.channels_last, torch.contiguous_format, torch.bfloat16
-    trainer_amp = autocast_dtype(cfg.precision, device)
+    cl, nchw = torch.channels_last, torch.contiguous_format
+    fp32, bf16 = torch.float32, torch.bfloat16
+    trainer_dtype = compute_dtype(cfg.precision, device)
     frameworks = ["torch", "jax"] if jax_rows else ["torch"]
     groups = {
         "steps": [
             ("torch eager fp32 NCHW (baseline)",
-             lambda: torch_step_rate(cfg, device, nchw, None, False, steps)),
+             lambda: torch_step_rate(cfg, device, nchw, fp32, False, steps)),
             ("torch channels_last fp32",
-             lambda: torch_step_rate(cfg, device, cl, None, False, steps)),
+             lambda: torch_step_rate(cfg, device, cl, fp32, False, steps)),
             ("torch channels_last bf16 autocast",
              lambda: torch_step_rate(cfg, device, cl, bf16, False, steps))],
         "compile": [
             ("torch channels_last, trainer precision, eager",
-             lambda: torch_step_rate(cfg, device, cl, trainer_amp, False, steps)),
+             lambda: torch_step_rate(cfg, device, cl, trainer_dtype, False, steps)),
             ("torch channels_last, trainer precision, torch.compile",
-             lambda: torch_step_rate(cfg, device, cl, trainer_amp, "default", steps)),
+             lambda: torch_step_rate(cfg, device, cl, trainer_dtype, "default", steps)),
             ("torch channels_last, trainer precision, torch.compile reduce-overhead "
              "(CUDA graphs)",
-             lambda: torch_step_rate(cfg, device, cl, trainer_amp, "reduce-overhead", steps))],
+             lambda: torch_step_rate(cfg, device, cl, trainer_dtype, "reduce-overhead", steps))],
         "jax": [] if not jax_rows else [
             ("jax jit fp32, lax conv", lambda: jax_step_rate(cfg, False, "lax", steps)),
             ("jax jit fp32, im2col conv", lambda: jax_step_rate(cfg, False, "im2col", steps)),

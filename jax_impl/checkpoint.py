@@ -11,15 +11,22 @@ from pathlib import Path
 import jax
 import msgpack
 import numpy as np
+from flax import linen as nn
 from flax import serialization
 from flax.traverse_util import flatten_dict
 
+from jax_impl.model import variable_shapes
 from shared.errors import UserError
-from shared.runio import CHECKPOINT_FILES, atomic_write_bytes, corrupt_checkpoint_error
+from shared.runio import (
+    CHECKPOINT_FILES,
+    atomic_write_bytes,
+    convert_command,
+    corrupt_checkpoint_error,
+    missing_checkpoint_error,
+)
 
 CHECKPOINT_FILE = CHECKPOINT_FILES["jax"]
 FORMAT = "vicreg-interop/jax"
-TORCH_CHECKPOINT_FILE = CHECKPOINT_FILES["torch"]
 # What garbage or a cut-off file can raise inside msgpack_restore (bad bytes, wrong ext payloads).
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 _READ_ERRORS = (ValueError, TypeError, KeyError, IndexError, OverflowError,
@@ -33,32 +40,20 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(path, serialization.msgpack_serialize(tree))
 
 
-def require_checkpoint(path: Path) -> None:
-    """UserError unless `path` is a file; it names jax_impl.convert when a torch checkpoint sits
-    there."""
-    path = Path(path)
-    if path.is_file():
-        return
-    torch_twin = path.with_name(TORCH_CHECKPOINT_FILE)
-    if torch_twin.is_file():
-        raise UserError(f"{path.parent} holds a PyTorch checkpoint ({torch_twin.name}), not a JAX "
-                        f"one; convert it with: python -m jax_impl.convert {path.parent} --to flax")
-    raise UserError(f"no checkpoint at {path} (train first, or check --run/--out)")
-
-
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint written by save_checkpoint (numpy leaves); UserError if missing, corrupt or
     foreign."""
     path = Path(path)
-    require_checkpoint(path)
+    if not path.is_file():
+        raise missing_checkpoint_error(path, "jax")
     try:
         blob = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     if blob[:4] == _ZIP_MAGIC:
         raise UserError(f"{path} is a PyTorch checkpoint (torch.save's zip), not a JAX one; "
-                        f"rename it to {TORCH_CHECKPOINT_FILE} and convert it with: "
-                        f"python -m jax_impl.convert {path.parent} --to flax")
+                        f"rename it to {CHECKPOINT_FILES['torch']} and convert it with: "
+                        f"{convert_command(path.parent, 'jax')}")
     try:
         state = serialization.msgpack_restore(blob)
     except _READ_ERRORS as exc:
@@ -72,13 +67,12 @@ def _shapes(tree: dict) -> dict[str, tuple]:
     return {"/".join(k): tuple(np.shape(v)) for k, v in flatten_dict(tree).items()}
 
 
-def check_variables(variables: dict, expected: dict, path: Path, what: str) -> dict:
-    """The {"params", "batch_stats"} of a checkpoint as float32/int32 jax arrays, if they fit
-    `expected`.
-
-    expected: the model's tree of shapes (model.variable_shapes); a missing, extra or reshaped
-    variable is a one-line UserError naming `what` (the run's architecture).
-    """
+def load_model_state(model: nn.Module, stored: dict, path: Path, what: str) -> dict:
+    """The {"params", "batch_stats"} that `stored` (a checkpoint, or any dict holding those two)
+    carries, as float32/int32 jax arrays, if they fit `model`'s variables: a missing, extra or
+    reshaped variable is a one-line UserError naming `what` (the run's architecture)."""
+    variables = {"params": stored["params"], "batch_stats": stored["batch_stats"]}
+    expected = variable_shapes(model)
     got, want = _shapes(variables), _shapes(expected)
     if got != want:
         missing = sorted(set(want) - set(got))

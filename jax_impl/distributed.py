@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from shared.errors import UserError
-from shared.training import World
+from shared.loop import World
 
 DATA_AXIS = "data"
 _JAX_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -56,7 +56,8 @@ def world_from_env(environ: Mapping[str, str] = os.environ) -> World:
     args = distributed_env(environ)
     if args is not None:
         jax.distributed.initialize(**args, shutdown_timeout_seconds=_SHUTDOWN_TIMEOUT_S)
-    return World(jax.process_index(), jax.process_count())
+    return World(jax.process_index(), jax.process_count(), parts=jax.device_count(),
+                 part_name="devices")
 
 
 def data_mesh(devices: list | None = None) -> Mesh:
@@ -87,12 +88,12 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(jax.device_get(tree), replicated(mesh))
 
 
-def broadcast_from_main(world: World, value: int) -> int:
-    """Process 0's `value` in every process (the job's processes agree on what process 0
-    decided)."""
+def broadcast_from_main(world: World, value: float) -> float:
+    """Process 0's `value` (a number) in every process (the job's processes agree on what
+    process 0 decided)."""
     if world.size == 1:
         return value
-    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+    return float(multihost_utils.broadcast_one_to_all(np.float64(value)))
 
 
 def on_main(world: World, action: Callable[[], object]) -> None:

@@ -275,7 +275,7 @@ def default_conv_impl(dtype=jnp.float32) -> str:
     return "im2col" if cpu_float32 else "lax"
 
 
-def build_model(arch: str, width: int, mlp_dims, dtype=jnp.float32,
+def build_model(arch: str, width: int, mlp_dims, *, dtype=jnp.float32,
                 conv_impl: str | None = None) -> VICReg:
     """The VICReg module (UserError for an unknown arch), computing in `dtype`, float32 parameters.
 

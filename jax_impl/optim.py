@@ -22,7 +22,7 @@ class LarsState(NamedTuple):
     mu: optax.Updates
 
 
-def excluded(p: jax.Array) -> bool:
+def exclude_bias_and_norm(p: jax.Array) -> bool:
     """Biases and norm weights (the 1-D parameters) get neither weight decay nor LARS adaptation."""
     return p.ndim == 1
 
@@ -37,7 +37,7 @@ def scale_by_lars(weight_decay: float, momentum: float, eta: float) -> optax.Gra
     """
 
     def direction(g: jax.Array, p: jax.Array) -> jax.Array:
-        if excluded(p):
+        if exclude_bias_and_norm(p):
             return g
         g = g + weight_decay * p
         p_norm, g_norm = jnp.linalg.norm(p), jnp.linalg.norm(g)

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jax_impl.checkpoint import CHECKPOINT_FILE, check_variables, load_checkpoint
+from jax_impl.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model_state
 from jax_impl.model import (
     ResNet,
     backbone_of,
@@ -26,10 +26,10 @@ from jax_impl.model import (
     build_model,
     init_variables,
     torch_uniform,
-    variable_shapes,
 )
 from jax_impl.optim import set_lr
 from jax_impl.runtime import compute_dtype, pick_device
+from shared.cli import command_exit
 from shared.config import Config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.linear_probe import (
@@ -40,7 +40,6 @@ from shared.linear_probe import (
     probe_main,
     standardize,
 )
-from shared.linear_probe import probe_after_training as shared_probe_after_training
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -109,35 +108,28 @@ def features_of(backbone: ResNet, variables: dict) -> Features:
     return lambda images, desc: extract_features(backbone, variables, images, desc)
 
 
-def probe_after_training(cfg: Config, run_dir: Path, backbone: ResNet, variables: dict) -> dict:
-    """The probes that end a training run (shared.linear_probe.probe_after_training)."""
-    return shared_probe_after_training(cfg, run_dir, framework="jax",
-                                       features=features_of(backbone, variables),
-                                       train_linear=train_linear)
-
-
-def load_backbone(cfg: Config, run_dir: Path, random_init: bool) -> tuple[ResNet, dict, int | None]:
-    """The run's backbone and its variables: trained ones from the checkpoint, or fresh from
-    cfg.seed; and the checkpoint's epoch (None at random init)."""
+def backbone_to_probe(cfg: Config, run_dir: Path,
+                      random_init: bool) -> tuple[tuple[ResNet, dict], int | None]:
+    """The backbone a probe measures, (module, variables): the run's trained one, or (random_init)
+    one freshly drawn from cfg.seed; and the checkpoint's epoch (None at random init)."""
     model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(),
-                        compute_dtype(cfg.precision, pick_device()))
+                        dtype=compute_dtype(cfg.precision, pick_device()))
     if random_init:
-        return backbone_of(model), backbone_variables(init_variables(model, cfg.seed)), None
+        return (backbone_of(model), backbone_variables(init_variables(model, cfg.seed))), None
     path = run_dir / CHECKPOINT_FILE
     stored = load_checkpoint(path)
-    variables = check_variables({"params": stored["params"], "batch_stats": stored["batch_stats"]},
-                                variable_shapes(model), path,
-                                f"{cfg.model_description()} (from config.json)")
-    return backbone_of(model), backbone_variables(variables), int(stored["epoch"])
+    variables = load_model_state(model, stored, path,
+                                 cfg.stored_model_description())
+    return (backbone_of(model), backbone_variables(variables)), int(stored["epoch"])
 
 
 def main(argv: list[str] | None = None) -> int:
     def load(cfg: Config, run_dir: Path, random_init: bool) -> tuple[Features, int | None]:
-        backbone, variables, epoch = load_backbone(cfg, run_dir, random_init)
+        (backbone, variables), epoch = backbone_to_probe(cfg, run_dir, random_init)
         return features_of(backbone, variables), epoch
 
     return probe_main(argv, "jax", load, train_linear)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command_exit(main)

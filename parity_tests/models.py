@@ -1,5 +1,5 @@
 """The same VICReg network in both frameworks: a torch model and its JAX twin via
-jax_impl.convert."""
+interop.mapping."""
 from __future__ import annotations
 
 import jax
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from jax_impl.convert import from_torch_state, to_torch_state
+from interop.mapping import from_torch_state, to_torch_state
 from jax_impl.model import VICReg as JaxVICReg
 from jax_impl.model import build_model, variable_shapes
 from torch_impl.model import VICReg as TorchVICReg
@@ -38,7 +38,7 @@ def jax_twin(torch_model: TorchVICReg, arch: str, width: int, mlp: list[int],
              dtype: str) -> tuple[JaxVICReg, dict]:
     """(flax VICReg computing in `dtype`, its {"params", "batch_stats"}) converted from torch_model,
     which was built as torch_vicreg(arch, width, mlp, ...)."""
-    model = build_model(arch, width, mlp, jnp.dtype(dtype))
+    model = build_model(arch, width, mlp, dtype=jnp.dtype(dtype))
     state = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
     variables = from_torch_state(state, variable_shapes(model), "the parity model", "parity")
     return model, cast_floats(variables, dtype)

@@ -83,7 +83,7 @@ def test_resized_crop(boxes):
     p = A.pixel_params(view, A.AugmentParams())
     reference = O.resized_crop(x, view.top, view.left, view.height, view.width, 32)
     check(f"resized_crop {boxes}", reference,
-          TA.resized_crop(on_torch(x), TA.device_params(p, "cpu")),
+          TA.resized_crop(on_torch(x), TA.device_params(p, device="cpu")),
           jax.jit(JA.resized_crop)(x, JA.device_params(p)))
 
 
@@ -166,7 +166,7 @@ def test_whole_views_equal_the_numpy_pipeline(pipeline):
         reference = A.make_views(images, params, seed=11, epoch=2, step=step)
         drawn = A.draw_views(N, H, W, params, seed=11, epoch=2, step=step)
         for view, ref, p in zip("ab", reference, drawn):
-            torch_view = TA.apply_view(on_torch(images), TA.device_params(p, "cpu"), params)
+            torch_view = TA.apply_view(on_torch(images), TA.device_params(p, device="cpu"), params)
             assert torch_view.is_contiguous(memory_format=torch.channels_last)
             check(f"{pipeline}, step {step} view {view}", ref,
                   torch_view.permute(0, 2, 3, 1), jax_views(params)(images, JA.device_params(p)))
@@ -179,8 +179,8 @@ def test_a_process_applying_its_rows_gets_its_rows_of_the_batch():
     rows = slice(4, 8)
     part = A.draw_views(N, H, W, params, seed=0, epoch=0, step=0, rows=rows)
     for p_whole, p_part in zip(whole, part):
-        full = TA.apply_view(on_torch(images), TA.device_params(p_whole, "cpu"), params)
-        mine = TA.apply_view(on_torch(images[rows]), TA.device_params(p_part, "cpu"), params)
+        full = TA.apply_view(on_torch(images), TA.device_params(p_whole, device="cpu"), params)
+        mine = TA.apply_view(on_torch(images[rows]), TA.device_params(p_part, device="cpu"), params)
         assert torch.equal(full[rows], mine)
         assert jnp.array_equal(jax_views(params)(images, JA.device_params(p_whole))[rows],
                                jax_views(params)(images[rows], JA.device_params(p_part)))
@@ -196,6 +196,6 @@ def test_views_through_torch_compile_equal_the_numpy_pipeline():
         reference = A.make_views(images, params, seed=5, epoch=0, step=step)
         drawn = A.draw_views(N, H, W, params, seed=5, epoch=0, step=step)
         for view, ref, p in zip("ab", reference, drawn):
-            torch_view = compiled(on_torch(images), TA.device_params(p, "cpu"))
+            torch_view = compiled(on_torch(images), TA.device_params(p, device="cpu"))
             check(f"compiled, step {step} view {view}", ref, torch_view.permute(0, 2, 3, 1),
                   jax_views(params)(images, JA.device_params(p)))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from jax_impl.train import step_loss as jax_step_loss
+from jax_impl.step import step_loss as jax_step_loss
 from parity_tests.compare import as_numpy
 from parity_tests.conftest import DTYPES, jax_precision
 from parity_tests.kinks import branch_taken, float32_reach, kink_allowance, relu_inputs
@@ -18,7 +18,7 @@ from parity_tests.models import (
     torch_vicreg,
 )
 from shared.config import make_config
-from torch_impl.train import step_loss as torch_step_loss
+from torch_impl.step import step_loss as torch_step_loss
 
 WIDTH, MLP = 4, [32, 16]
 TERMS = ("loss", "invariance", "variance", "covariance")

@@ -7,7 +7,7 @@ import pytest
 
 from jax_impl.model import build_model
 from jax_impl.optim import build_optimizer as jax_build_optimizer
-from jax_impl.train import TrainState, make_train_step
+from jax_impl.step import TrainState, make_train_step
 from parity_tests.compare import as_numpy
 from parity_tests.conftest import DTYPES, jax_precision
 from parity_tests.kinks import branch_taken, float32_reach, kink_allowance, relu_inputs
@@ -17,8 +17,8 @@ from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.loader import epoch_batches, steps_per_epoch
 from shared.schedule import lr_at
 from torch_impl.optim import build_optimizer as torch_build_optimizer
-from torch_impl.optim import set_lr
-from torch_impl.train import train_step as torch_train_step
+from torch_impl.step import TrainState as TorchTrainState
+from torch_impl.step import train_step as torch_train_step
 
 WIDTH, MLP = 4, [32, 16]
 # 80 images in batches of 16: 5 steps an epoch, 4 epochs = 20 steps, warmup over the first 5.
@@ -42,8 +42,8 @@ def jax_optimizer_and_step(optimizer: str, dtype: str):
     about 20 s to compile the step and about 0.2 s to run it, so the tests share one compilation."""
     cfg = config(optimizer)
     jax_optimizer = jax_build_optimizer(cfg)
-    model = build_model(cfg.arch, WIDTH, MLP, jnp.dtype(dtype))
-    return jax_optimizer, make_train_step(model, jax_optimizer, cfg)
+    model = build_model(cfg.arch, WIDTH, MLP, dtype=jnp.dtype(dtype))
+    return jax_optimizer, make_train_step(cfg, model=model, optimizer=jax_optimizer)
 
 
 def train_images() -> np.ndarray:
@@ -60,16 +60,16 @@ class TorchRun:
     def __init__(self, optimizer: str, dtype: str, seed: int, derivative: float | None = None):
         self.cfg, self.dtype, self.derivative = config(optimizer), dtype, derivative
         self.model = torch_vicreg(self.cfg.arch, WIDTH, MLP, dtype, seed).train()
-        self.optimizer = torch_build_optimizer(self.model, self.cfg)
+        self.optimizer = torch_build_optimizer(self.cfg, model=self.model)
 
     def step(self, x_a: np.ndarray, x_b: np.ndarray, lr: float,
              reach: float | None = None) -> tuple[dict, list]:
         """One train step: (its terms as numpy values, the ReLU inputs of its forwards)."""
-        set_lr(self.optimizer, lr)
         with relu_inputs(self.model) as inputs, branch_taken(
                 self.model, reach if self.derivative is not None else None, self.derivative or 0):
-            terms = torch_train_step(self.model, self.optimizer, nchw(x_a, self.dtype),
-                                     nchw(x_b, self.dtype), self.cfg, None)
+            _, terms = torch_train_step(TorchTrainState(self.model, self.optimizer),
+                                        nchw(x_a, self.dtype), nchw(x_b, self.dtype), lr,
+                                        cfg=self.cfg, dtype=None)
         return {k: as_numpy(v) for k, v in terms.items()}, inputs
 
     def weights(self) -> dict[str, np.ndarray]:

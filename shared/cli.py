@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import NoReturn
 
 from shared.config import (
     PRESETS,
@@ -201,3 +203,15 @@ def cli_main(body: Callable[[], object]) -> int:
         print("interrupted", file=sys.stderr)
         return Interrupted.exit_code
     return 0
+
+
+def command_exit(main: Callable[[], int]) -> NoReturn:
+    """End a command's process with main()'s exit status. After Ctrl-C (130) the process ends at
+    once, its output flushed, without the interpreter's shutdown: one that begins while XLA still
+    compiles in its own threads can crash (a segmentation fault instead of 130)."""
+    code = main()
+    if code == Interrupted.exit_code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

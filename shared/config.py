@@ -264,6 +264,10 @@ class Config:
         """How messages name the network: "resnet18 width 64 expander 2048-2048-2048"."""
         return f"{self.arch} width {self.width} expander {self.mlp}"
 
+    def stored_model_description(self) -> str:
+        """model_description() of a run's stored settings, as errors about its files name it."""
+        return f"{self.model_description()} (from config.json)"
+
     def loader_workers(self) -> int:
         """Augmentation threads: --workers, or the automatic choice when it is 0."""
         return self.workers or auto_workers()

@@ -143,15 +143,24 @@ def _load_cifar10(data_dir: Path, split: str, download: bool) -> tuple[np.ndarra
     paths = [folder / f for f in _CIFAR10_FILES[split]]
     if download and not all(p.is_file() for p in paths):
         _download_cifar10(data_dir)
-    for path in (folder, *paths):
-        if not path.exists():
-            raise UserError(f"CIFAR-10 not found: {path} does not exist (expected under "
-                            f"{data_dir}: {_CIFAR10_LAYOUT}, "
-                            "the python version of CIFAR-10); pass --download to fetch it")
+    missing = _cifar10_missing(data_dir, split)
+    if missing:
+        raise missing
     batches = [_read_cifar10_batch(p) for p in paths]
     data = np.concatenate([d for d, _ in batches])
     images = np.ascontiguousarray(data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1))
     return images, np.concatenate([y for _, y in batches])
+
+
+def _cifar10_missing(data_dir: Path, split: str) -> UserError | None:
+    """The error for the first file of a CIFAR-10 split that is not there, or None."""
+    folder = data_dir / _CIFAR10_DIR
+    for path in (folder, *(folder / f for f in _CIFAR10_FILES[split])):
+        if not path.exists():
+            return UserError(f"CIFAR-10 not found: {path} does not exist (expected under "
+                             f"{data_dir}: {_CIFAR10_LAYOUT}, "
+                             "the python version of CIFAR-10); pass --download to fetch it")
+    return None
 
 
 def _download_cifar10(data_dir: Path) -> None:
@@ -240,6 +249,36 @@ def _load_gtsrb(data_dir: Path, split: str, download: bool) -> tuple[np.ndarray,
     images, labels = _decode_gtsrb(_gtsrb_samples(data_dir, split))
     _write_cache(cache, key, images, labels)
     return images, labels
+
+
+def gtsrb_available(data_dir, download: bool) -> bool:
+    """Whether the probes that end a run include GTSRB: its folder is there, or --download
+    fetches it."""
+    return download or (Path(data_dir) / "gtsrb").is_dir()
+
+
+def check_probe_data(data_dir, download: bool) -> None:
+    """Before a run trains, what its probes will read: CIFAR-10's test split, and GTSRB's two
+    splits when its folder is there (an empty or partial one is an error, not a surprise after
+    training). With download, what is missing is fetched later."""
+    if download:
+        return
+    data_dir = Path(data_dir)
+    missing = _cifar10_missing(data_dir, "test")
+    if missing:
+        raise missing
+    base = data_dir / "gtsrb"
+    if not base.is_dir():
+        return
+    for split in SPLITS:
+        absent = _gtsrb_missing(base, split)
+        empty = next((p for p in _gtsrb_inputs(base, split) if p.is_dir()
+                      and not any(p.iterdir())), None)
+        if absent or empty:
+            raise UserError(f"GTSRB in {base} is incomplete: {absent or empty} "
+                            f"{'does not exist' if absent else 'is empty'} (expected: "
+                            f"{_GTSRB_LAYOUT[split]}); complete it, pass --download, or move "
+                            f"{base} away to probe CIFAR-10 only")
 
 
 def _gtsrb_inputs(base: Path, split: str) -> list[Path]:

@@ -20,10 +20,16 @@ import numpy as np
 from shared.augment_ops import normalize, to_float01
 from shared.cli import cli_main, parse_probe_args
 from shared.config import Config
-from shared.data import NUM_CLASSES, load_split, stratified_subset
+from shared.data import NUM_CLASSES, gtsrb_available, load_split, stratified_subset
 from shared.errors import Interrupted, UserError
-from shared.runio import probe_result_path, run_folder_lock, write_json
-from shared.training import gtsrb_available
+from shared.runio import (
+    SUMMARY_FILE,
+    probe_result_path,
+    read_json,
+    refuse_stale_checkpoint,
+    run_folder_lock,
+    write_json,
+)
 
 # features(images uint8 [N, 32, 32, 3], description for the progress bar) -> float32 [N, F]
 Features = Callable[[np.ndarray, str], np.ndarray]
@@ -140,7 +146,7 @@ def probe_after_training(cfg: Config, run_dir: Path, *, framework: str, features
     """The probes that end a training run, {dataset: top-1}: CIFAR-10, and GTSRB when its data is
     there."""
     datasets = ["cifar10"]
-    if gtsrb_available(cfg):
+    if gtsrb_available(cfg.data_dir, cfg.download):
         datasets.append("gtsrb")
     else:
         print(f"GTSRB probe skipped: no {Path(cfg.data_dir) / 'gtsrb'} (pass --download)")
@@ -148,6 +154,17 @@ def probe_after_training(cfg: Config, run_dir: Path, *, framework: str, features
                            train_linear=train_linear, random_init=False,
                            checkpoint_epoch=cfg.epochs)["top1"]
             for dataset in datasets}
+
+
+def update_summary(run_dir: Path, result: dict) -> None:
+    """Put a probe of the trained backbone into summary.json's probe results, when the run has a
+    summary and was trained by the probe's framework, so the two never disagree."""
+    path = Path(run_dir) / SUMMARY_FILE
+    summary = read_json(path)
+    if not isinstance(summary, dict) or summary.get("framework") != result["framework"]:
+        return
+    summary["probe"] = {**summary.get("probe", {}), result["dataset"]: result["top1"]}
+    write_json(path, summary)
 
 
 def probe_main(argv: list[str] | None, framework: str,
@@ -161,11 +178,15 @@ def probe_main(argv: list[str] | None, framework: str,
         run_dir = Path(args.run)
         with run_folder_lock(run_dir, f"python -m {framework}_impl.probe"):
             try:
+                if not args.random_init:
+                    refuse_stale_checkpoint(run_dir, framework)
                 features, epoch = load(cfg, run_dir, args.random_init)
-                probe(cfg, run_dir, args.dataset, framework=framework, features=features,
-                      train_linear=train_linear, random_init=args.random_init,
-                      checkpoint_epoch=epoch)
+                result = probe(cfg, run_dir, args.dataset, framework=framework,
+                               features=features, train_linear=train_linear,
+                               random_init=args.random_init, checkpoint_epoch=epoch)
             except KeyboardInterrupt:
                 raise Interrupted("the probe stopped; nothing was written") from None
+            if not args.random_init:
+                update_summary(run_dir, result)
 
     return cli_main(body)

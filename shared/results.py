@@ -17,8 +17,14 @@ from pathlib import Path
 from shared.cli import format_value
 from shared.config import RUN, Config, load_run_config, make_config
 from shared.errors import UserError
-from shared.runio import CONFIG_FILE, SUMMARY_FILE, probe_result_path, read_json, run_framework
-from shared.training import TERMS
+from shared.runio import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    TERMS,
+    probe_result_path,
+    read_json,
+    run_framework,
+)
 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "gtsrb": "GTSRB"}
 SWEEP_FILE = "sweep.json"

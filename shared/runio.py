@@ -1,5 +1,5 @@
 """The run folder both trainers write: config.json, metrics.jsonl, summary.json, probe_*.json (and
-log.txt, the output of the commands a sweep runs in it).
+log.txt, the output of the commands a sweep runs in it), what they hold, and its lock.
 
 Files are replaced atomically (temp file in the same folder, then rename), so an interrupted run
 never leaves a half-written file behind, and they get the permissions the umask gives any other
@@ -14,9 +14,6 @@ import fcntl
 import json
 import math
 import os
-import re
-import shlex
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +23,56 @@ from shared.errors import UserError
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CHECKPOINT_STEPS_FILE = "checkpoints.json"
 LOCK_FILE = ".lock"
 FRAMEWORKS = ("torch", "jax")
 CHECKPOINT_FILES = {"torch": "checkpoint.pt", "jax": "checkpoint.msgpack"}
+# The loss terms every step and epoch record of metrics.jsonl holds (means over its steps).
+TERMS = ("loss", "invariance", "variance", "covariance", "embedding_std")
+FRAMEWORK_NAMES = {"torch": "PyTorch", "jax": "JAX"}
+# How interop.convert names each framework's checkpoint format (--to).
+CONVERT_TARGETS = {"torch": "torch", "jax": "flax"}
+
+
+def convert_command(run_dir: Path, framework: str, force: bool = False) -> str:
+    """The command that writes `framework`'s checkpoint of RUN_DIR from the other framework's."""
+    return (f"python -m interop.convert {run_dir} --to {CONVERT_TARGETS[framework]}"
+            f"{' --force' if force else ''}")
+
+
+def record_checkpoint(run_dir: Path, framework: str, global_step: int) -> None:
+    """Note in RUN_DIR/checkpoints.json the global step `framework`'s checkpoint holds (written
+    by a trainer after each checkpoint, and by a conversion for the checkpoint it writes)."""
+    path = Path(run_dir) / CHECKPOINT_STEPS_FILE
+    steps = read_json(path)
+    write_json(path, {**(steps if isinstance(steps, dict) else {}), framework: int(global_step)})
+
+
+def outgrown_checkpoint(run_dir: Path, framework: str) -> tuple[int, int] | None:
+    """(the step of `framework`'s checkpoint, the later step of the other framework's) when the
+    run trained on in the other framework after a conversion, by checkpoints.json; else None
+    (also for a run from before checkpoints.json)."""
+    steps = read_json(Path(run_dir) / CHECKPOINT_STEPS_FILE)
+    if not isinstance(steps, dict) or framework not in steps:
+        return None
+    for other, name in CHECKPOINT_FILES.items():
+        if (other != framework and (Path(run_dir) / name).is_file()
+                and steps.get(other, -1) > steps[framework]):
+            return steps[framework], steps[other]
+    return None
+
+
+def refuse_stale_checkpoint(run_dir: Path, framework: str) -> None:
+    """UserError when `framework`'s checkpoint in RUN_DIR was outgrown by the other framework's
+    (outgrown_checkpoint): the older weights are never used silently; the message names the
+    conversion that brings them up to date."""
+    outgrown = outgrown_checkpoint(run_dir, framework)
+    if outgrown is not None:
+        other = next(name for fw, name in CHECKPOINT_FILES.items() if fw != framework)
+        raise UserError(f"{Path(run_dir) / CHECKPOINT_FILES[framework]} holds step "
+                        f"{outgrown[0]}, the run's {other} step {outgrown[1]} (it trained on "
+                        f"after a conversion); convert again with: "
+                        f"{convert_command(run_dir, framework, force=True)}")
 
 
 def _umask() -> int:
@@ -58,6 +102,18 @@ def corrupt_checkpoint_error(path: Path, exc: BaseException) -> UserError:
     """The error both frameworks raise for a checkpoint file that exists but cannot be decoded."""
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return UserError(f"{path} is corrupt or truncated and cannot be loaded ({reason[:120]})")
+
+
+def missing_checkpoint_error(path: Path, framework: str) -> UserError:
+    """The error for a `framework` checkpoint that is not at `path`: it names the conversion when
+    the other framework's checkpoint sits beside it."""
+    path = Path(path)
+    for other, name in CHECKPOINT_FILES.items():
+        if other != framework and path.with_name(name).is_file():
+            return UserError(f"{path.parent} holds a {FRAMEWORK_NAMES[other]} checkpoint ({name}), "
+                             f"not a {FRAMEWORK_NAMES[framework]} one; convert it with: "
+                             f"{convert_command(path.parent, framework)}")
+    return UserError(f"no checkpoint at {path} (train first, or check --run/--out)")
 
 
 def write_json(path: Path, obj) -> None:
@@ -115,36 +171,6 @@ def run_folder_lock(folder: Path, command: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def child_env() -> dict[str, str]:
-    """The environment of a run's subprocess: this checkout importable, output unbuffered (so
-    log.txt can be followed while it grows)."""
-    root = str(Path(__file__).resolve().parent.parent)  # the checkout holding shared/
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
-
-
-def run_logged(command: tuple[str, ...], log_path: Path) -> int:
-    """Run `command` with stdout and stderr appended to log_path; return its exit status."""
-    # A blank line first: a killed command's last line may lack its newline.
-    separator = "\n" if log_path.exists() and log_path.stat().st_size else ""
-    with open(log_path, "a") as log:
-        log.write(f"{separator}$ {shlex.join(command)}\n")
-        log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-                              check=False).returncode
-
-
-def last_log_line(log_path: Path) -> str:
-    """The last non-empty line of a log (progress-bar redraws split at carriage returns)."""
-    if not log_path.exists():
-        return ""
-    with open(log_path, "rb") as f:
-        f.seek(max(0, log_path.stat().st_size - 8192))
-        tail = f.read().decode(errors="replace")
-    lines = [line.strip() for line in re.split(r"[\r\n]", tail) if line.strip()]
-    return lines[-1] if lines else ""
 
 
 class MetricsLog:
@@ -249,10 +275,9 @@ def start_run_dir(run_dir: Path, config_json: str, resume: bool, framework: str)
     if trained:
         if resume and others:
             other = next(fw for fw, name in CHECKPOINT_FILES.items() if name == others[0])
-            target = "flax" if framework == "jax" else "torch"
             raise UserError(f"{run_dir} holds a {other} checkpoint ({others[0]}), not a "
-                            f"{framework} one; convert it with: python -m jax_impl.convert "
-                            f"{run_dir} --to {target}")
+                            f"{framework} one; convert it with: "
+                            f"{convert_command(run_dir, framework)}")
         if resume:
             raise UserError(f"cannot resume {run_dir}: it holds no {checkpoint.name}")
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose "

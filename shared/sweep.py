@@ -15,8 +15,10 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
 import re
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +41,7 @@ from shared.config import (
     make_config,
     settings_with_role,
 )
+from shared.data import gtsrb_available
 from shared.errors import Interrupted, UserError
 from shared.results import (
     FAILURE_FILE,
@@ -56,15 +59,12 @@ from shared.runio import (
     FRAMEWORKS,
     SUMMARY_FILE,
     atomic_write_bytes,
-    last_log_line,
     make_folder,
     probe_result_path,
     read_json,
     run_folder_lock,
-    run_logged,
     write_json,
 )
-from shared.training import gtsrb_available
 
 LOG_FILE = "log.txt"
 RESULTS_CSV = "results.csv"
@@ -250,7 +250,9 @@ def plan_jobs(plan: Plan, sweep_dir: Path, data_dir: str) -> list[Job]:
     run_dir = {name: Path(sweep_dir) / RUNS_DIR / name for name, _ in plan.runs}
     jobs = []
     for name, overrides in plan.runs:
-        datasets = ("cifar10", "gtsrb") if gtsrb_available(configs[name]) else ("cifar10",)
+        cfg = configs[name]
+        with_gtsrb = gtsrb_available(cfg.data_dir, cfg.download)
+        datasets = ("cifar10", "gtsrb") if with_gtsrb else ("cifar10",)
         donors = tuple(run_dir[other] for other, _ in plan.runs
                        if other != name and keys[other] == keys[name])
         jobs.append(Job(name, run_dir[name], plan.framework, plan.preset, overrides, data_dir,
@@ -261,6 +263,38 @@ def plan_jobs(plan: Plan, sweep_dir: Path, data_dir: str) -> list[Job]:
 # ---- running -------------------------------------------------------------------------------------
 
 Launcher = Callable[[tuple[str, ...], Path], int]
+
+
+# ---- the subprocesses a sweep runs ---------------------------------------------------------------
+
+def child_env() -> dict[str, str]:
+    """The environment of a run's subprocess: this checkout importable, output unbuffered (so
+    log.txt can be followed while it grows)."""
+    root = str(Path(__file__).resolve().parent.parent)  # the checkout holding shared/
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
+def run_logged(command: tuple[str, ...], log_path: Path) -> int:
+    """Run `command` with stdout and stderr appended to log_path; return its exit status."""
+    # A blank line first: a killed command's last line may lack its newline.
+    separator = "\n" if log_path.exists() and log_path.stat().st_size else ""
+    with open(log_path, "a") as log:
+        log.write(f"{separator}$ {shlex.join(command)}\n")
+        log.flush()
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                              check=False).returncode
+
+
+def last_log_line(log_path: Path) -> str:
+    """The last non-empty line of a log (progress-bar redraws split at carriage returns)."""
+    if not log_path.exists():
+        return ""
+    with open(log_path, "rb") as f:
+        f.seek(max(0, log_path.stat().st_size - 8192))
+        tail = f.read().decode(errors="replace")
+    lines = [line.strip() for line in re.split(r"[\r\n]", tail) if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def describe_exit(code: int, last_line: str) -> str:

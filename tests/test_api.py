@@ -51,5 +51,5 @@ def test_a_folder_that_is_not_a_run_is_one_clear_error(tmp_path):
 def test_a_run_without_a_checkpoint_is_one_clear_error(smoke_run, tmp_path):
     (tmp_path / "config.json").write_text((smoke_run / "config.json").read_text())
     for load in (torch_impl.load_backbone, jax_impl.load_backbone):
-        with pytest.raises(UserError, match=f"no checkpoint in {tmp_path}"):
+        with pytest.raises(UserError, match=f"no checkpoint at {tmp_path}/checkpoint"):
             load(tmp_path)

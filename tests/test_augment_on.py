@@ -6,8 +6,9 @@ import pytest
 
 from jax_impl import train as jax_train
 from parity_tests.tolerances import AUGMENTED_TRAINING
+from shared import loop
 from shared.config import make_config
-from shared.training import augments_on_device
+from shared.loop import augments_on_device
 from torch_impl import train as torch_train
 
 TRAINERS = {"torch": torch_train, "jax": jax_train}
@@ -42,16 +43,16 @@ def test_a_run_on_device_views_resumes_exactly(framework, tiny_data_dir, tmp_pat
     trainer = TRAINERS[framework]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert trainer.main(gentle(tiny_data_dir, straight, "--augment-on", "device")) == 0
-    real_epoch = trainer.train_epoch
+    real_epoch = loop.train_epoch
 
     def stop_in_epoch_two(s, state, epoch, bar):
         if epoch == 1:
             raise KeyboardInterrupt
         return real_epoch(s, state, epoch, bar)
 
-    monkeypatch.setattr(trainer, "train_epoch", stop_in_epoch_two)
+    monkeypatch.setattr(loop, "train_epoch", stop_in_epoch_two)
     assert trainer.main(gentle(tiny_data_dir, resumed, "--augment-on", "device")) == 130
-    monkeypatch.setattr(trainer, "train_epoch", real_epoch)
+    monkeypatch.setattr(loop, "train_epoch", real_epoch)
     assert trainer.main(["--resume", "--out", str(resumed)]) == 0
     assert losses(straight) == losses(resumed)
 

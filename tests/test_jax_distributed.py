@@ -41,18 +41,18 @@ def parity_report() -> dict:
     from jax_impl.distributed import batch_sharding, data_mesh, global_batch, replicate, replicated
     from jax_impl.model import build_model
     from jax_impl.optim import build_optimizer
-    from jax_impl.train import initial_state, make_train_step, step_loss
+    from jax_impl.step import initial_state, make_train_step, step_loss
     from shared.config import make_config
     from shared.loader import batch_at
 
     cfg = make_config({"preset": "smoke", "precision": "fp32"})
-    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), jnp.float64)
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), dtype=jnp.float64)
     optimizer = build_optimizer(cfg)
 
     def wide(a):
         return a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
 
-    state = jax.tree.map(wide, initial_state(model, optimizer, cfg))
+    state = jax.tree.map(wide, initial_state(cfg, model=model, optimizer=optimizer))
     images = np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     batch = batch_at(images, cfg.augment_params((0.5,) * 3, (0.25,) * 3), 16, 0, 0, 0)
     views = [v.astype(np.float64) for v in (batch.view_a, batch.view_b)]
@@ -60,7 +60,7 @@ def parity_report() -> dict:
     def sharded(mesh):
         """(gradients, step's (state, terms)) of one jit over the mesh, views sharded."""
         gradient = jax.grad(lambda p, s, a, b: step_loss(model, p, s, a, b, cfg), has_aux=True)
-        step = make_train_step(model, optimizer, cfg, mesh)
+        step = make_train_step(cfg, model=model, optimizer=optimizer, mesh=mesh)
         whole, rows = replicated(mesh), batch_sharding(mesh)
         both = jax.jit(lambda st, a, b: (gradient(st.params, st.batch_stats, a, b)[0],
                                          step(st, a, b, 0.05)),
@@ -71,7 +71,7 @@ def parity_report() -> dict:
 
     one_shards, one = sharded(data_mesh(jax.devices()[:1]))
     two_shards, two = sharded(data_mesh())
-    plain = jax.device_get(make_train_step(model, optimizer, cfg)(
+    plain = jax.device_get(make_train_step(cfg, model=model, optimizer=optimizer)(
         jax.tree.map(jnp.array, state), *views, 0.05))
 
     def difference(got, want) -> float:
@@ -119,15 +119,16 @@ class Interrupted(Exception):
 def train_until_epoch_one(args: list[str]) -> None:
     """jax_impl.train with `args`, dying (every process) once epoch 0's checkpoint is written."""
     from jax_impl import train as jax_train
+    from shared import loop
 
-    real_epoch = jax_train.train_epoch
+    real_epoch = loop.train_epoch
 
     def epoch_then_crash(s, state, epoch, bar):
         if epoch == 1:
             raise Interrupted
         return real_epoch(s, state, epoch, bar)
 
-    jax_train.train_epoch = epoch_then_crash
+    loop.train_epoch = epoch_then_crash
     try:
         jax_train.main(args)
     except Interrupted:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from flax.traverse_util import flatten_dict
 
+from interop.mapping import from_torch_state, to_torch_state, torch_name
 from jax_impl import runtime
-from jax_impl.convert import from_torch_state, to_torch_state, torch_name
 from jax_impl.model import (
     CONV_IMPLS,
     BatchNorm,
@@ -86,7 +86,7 @@ def test_conv_impl_is_im2col_on_cpu_and_checked():
     assert default_conv_impl() == ("im2col" if jax.default_backend() == "cpu" else "lax")
     assert default_conv_impl(jnp.bfloat16) == "lax"
     assert build_model("resnet18", 8, MLP).conv_impl == default_conv_impl()
-    assert build_model("resnet18", 8, MLP, jnp.bfloat16).conv_impl == "lax"
+    assert build_model("resnet18", 8, MLP, dtype=jnp.bfloat16).conv_impl == "lax"
     assert build_model("resnet18", 8, MLP, conv_impl="lax").conv_impl == "lax"
     with pytest.raises(ValueError, match="conv_impl must be one of"):
         build_model("resnet18", 8, MLP, conv_impl="winograd")
@@ -211,7 +211,7 @@ def test_strided_bottleneck_block_matches_torch(precision, conv_impl):
 
 
 def test_bf16_model_computes_in_bf16_with_float32_parameters():
-    model = build_model("resnet50", 4, MLP, jnp.bfloat16)
+    model = build_model("resnet50", 4, MLP, dtype=jnp.bfloat16)
     shapes = variable_shapes(model)
     assert ({leaf.dtype for leaf in jax.tree.leaves(shapes)}
             == {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)})

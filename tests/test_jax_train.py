@@ -13,8 +13,9 @@ from jax_impl import probe as jax_probe
 from jax_impl import train as jax_train
 from jax_impl.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from jax_impl.model import build_model, variable_shapes
+from shared import loop
 from shared.config import make_config
-from shared.training import TERMS
+from shared.runio import TERMS
 
 STEP_KEYS = {"kind", "epoch", "step", "lr", "pairs_per_s", "images_per_s", "loss", "invariance",
              "variance", "covariance", "embedding_std"}
@@ -110,9 +111,9 @@ def test_divergence_stops_and_resume_continues_exactly(tiny_data_dir, tmp_path, 
     assert jax_train.main(smoke(tiny_data_dir, reference, "--epochs", "2", "--no-probe")) == 0
 
     # The update of epoch 1 step 1 (global step 5) makes every weight NaN; step 2's loss shows it.
-    monkeypatch.setattr(jax_train, "lr_at", nan_lr_at(5, jax_train.lr_at))
+    monkeypatch.setattr(loop, "lr_at", nan_lr_at(5, loop.lr_at))
     assert jax_train.main(smoke(tiny_data_dir, run, "--epochs", "2", "--no-probe")) == 2
-    assert "loss became nan at epoch 1 step 2; stopped" in error_line(capsys)
+    assert "loss became nan at step 7 (epoch 2); stopped" in error_line(capsys)
     kept = load_checkpoint(run / CHECKPOINT_FILE)
     assert kept["epoch"] == 1  # the epoch-0 checkpoint stays
     assert (run / "metrics.jsonl").stat().st_size > kept["metrics_bytes"]
@@ -203,7 +204,7 @@ def test_checkpoint_of_another_architecture(tiny_data_dir, tmp_path, capsys):
 def test_torch_checkpoint_where_a_jax_one_is_expected(tiny_data_dir, tmp_path, capsys):
     run = run_folder(tmp_path / "run")
     (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 a torch zip")
-    convert = f"python -m jax_impl.convert {run} --to flax"
+    convert = f"python -m interop.convert {run} --to flax"
     assert jax_probe.main(probe_args(run, tiny_data_dir)) == 2
     assert convert in error_line(capsys)
     assert jax_train.main(["--resume", "--out", str(run), "--data-dir", str(tiny_data_dir)]) == 2

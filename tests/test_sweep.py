@@ -225,7 +225,8 @@ def test_jax_runs_use_the_jax_commands_and_checkpoint(tmp_path):
 
 
 def test_checkpoint_names_match_the_trainers():
-    from torch_impl.checkpoint import CHECKPOINT_FILE, JAX_CHECKPOINT_FILE
+    from jax_impl.checkpoint import CHECKPOINT_FILE as JAX_CHECKPOINT_FILE
+    from torch_impl.checkpoint import CHECKPOINT_FILE
     assert sweep.CHECKPOINT_FILES == {"torch": CHECKPOINT_FILE, "jax": JAX_CHECKPOINT_FILE}
 
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from jax_impl import train as jax_train
+from shared import loop
 from shared.tensorboard import SCALARS, read_scalars
 from torch_impl import train as torch_train
 
@@ -40,7 +41,7 @@ def test_the_curves_and_the_probes_are_written_as_events(framework, tiny_data_di
 
 def test_a_resumed_run_shows_each_step_once(tiny_data_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real_epoch = torch_train.train_epoch
+    real_epoch = loop.train_epoch
 
     def stop_late_in_epoch_two(session, state, epoch, bar):
         if epoch == 1:
@@ -48,9 +49,9 @@ def test_a_resumed_run_shows_each_step_once(tiny_data_dir, tmp_path, monkeypatch
             raise KeyboardInterrupt  # ...and dies before epoch 2's checkpoint
         return real_epoch(session, state, epoch, bar)
 
-    monkeypatch.setattr(torch_train, "train_epoch", stop_late_in_epoch_two)
+    monkeypatch.setattr(loop, "train_epoch", stop_late_in_epoch_two)
     assert torch_train.main(smoke(tiny_data_dir, run, "--epochs", "3", "--no-probe")) == 130
-    monkeypatch.setattr(torch_train, "train_epoch", real_epoch)
+    monkeypatch.setattr(loop, "train_epoch", real_epoch)
     assert torch_train.main(["--resume", "--out", str(run)]) == 0
     scalars = read_scalars(run)
     assert [step for step, _ in scalars["loss"]] == list(range(1, 13)) == logged_steps(run)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from shared import loop
 from shared.augment import AugmentParams
 from shared.config import make_config
 from shared.errors import UserError
@@ -28,9 +29,10 @@ from torch_impl.distributed import (
     sync_batch_norm,
     world_from_env,
 )
-from torch_impl.model import build_model
-from torch_impl.optim import build_optimizer, set_lr
+from torch_impl.model import build_model, init_variables
+from torch_impl.optim import build_optimizer
 from torch_impl.runtime import memory_format, to_channels_last
+from torch_impl.step import TrainState, train_step
 
 WORLD = 2
 GLOBAL_BATCH = 16
@@ -67,7 +69,7 @@ def test_an_uneven_split_is_a_one_line_error():
 def test_world_comes_from_torchrun_environment():
     assert world_from_env({}) == World() and World().is_main and World().shard == (0, 1)
     world = world_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
-    assert world == World(3, 4, 1) and not world.is_main and world.shard == (3, 4)
+    assert world == World(3, 4, 1, parts=4) and not world.is_main and world.shard == (3, 4)
 
 
 @pytest.mark.parametrize("environ", [{"WORLD_SIZE": "2"}, {"WORLD_SIZE": "2", "RANK": "x"},
@@ -89,7 +91,7 @@ def test_uneven_batch_over_processes_fails_before_the_processes_meet(tmp_path, m
 
 def test_sync_batch_norm_keeps_weights_statistics_and_names():
     cfg = make_config({"preset": "smoke"})
-    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.seed)
+    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims()), cfg.seed)
     model.backbone.bn1.running_mean.fill_(0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     converted = sync_batch_norm(model, torch.device("cpu"))
@@ -122,14 +124,14 @@ def one_step(world: World, dtype: torch.dtype) -> dict:
     gradients it applied, and the weights and buffers after the LARS step."""
     cfg = make_config({"preset": "smoke", "precision": "fp32"})
     cpu = torch.device("cpu")
-    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.seed).to(
+    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims()), cfg.seed).to(
         cpu, dtype, memory_format=memory_format(cfg.width))
     if world.size > 1:
         model = sync_batch_norm(model, cpu)
-    optimizer = build_optimizer(model, cfg)
-    set_lr(optimizer, LR)
+    optimizer = build_optimizer(cfg, model=model)
     x_a, x_b = global_views(dtype, world.shard)
-    terms = train_cli.train_step(data_parallel(model, world, cpu), optimizer, x_a, x_b, cfg, None)
+    _, terms = train_step(TrainState(data_parallel(model, world, cpu), optimizer), x_a, x_b, LR,
+                          cfg=cfg, dtype=dtype)
     return {"terms": {k: v.item() for k, v in terms.items()},
             "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
             "state": {k: v.clone() for k, v in model.state_dict().items()}}
@@ -276,14 +278,14 @@ def interrupted_worker(rank: int, port: int, args: list[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    real_epoch = train_cli.train_epoch
+    real_epoch = loop.train_epoch
 
     def epoch_then_crash(s, state, epoch, bar):
         if epoch == 1:
             raise Interrupted
         return real_epoch(s, state, epoch, bar)
 
-    train_cli.train_epoch = epoch_then_crash
+    loop.train_epoch = epoch_then_crash
     with pytest.raises(Interrupted):
         train_cli.main(args)
 

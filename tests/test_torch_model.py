@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 from shared.errors import UserError
-from torch_impl.model import ResNet, VICReg, expander
+from torch_impl.model import Expander, ResNet, VICReg
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
@@ -43,7 +43,7 @@ def test_cifar_stem_keeps_resolution():
 
 
 def test_expander_structure():
-    net = expander(512, [2048, 2048, 1024])
+    net = Expander(512, [2048, 2048, 1024])
     kinds = [type(m).__name__ for m in net]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert net[0].bias is not None and net[-1].bias is None

@@ -66,7 +66,7 @@ def test_per_epoch_cosine_of_the_homework_preset():
 
 def test_build_optimizer_picks_lars_or_adam():
     model = VICReg("resnet18", 4, [8, 8])
-    assert isinstance(build_optimizer(model, make_config({})), LARS)
-    adam = build_optimizer(model, make_config({"preset": "homework"}))
+    assert isinstance(build_optimizer(make_config({}), model=model), LARS)
+    adam = build_optimizer(make_config({"preset": "homework"}), model=model)
     assert isinstance(adam, torch.optim.Adam)
     assert adam.param_groups[0]["weight_decay"] == 1e-6

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from torch_impl import checkpoint as torch_checkpoint
 from torch_impl import probe as probe_cli
+from torch_impl import step as torch_step
 from torch_impl import train as train_cli
 from torch_impl.checkpoint import load_checkpoint
 
@@ -79,16 +81,16 @@ def test_resume_equals_an_uninterrupted_run(tiny_data_dir, tmp_path, monkeypatch
     args = ("--epochs", "2", "--no-probe", "--precision", "fp32")
     assert train_cli.main(smoke_args(tiny_data_dir, straight, *args)) == 0
 
-    real_save = train_cli.save_checkpoint
+    real_save = torch_checkpoint.save_checkpoint
 
     def save_then_crash(path, state):
         real_save(path, state)
         raise Interrupted  # the process dies right after epoch 1's checkpoint
 
-    monkeypatch.setattr(train_cli, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(torch_checkpoint, "save_checkpoint", save_then_crash)
     with pytest.raises(Interrupted):
         train_cli.main(smoke_args(tiny_data_dir, resumed, *args))
-    monkeypatch.setattr(train_cli, "save_checkpoint", real_save)
+    monkeypatch.setattr(torch_checkpoint, "save_checkpoint", real_save)
     assert train_cli.main(["--resume", "--out", str(resumed)]) == 0
 
     a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(resumed / "checkpoint.pt")
@@ -105,17 +107,18 @@ def test_resume_equals_an_uninterrupted_run(tiny_data_dir, tmp_path, monkeypatch
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_data_dir, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    real_loss, calls = train_cli.vicreg_loss, []
+    real_loss, calls = torch_step.vicreg_loss, []
 
     def loss_that_diverges(z_a, z_b, **kw):
         calls.append(1)
         loss, terms = real_loss(z_a, z_b, **kw)
         return (loss * float("nan"), terms) if len(calls) == 6 else (loss, terms)
 
-    monkeypatch.setattr(train_cli, "vicreg_loss", loss_that_diverges)
+    monkeypatch.setattr(torch_step, "vicreg_loss", loss_that_diverges)
     assert train_cli.main(smoke_args(tiny_data_dir, run, "--epochs", "3")) == 2
     line = error_line(capsys)
-    assert "loss became nan at epoch 1 step 1" in line and "checkpoint" in line
+    assert f"loss became nan at step 6 (epoch 2); stopped, the checkpoint of epoch 1 stays in " \
+           f"{run}" in line
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
 
 
@@ -176,7 +179,7 @@ def test_probe_errors_for_missing_corrupt_and_foreign_checkpoints(tiny_data_dir,
 
     (run / "checkpoint.msgpack").write_bytes(b"\x80")
     assert probe_cli.main(["--run", str(run)]) == 2
-    assert "jax_impl.convert" in error_line(capsys)
+    assert "python -m interop.convert" in error_line(capsys)
 
     ckpt.write_bytes(good)
     config = json.loads((run / "config.json").read_text())
@@ -215,14 +218,14 @@ def test_compiled_step_is_traced_once_whatever_the_learning_rate(monkeypatch):
     import torch._dynamo
 
     from shared.config import make_config
-    from shared.training import World
+    from shared.loop import World
 
     compile_for_real = torch.compile
     monkeypatch.setattr(torch, "compile",
                         lambda fn, **kwargs: compile_for_real(fn, backend="eager", **kwargs))
     cfg = make_config({"preset": "smoke", "compile": True})
-    state = train_cli.initial_state(cfg, torch.device("cpu"), World())
-    step = train_cli.make_train_step(cfg, None)
+    state = torch_step.initial_state(cfg, device=torch.device("cpu"), world=World())
+    step = torch_step.make_train_step(cfg, dtype=torch.float32)
     views = [torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
              for _ in range(2)]
     torch._dynamo.reset()

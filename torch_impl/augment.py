@@ -21,7 +21,7 @@ from shared.augment import AugmentParams, PixelParams
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
-def device_params(p: PixelParams, device: torch.device) -> dict[str, torch.Tensor]:
+def device_params(p: PixelParams, *, device: torch.device) -> dict[str, torch.Tensor]:
     """A view's PixelParams as tensors on `device` (indices int64, as torch's gathers want)."""
     tensors = {name: torch.from_numpy(value) for name, value in p.arrays().items()}
     for name in ("rows0", "rows1", "cols0", "cols1"):

@@ -10,11 +10,15 @@ from pathlib import Path
 import torch
 
 from shared.errors import UserError
-from shared.runio import CHECKPOINT_FILES, atomic_write_bytes, corrupt_checkpoint_error
+from shared.runio import (
+    CHECKPOINT_FILES,
+    atomic_write_bytes,
+    corrupt_checkpoint_error,
+    missing_checkpoint_error,
+)
 
 CHECKPOINT_FILE = CHECKPOINT_FILES["torch"]
 FORMAT = "vicreg-interop/torch"
-JAX_CHECKPOINT_FILE = CHECKPOINT_FILES["jax"]
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -28,12 +32,7 @@ def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint written by save_checkpoint; UserError if missing, corrupt or foreign."""
     path = Path(path)
     if not path.is_file():
-        jax_twin = path.with_name(JAX_CHECKPOINT_FILE)
-        if jax_twin.is_file():
-            raise UserError(f"{path.parent} holds a JAX checkpoint ({jax_twin.name}), not a "
-                            "PyTorch one; convert it with: python -m jax_impl.convert "
-                            f"{path.parent} --to torch")
-        raise UserError(f"no checkpoint at {path} (train first, or check --run/--out)")
+        raise missing_checkpoint_error(path, "torch")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
@@ -44,10 +43,11 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def load_model_state(model: torch.nn.Module, state_dict: dict, path: Path, what: str) -> None:
-    """Load weights, turning a shape or name mismatch into a one-line UserError."""
+def load_model_state(model: torch.nn.Module, stored: dict, path: Path, what: str) -> None:
+    """Load the weights `stored` (a state_dict) into `model`, turning a shape or name mismatch
+    into a one-line UserError naming `what` (the run's architecture)."""
     try:
-        model.load_state_dict(state_dict)
+        model.load_state_dict(stored)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise UserError(f"{path} does not fit {what}: it was written for another architecture "

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shared.errors import UserError
-from shared.training import World
+from shared.loop import World
 from torch_impl.runtime import pick_device
 
 
@@ -34,8 +34,9 @@ def world_from_env(environ: Mapping[str, str] = os.environ) -> World:
     if "WORLD_SIZE" not in environ:
         return World()
     try:
-        world = World(int(environ["RANK"]), int(environ["WORLD_SIZE"]),
-                      int(environ.get("LOCAL_RANK", environ["RANK"])))
+        size = int(environ["WORLD_SIZE"])
+        world = World(int(environ["RANK"]), size,
+                      int(environ.get("LOCAL_RANK", environ["RANK"])), parts=size)
     except (KeyError, ValueError):
         raise UserError("WORLD_SIZE is set but RANK, WORLD_SIZE or LOCAL_RANK is missing or not an "
                         "integer; start data-parallel runs with torchrun") from None
@@ -90,8 +91,9 @@ def on_main(world: World, action: Callable[[], object]) -> None:
         raise UserError(message[0])
 
 
-def broadcast_from_main(world: World, value: int) -> int:
-    """Rank 0's `value` in every rank (the job's processes agree on what rank 0 decided)."""
+def broadcast_from_main(world: World, value: float) -> float:
+    """Rank 0's `value` (a number) in every rank (the job's processes agree on what rank 0
+    decided)."""
     if world.size == 1:
         return value
     shared = [value]

@@ -103,16 +103,18 @@ def layout_of(weight: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def expander(in_dim: int, dims: list[int]) -> nn.Sequential:
+class Expander(nn.Sequential):
     """[N, in_dim] -> [N, dims[-1]]: (Linear+BN+ReLU) for all but the last layer, the last Linear
-    without bias."""
-    layers: list[nn.Module] = []
-    widths = [in_dim, *dims]
-    for i in range(len(dims) - 1):
-        layers += [nn.Linear(widths[i], widths[i + 1]), nn.BatchNorm1d(widths[i + 1]),
-                   nn.ReLU(inplace=True)]
-    layers.append(nn.Linear(widths[-2], widths[-1], bias=False))
-    return nn.Sequential(*layers)
+    without bias (an nn.Sequential, so its parameters are named "0.weight", "1.weight", ...)."""
+
+    def __init__(self, in_dim: int, dims: list[int]):
+        layers: list[nn.Module] = []
+        widths = [in_dim, *dims]
+        for i in range(len(dims) - 1):
+            layers += [nn.Linear(widths[i], widths[i + 1]), nn.BatchNorm1d(widths[i + 1]),
+                       nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(widths[-2], widths[-1], bias=False))
+        super().__init__(*layers)
 
 
 class VICReg(nn.Module):
@@ -121,17 +123,28 @@ class VICReg(nn.Module):
     def __init__(self, arch: str, width: int, mlp_dims: list[int]):
         super().__init__()
         self.backbone = ResNet(arch, width)
-        self.projector = expander(self.backbone.feature_dim, mlp_dims)
+        self.projector = Expander(self.backbone.feature_dim, mlp_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))
 
 
-def build_model(arch: str, width: int, mlp_dims: list[int], seed: int) -> VICReg:
-    """The VICReg network (UserError for an unknown arch), float32 on the CPU, its weights drawn
-    from torch's default initialisation with generator seed `seed` (the global generator's state
-    is left as it was)."""
+def build_model(arch: str, width: int, mlp_dims: list[int]) -> VICReg:
+    """The VICReg network, float32 on the CPU (UserError for an unknown arch); its weights are
+    drawn by init_variables. The global random generator is left as it was."""
     check_arch(arch)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
         return VICReg(arch, width, mlp_dims)
+
+
+def init_variables(model: nn.Module, seed: int) -> nn.Module:
+    """`model` with every parameter and BatchNorm statistic drawn afresh from torch's default
+    initialisation (kaiming-uniform convs and linears, BN weight 1 and bias 0) with generator seed
+    `seed`, in the order the modules were built; returns the model. The global generator's state
+    is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return model

@@ -50,7 +50,7 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-group["lr"])
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, *, model: nn.Module) -> torch.optim.Optimizer:
     """LARS (official semantics) or Adam (L2 weight decay, as the seed course), lr set per step."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "lars":

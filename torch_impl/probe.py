@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from shared.cli import command_exit
 from shared.config import Config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.linear_probe import (
@@ -26,10 +27,15 @@ from shared.linear_probe import (
     probe_main,
     standardize,
 )
-from shared.linear_probe import probe_after_training as shared_probe_after_training
 from torch_impl.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model_state
-from torch_impl.model import build_model
-from torch_impl.runtime import autocast_dtype, memory_format, pick_device, to_channels_last
+from torch_impl.model import build_model, init_variables
+from torch_impl.runtime import (
+    autocast,
+    compute_dtype,
+    memory_format,
+    pick_device,
+    to_channels_last,
+)
 
 
 @torch.no_grad()
@@ -37,13 +43,13 @@ def extract_features(backbone: nn.Module, images: np.ndarray, cfg: Config, desc:
                      batch_size: int = 500) -> np.ndarray:
     """uint8 [N, 32, 32, 3] -> float32 features [N, F] of the backbone in eval mode."""
     device = next(backbone.parameters()).device
-    amp = autocast_dtype(cfg.precision, device)
+    dtype = compute_dtype(cfg.precision, device)
     backbone.eval()
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
                       file=sys.stderr, mininterval=1.0):
         x = normalize_images(images[start:start + batch_size], CIFAR10_MEAN, CIFAR10_STD)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(device, dtype):
             chunks.append(backbone(to_channels_last(x, device)).float().cpu().numpy())
     return np.concatenate(chunks)
 
@@ -79,34 +85,28 @@ def features_of(backbone: nn.Module, cfg: Config) -> Features:
     return lambda images, desc: extract_features(backbone, images, cfg, desc)
 
 
-def probe_after_training(cfg: Config, run_dir: Path, backbone: nn.Module) -> dict:
-    """The probes that end a training run (shared.linear_probe.probe_after_training)."""
-    return shared_probe_after_training(cfg, run_dir, framework="torch",
-                                       features=features_of(backbone, cfg),
-                                       train_linear=train_linear)
-
-
-def load_backbone(cfg: Config, run_dir: Path, random_init: bool) -> tuple[nn.Module, int | None]:
-    """The run's backbone with trained weights, or freshly initialised from cfg.seed; and the
-    checkpoint's epoch (None at random init)."""
-    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.seed)
+def backbone_to_probe(cfg: Config, run_dir: Path,
+                      random_init: bool) -> tuple[nn.Module, int | None]:
+    """The backbone a probe measures: the run's trained one, or (random_init) one freshly drawn
+    from cfg.seed; and the checkpoint's epoch (None at random init)."""
+    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims()), cfg.seed)
     epoch = None
     if not random_init:
         path = run_dir / CHECKPOINT_FILE
         state = load_checkpoint(path)
         load_model_state(model, state["model"], path,
-                         f"{cfg.model_description()} (from config.json)")
+                         cfg.stored_model_description())
         epoch = state["epoch"]
     return model.backbone.to(pick_device(), memory_format=memory_format(cfg.width)), epoch
 
 
 def main(argv: list[str] | None = None) -> int:
     def load(cfg: Config, run_dir: Path, random_init: bool) -> tuple[Features, int | None]:
-        backbone, epoch = load_backbone(cfg, run_dir, random_init)
+        backbone, epoch = backbone_to_probe(cfg, run_dir, random_init)
         return features_of(backbone, cfg), epoch
 
     return probe_main(argv, "torch", load, train_linear)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command_exit(main)

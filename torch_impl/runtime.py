@@ -11,6 +11,11 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_name(device: torch.device) -> str:
+    """"cuda" or "cpu", as summary.json and the start-up line report it."""
+    return device.type
+
+
 def bf16_supported(device: torch.device) -> bool:
     """True where bf16 matmuls and convolutions run natively (CUDA bf16, or CPU with
     AVX512-BF16/AMX)."""
@@ -19,15 +24,28 @@ def bf16_supported(device: torch.device) -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for --precision (None = plain float32)."""
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the model computes in for --precision: bfloat16 (through autocast; parameters
+    stay float32) or float32."""
     if precision == "fp32":
-        return None
+        return torch.float32
     if precision == "bf16":
         return torch.bfloat16
     if precision == "auto":
-        return torch.bfloat16 if bf16_supported(device) else None
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
     raise UserError(f"unknown precision {precision!r}; choose one of: auto, bf16, fp32")
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """"bf16" or "fp32", as summary.json and the start-up line report it."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    """Autocast to `dtype` on `device` where it is narrower than float32; off otherwise (float32,
+    and the float64 the parity tests run)."""
+    narrow = dtype in (torch.bfloat16, torch.float16)
+    return torch.autocast(device.type, dtype=dtype if narrow else torch.float32, enabled=narrow)
 
 
 def memory_format(width: int) -> torch.memory_format:

@@ -1,5 +1,5 @@
-"""jax_impl.convert: exact round trips, equal features across frameworks, probes of converted runs,
-errors."""
+"""interop: exact round trips through interop.convert, equal features across frameworks, probes
+of converted runs, interop.load_backbone, checkpoints that a run outgrew, errors."""
 import json
 from dataclasses import asdict
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from jax_impl import convert
+from interop import convert
 from jax_impl import probe as jax_probe
 from jax_impl.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from jax_impl.model import build_model, init_variables
@@ -38,8 +38,9 @@ def torch_run(run, data_dir, width=4, config_width=None):
     cfg = config_for(run, data_dir, config_width or width)
     run.mkdir()
     (run / "config.json").write_text(cfg.to_json())
+    optimizer = build_torch_optimizer(cfg, model=model)
     save_torch(run / "checkpoint.pt", {"model": model.state_dict(),
-                                       "optimizer": build_torch_optimizer(model, cfg).state_dict(),
+                                       "optimizer": optimizer.state_dict(),
                                        "config": asdict(cfg), **PROGRESS})
     return run
 
@@ -101,10 +102,10 @@ def test_flax_to_torch_features_match_and_both_probes_read_it(tiny_data_dir, tmp
     assert convert.main([str(run), "--to", "torch"]) == 0
     cfg = config_for(run, tiny_data_dir)
     images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), np.uint8)
-    backbone, variables, epoch = jax_probe.load_backbone(cfg, run, random_init=False)
+    (backbone, variables), epoch = jax_probe.backbone_to_probe(cfg, run, random_init=False)
     with jax.default_matmul_precision("highest"):
         mine = jax_probe.extract_features(backbone, variables, images, "jax")
-    torch_backbone, _ = torch_probe.load_backbone(cfg, run, random_init=False)
+    torch_backbone, _ = torch_probe.backbone_to_probe(cfg, run, random_init=False)
     theirs = torch_probe.extract_features(torch_backbone, images, cfg, "torch")
     assert mine.shape == theirs.shape == (20, 32) and epoch == 3
     np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
