@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.augment import draw_views, make_views  # noqa: E402
+from shared.cli import plural  # noqa: E402
 from shared.config import PRESETS, Config, make_config  # noqa: E402
 from shared.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from shared.loader import epoch_batches  # noqa: E402
@@ -224,7 +225,7 @@ def row_groups(cfg: Config, steps: int, jax_rows: bool) -> dict[str, list[tuple[
              lambda fw=fw: trainer_rate(fw, cfg, "host", steps)),
             (f"{fw}_impl.train end to end, views on the device",
              lambda fw=fw: trainer_rate(fw, cfg, "device", steps)))],
-        "augment": [(f"augmentation alone: numpy, {cfg.loader_workers()} loader threads",
+        "augment": [(f"augmentation alone: numpy, {plural(cfg.loader_workers(), 'loader thread')}",
                      lambda: numpy_augment_rate(cfg, steps))] + [
             (f"augmentation alone: {fw}_impl.augment on the device",
              lambda fw=fw: device_augment_rate(fw, cfg, steps)) for fw in frameworks],
@@ -259,7 +260,7 @@ def main() -> None:
     device = pick_device()
     print(f"# {cfg.arch} width {cfg.width}, expander {cfg.mlp}, batch {cfg.batch_size}, "
           f"{cfg.optimizer}, device {device} ({torch.get_num_threads()} threads), torch "
-          f"{torch.__version__}, {cfg.loader_workers()} loader threads", flush=True)
+          f"{torch.__version__}, {plural(cfg.loader_workers(), 'loader thread')}", flush=True)
     results = []
     for group in groups:
         if group not in chosen:

@@ -40,6 +40,7 @@ from shared.linear_probe import (
     probe_main,
     standardize,
 )
+from shared.runio import trained_epochs
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -109,9 +110,10 @@ def features_of(backbone: ResNet, variables: dict) -> Features:
 
 
 def backbone_to_probe(cfg: Config, run_dir: Path,
-                      random_init: bool) -> tuple[tuple[ResNet, dict], int | None]:
+                      random_init: bool) -> tuple[tuple[ResNet, dict], float | None]:
     """The backbone a probe measures, (module, variables): the run's trained one, or (random_init)
-    one freshly drawn from cfg.seed; and the checkpoint's epoch (None at random init)."""
+    one freshly drawn from cfg.seed; and the epochs it trained (runio.trained_epochs; None at
+    random init)."""
     model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(),
                         dtype=compute_dtype(cfg.precision, pick_device()))
     if random_init:
@@ -120,11 +122,11 @@ def backbone_to_probe(cfg: Config, run_dir: Path,
     stored = load_checkpoint(path)
     variables = load_model_state(model, stored, path,
                                  cfg.stored_model_description())
-    return (backbone_of(model), backbone_variables(variables)), int(stored["epoch"])
+    return (backbone_of(model), backbone_variables(variables)), trained_epochs(stored)
 
 
 def main(argv: list[str] | None = None) -> int:
-    def load(cfg: Config, run_dir: Path, random_init: bool) -> tuple[Features, int | None]:
+    def load(cfg: Config, run_dir: Path, random_init: bool) -> tuple[Features, float | None]:
         (backbone, variables), epoch = backbone_to_probe(cfg, run_dir, random_init)
         return features_of(backbone, variables), epoch
 

@@ -8,11 +8,13 @@ gradient upstream of it changes by that one element's contribution (at width 4, 
 sums 256 such contributions). Which side each framework lands on is decided by its rounding, so it
 differs between frameworks and between CPUs.
 
-What float32 can do there is measured in float64, in the same test: the reach is how far torch's
-float32 run moved the ReLU inputs, max|x32 - x64| / max|x64| per ReLU call; the float64 run is
-repeated with every ReLU input within KINK_REACH x reach of 0 taking derivative 1 ("on") and 0
-("off"). How far those two runs move a result from the plain float64 one is its kink allowance,
-added to the float32 bound of the groups downstream of a ReLU derivative (see tolerances.py).
+What float32 can do there is measured in float64, in the same test: the reach is how far either
+framework's float32 run moved its ReLU inputs from its float64 run, max|x32 - x64| / max|x64| per
+ReLU call (torch's through hooks on its ReLUs, JAX's rebuilt from the module outputs flax
+captures); torch's float64 run is repeated with every ReLU input within KINK_REACH x reach of 0
+taking derivative 1 ("on") and 0 ("off"). How far those two runs move a result from the plain
+float64 one is its kink allowance, added to the float32 bound of the groups downstream of a ReLU
+derivative (see tolerances.py).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from flax.traverse_util import flatten_dict
 from torch import nn
 
 from parity_tests.compare import as_numpy, relative_difference
@@ -40,11 +43,40 @@ def relu_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             handle.remove()
 
 
-def float32_reach(inputs32: list[torch.Tensor], inputs64: list[torch.Tensor]) -> float:
-    """How far float32 moved the ReLU inputs: max over calls of max|x32 - x64| / max|x64|."""
+def float32_reach(inputs32: list, inputs64: list) -> float:
+    """How far float32 moved the ReLU inputs (torch tensors or numpy arrays, call by call): max
+    over calls of max|x32 - x64| / max|x64|."""
     assert len(inputs32) == len(inputs64) > 0
     return max(relative_difference(as_numpy(x64), as_numpy(x32))
                for x32, x64 in zip(inputs32, inputs64))
+
+
+def jax_relu_inputs(intermediates: dict) -> list[np.ndarray]:
+    """The inputs of every ReLU of jax_impl's VICReg in one forward, from the module outputs that
+    `apply(..., capture_intermediates=True)` collected (flax's "intermediates" collection): the
+    stem's and the expander's BatchNorm outputs, and in each residual block every BatchNorm's
+    output but the last, which enters its ReLU with the shortcut added (the downsample's output,
+    or the block's input: the output before it)."""
+    flat = {key[:-1]: np.asarray(value[0]) for key, value in flatten_dict(intermediates).items()
+            if len(key) > 1}
+    inputs = [flat[("backbone", "bn1")]]
+    previous = np.maximum(inputs[0], 0)
+    stages = sorted({key[1] for key in flat if key[:2] != ("backbone", "bn1")
+                     and len(key) > 2 and key[0] == "backbone"})
+    for stage in stages:
+        blocks = sorted({key[2] for key in flat if key[:2] == ("backbone", stage) and len(key) > 2},
+                        key=int)
+        for block in blocks:
+            path = ("backbone", stage, block)
+            norms = sorted(key[-1] for key in flat if key[:3] == path and len(key) == 4
+                           and key[-1].startswith("bn"))
+            inputs += [flat[(*path, bn)] for bn in norms[:-1]]
+            shortcut = flat.get((*path, "downsample"), previous)
+            inputs.append(flat[(*path, norms[-1])] + shortcut)
+            previous = flat[path]
+    norms = sorted((key for key in flat if key[0] == "projector" and len(key) == 2
+                    and int(key[1]) % 3 == 1), key=lambda key: int(key[1]))
+    return inputs + [flat[key] for key in norms]
 
 
 class _ReLUTakingBranch(torch.autograd.Function):

@@ -1,6 +1,7 @@
 """Groups 5 and 6: optimizer steps (LARS, Adam; warmup and cosine), and a 20-step trajectory."""
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +11,13 @@ from jax_impl.optim import build_optimizer as jax_build_optimizer
 from jax_impl.step import TrainState, make_train_step
 from parity_tests.compare import as_numpy
 from parity_tests.conftest import DTYPES, jax_precision
-from parity_tests.kinks import branch_taken, float32_reach, kink_allowance, relu_inputs
+from parity_tests.kinks import (
+    branch_taken,
+    float32_reach,
+    jax_relu_inputs,
+    kink_allowance,
+    relu_inputs,
+)
 from parity_tests.models import inert_under_batchnorm, jax_twin, nchw, torch_named, torch_vicreg
 from shared.config import make_config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
@@ -44,6 +51,21 @@ def jax_optimizer_and_step(optimizer: str, dtype: str):
     jax_optimizer = jax_build_optimizer(cfg)
     model = build_model(cfg.arch, WIDTH, MLP, dtype=jnp.dtype(dtype))
     return jax_optimizer, make_train_step(cfg, model=model, optimizer=jax_optimizer)
+
+
+@functools.cache
+def jax_relu_capture(arch: str, dtype: str):
+    """jit(capture)(params, batch_stats, x) -> the module outputs of one train-mode forward of the
+    flax model of `arch` in `dtype` (the inputs of its ReLUs: kinks.jax_relu_inputs)."""
+    model = build_model(arch, WIDTH, MLP, dtype=jnp.dtype(dtype))
+
+    def capture(params, batch_stats, x):
+        _, collections = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                     train=True, mutable=["batch_stats", "intermediates"],
+                                     capture_intermediates=True)
+        return collections["intermediates"]
+
+    return jax.jit(capture)
 
 
 def train_images() -> np.ndarray:
@@ -101,12 +123,15 @@ class JaxRun:
             self.state = TrainState(variables["params"], variables["batch_stats"],
                                     jax_optimizer.init(variables["params"]))
 
-    def step(self, x_a: np.ndarray, x_b: np.ndarray, lr: float) -> dict:
-        """One train step; its terms as numpy values."""
+    def step(self, x_a: np.ndarray, x_b: np.ndarray, lr: float) -> tuple[dict, list]:
+        """One train step: (its terms as numpy values, the ReLU inputs of its forwards)."""
         with jax_precision(self.dtype):
-            self.state, terms = self.jax_step(self.state, x_a.astype(self.dtype),
-                                              x_b.astype(self.dtype), lr)
-            return {k: np.asarray(v) for k, v in terms.items()}
+            views = [x.astype(self.dtype) for x in (x_a, x_b)]
+            capture = jax_relu_capture(self.cfg.arch, self.dtype)
+            inputs = [x for view in views for x in jax_relu_inputs(
+                capture(self.state.params, self.state.batch_stats, view))]
+            self.state, terms = self.jax_step(self.state, *views, lr)
+            return {k: np.asarray(v) for k, v in terms.items()}, inputs
 
     def weights(self) -> dict[str, np.ndarray]:
         return torch_named({"params": self.state.params, "batch_stats": self.state.batch_stats})
@@ -140,9 +165,12 @@ class Runs:
         """One step of every run on the same float32 inputs: {dtype: (torch terms, jax terms)}."""
         terms, inputs = {}, {}
         for dtype in DTYPES:
-            torch_terms, inputs[dtype] = self.torch[dtype].step(x_a, x_b, lr)
-            terms[dtype] = (torch_terms, self.jax[dtype].step(x_a, x_b, lr))
-        reach = float32_reach(inputs["float32"], inputs["float64"])
+            torch_terms, torch_inputs = self.torch[dtype].step(x_a, x_b, lr)
+            jax_terms, jax_inputs = self.jax[dtype].step(x_a, x_b, lr)
+            terms[dtype], inputs[dtype] = (torch_terms, jax_terms), (torch_inputs, jax_inputs)
+        # each framework's float32 rounding moves its own ReLU inputs; either may cross a kink
+        reach = max(float32_reach(inputs["float32"][side], inputs["float64"][side])
+                    for side in range(2))
         self.branch_losses = {name: run.step(x_a, x_b, lr, reach)[0]["loss"]
                               for name, run in self.branches.items()}
         return terms

@@ -74,8 +74,9 @@ FLOAT32_FLOOR = 64 * 2.0 ** -23
 # each may land on the other side of different kinks.
 KINK_ALLOWANCE = 2.0
 # A ReLU input counts as within float32's reach of its kink when it lies within this many times
-# the largest distance torch's float32 run moved that call's inputs from float64 (relative to the
-# call's largest input): JAX's float32 inputs move by a comparable amount, not by the same one.
+# the largest distance either framework's float32 run moved that call's inputs from its float64
+# run (relative to the call's largest input): the measured reach is the largest move of any one
+# call, and the elements of other calls move by comparable amounts, not by the same ones.
 KINK_REACH = 4.0
 
 # 9. The views a device computes (torch_impl.augment, jax_impl.augment) against the numpy pipeline,

@@ -29,7 +29,13 @@ from shared.config import (
     setting_types,
     sweep_owned,
 )
-from shared.errors import Interrupted, UserError
+from shared.errors import (
+    Interrupted,
+    UserError,
+    check_interrupted,
+    kept_interrupts,
+    resources_as_user_errors,
+)
 from shared.runio import CHECKPOINT_FILES
 
 
@@ -96,6 +102,11 @@ def setting_flags(settings: dict) -> list[str]:
         else:
             flags += [flag(name), format_value(value)]
     return flags
+
+
+def plural(count: float, noun: str) -> str:
+    """"1 epoch", "2.5 epochs", "3 runs": a count and its noun, which takes an s unless 1."""
+    return f"{count:g} {noun}{'' if count == 1 else 's'}"
 
 
 def format_value(value) -> str:
@@ -195,7 +206,9 @@ def cli_main(body: Callable[[], object]) -> int:
     """Run a command's body; a UserError becomes `error: ...` on stderr and exit status 2, Ctrl-C
     `interrupted: ...` and 130."""
     try:
-        body()
+        with kept_interrupts(), resources_as_user_errors():
+            body()
+            check_interrupted()
     except UserError as exc:
         print(f"{exc.label}: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from shared.archs import BLOCKS
 from shared.augment import AugmentParams
-from shared.data import default_data_dir
+from shared.data import IMAGE_SIZE, default_data_dir
 from shared.errors import UserError
 from shared.loader import auto_workers
 from shared.runio import CONFIG_FILE
@@ -62,8 +62,11 @@ PRESETS: dict[str, dict] = {
 #   PROBE        the linear probe's protocol; may change on --resume, and between probes
 #   RUN          where and how the run executes, not what it learns; may change on --resume
 BACKBONE, PRETRAINING, PROBE, RUN = "backbone", "pretraining", "probe", "run"
-# GTSRB has 43 classes, so a stratified probe subset needs at least that many images.
-MIN_PROBE_SUBSET = 43
+# GTSRB has 43 classes, so a stratified probe subset needs at least that many images; CIFAR-10's
+# 50,000 training images are the most any probe has.
+MIN_PROBE_SUBSET, MAX_PROBE_SUBSET = 43, 50_000
+# Bounds beyond which a value is a slip of the keyboard, not a setting.
+MAX_EPOCHS, MAX_PROBE_EPOCHS, MAX_WORKERS, MAX_PROBE_LR = 100_000, 10_000, 64, 10.0
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,8 @@ class Config:
     epochs: float = setting(1000.0, "pretraining length in epochs; a fraction ends the last "
                             "epoch early (with --time-budget: the most it may use; with "
                             "--resume: at least the run's, more extends it)", PRETRAINING,
-                            check=POSITIVE)
+                            check=Range(lambda v: 0 < v <= MAX_EPOCHS,
+                                        f"must lie in (0, {MAX_EPOCHS:,}]"))
     time_budget: str = setting("", "train for this much wall time, e.g. 90s, 15m, 2h: the step "
                                "rate is measured first, then --epochs is set to the steps that "
                                "fit (at most --epochs; written to config.json) and warmup and "
@@ -200,9 +204,11 @@ class Config:
                             check=PROBABILITY)
     blur_p: float = setting(_VIEWS.blur_p, "Gaussian blur probability", PRETRAINING,
                             check=PROBABILITY)
-    blur_kernel: int = setting(_VIEWS.blur_kernel, "Gaussian blur kernel size (odd)",
-                               PRETRAINING, check=Range(lambda v: v > 0 and v % 2 == 1,
-                                                        "must be a positive odd number"))
+    blur_kernel: int = setting(_VIEWS.blur_kernel, "Gaussian blur kernel size (odd, smaller than "
+                               f"twice the {IMAGE_SIZE}-pixel image, which reflect padding "
+                               "needs)", PRETRAINING,
+                               check=Range(lambda v: 0 < v < 2 * IMAGE_SIZE and v % 2 == 1,
+                                           f"must be an odd number from 1 to {2 * IMAGE_SIZE - 1}"))
     solarize_p: float = setting(_VIEWS.solarize_p, "solarize probability", PRETRAINING,
                                 check=PROBABILITY)
     # run
@@ -216,8 +222,10 @@ class Config:
     precision: str = setting("auto", "auto (bf16 where the CPU or GPU supports it), bf16 or "
                              "fp32; the loss is always computed in float32", BACKBONE,
                              choices=PRECISIONS)
-    workers: int = setting(0, "loader threads (0 = auto: half the CPU cores, 1 to 8)", RUN,
-                           check=NON_NEGATIVE)
+    workers: int = setting(0, f"loader threads, at most {MAX_WORKERS} (0 = auto: half the CPU "
+                           "cores, 1 to 8)", RUN,
+                           check=Range(lambda v: 0 <= v <= MAX_WORKERS,
+                                       f"must lie in [0, {MAX_WORKERS}]"))
     augment_on: str = setting("auto", "where the views are computed: host (numpy, in the loader "
                               "threads), device (on the trainer's GPU or CPU, from parameters "
                               "drawn on the host: the same views), or auto (device on a GPU, "
@@ -237,16 +245,23 @@ class Config:
     # probe
     probe: bool = setting(True, "run the linear probe (CIFAR-10, and GTSRB when present) after "
                           "training", RUN, sweep_owned="every sweep run is probed")
-    probe_epochs: int = setting(100, "linear probe epochs", PROBE, check=POSITIVE)
-    probe_lr: float = setting(0.1, "linear probe peak learning rate (SGD, cosine)", PROBE,
-                              check=POSITIVE)
+    probe_epochs: int = setting(100, "linear probe epochs", PROBE,
+                                check=Range(lambda v: 0 < v <= MAX_PROBE_EPOCHS,
+                                            f"must lie in [1, {MAX_PROBE_EPOCHS:,}]"))
+    probe_lr: float = setting(0.1, "linear probe peak learning rate (SGD, cosine; the "
+                              "classifier reads standardised features, so 0.01 to 1 is the "
+                              "useful range)", PROBE,
+                              check=Range(lambda v: 0 < v <= MAX_PROBE_LR,
+                                          f"must lie in (0, {MAX_PROBE_LR:g}]"))
     probe_wd: float = setting(0.0, "linear probe weight decay", PROBE, check=NON_NEGATIVE)
     probe_batch_size: int = setting(256, "linear probe batch size", PROBE, check=POSITIVE)
     probe_subset: int = setting(0, "probe on a stratified subset of this many train and as many "
-                                "test images (0 = all)", PROBE,
-                                check=Range(lambda v: v == 0 or v >= MIN_PROBE_SUBSET,
-                                            f"must be 0 (all) or at least {MIN_PROBE_SUBSET}, "
-                                            "one image of each GTSRB class"))
+                                "test images (0 = all; a split with fewer is probed whole)", PROBE,
+                                check=Range(lambda v: v == 0 or MIN_PROBE_SUBSET <= v
+                                            <= MAX_PROBE_SUBSET,
+                                            f"must be 0 (all) or from {MIN_PROBE_SUBSET} (one "
+                                            "image of each GTSRB class) to "
+                                            f"{MAX_PROBE_SUBSET:,} (CIFAR-10's training split)"))
 
     def augment_params(self, mean: tuple, std: tuple) -> AugmentParams:
         """The view pipeline's parameters, normalising with the pretraining data's mean and std."""
@@ -398,15 +413,21 @@ def load_run_config(run_dir: Path) -> Config:
 
 def check_resumable(stored: Config, cfg: Config, run_dir: Path) -> None:
     """UserError naming every setting in which `cfg` contradicts the run it resumes (`stored`, its
-    config.json): only RUN and PROBE settings may change, and --epochs may only grow."""
+    config.json): only RUN and PROBE settings may change, and --epochs and a run's
+    --time-budget may only grow."""
     fixed = settings_with_role(BACKBONE, PRETRAINING)
-    changed = [name for name in fixed if name != "epochs"
+    growing = ("epochs", "time_budget") if stored.time_budget else ("epochs",)
+    changed = [name for name in fixed if name not in growing
                and getattr(stored, name) != getattr(cfg, name)]
     problems = [f"{flag(name)} {getattr(cfg, name)} (the run has {getattr(stored, name)})"
                 for name in changed]
     if cfg.epochs < stored.epochs:
         problems.append(f"--epochs {cfg.epochs:g} (the run has {stored.epochs:g}; a resumed run "
                         "can only be extended)")
+    if stored.time_budget and not (cfg.time_budget
+                                   and cfg.time_budget_s() >= stored.time_budget_s()):
+        problems.append(f"--time-budget {cfg.time_budget or '(none)'} (the run has "
+                        f"{stored.time_budget}; a resumed run's budget can only grow)")
     if problems:
         raise UserError(f"cannot resume {run_dir} with settings that contradict its "
                         f"{CONFIG_FILE}: {'; '.join(problems)}. Drop them, or start a new run "

@@ -21,7 +21,7 @@ from shared.augment_ops import normalize, to_float01
 from shared.cli import cli_main, parse_probe_args
 from shared.config import Config
 from shared.data import NUM_CLASSES, gtsrb_available, load_split, stratified_subset
-from shared.errors import Interrupted, UserError
+from shared.errors import Interrupted, UserError, check_interrupted
 from shared.runio import (
     SUMMARY_FILE,
     probe_result_path,
@@ -128,8 +128,11 @@ def probe(cfg: Config, run_dir: Path, dataset: str, *, framework: str, features:
     x_train, y_train = probe_split(cfg, dataset, "train")
     x_test, y_test = probe_split(cfg, dataset, "test")
     f_train = features(x_train, f"{dataset} train features")
+    check_interrupted()
     f_test = features(x_test, f"{dataset} test features")
+    check_interrupted()
     logits = train_linear(f_train, y_train, f_test, NUM_CLASSES[dataset], cfg)
+    check_interrupted()
     if not np.isfinite(logits).all():
         raise UserError(f"the {dataset} linear probe diverged (non-finite outputs) with "
                         f"--probe-lr {cfg.probe_lr}; try a lower one. Nothing was written")
@@ -168,7 +171,7 @@ def update_summary(run_dir: Path, result: dict) -> None:
 
 
 def probe_main(argv: list[str] | None, framework: str,
-               load: Callable[[Config, Path, bool], tuple[Features, int | None]],
+               load: Callable[[Config, Path, bool], tuple[Features, float | None]],
                train_linear: LinearTrainer) -> int:
     """`python -m {framework}_impl.probe`: parse, lock the run folder, load the backbone
     (load(cfg, run_dir, random_init) -> (features, checkpoint epoch)) and probe."""

@@ -22,9 +22,10 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.augment import AugmentParams
+from shared.cli import plural
 from shared.config import Config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD, check_probe_data, load_split, stratified_subset
-from shared.errors import Interrupted, UserError
+from shared.errors import Interrupted, UserError, check_interrupted, resources_as_user_errors
 from shared.linear_probe import Features, LinearTrainer, probe_after_training
 from shared.loader import DrawnBatch, ViewBatch, epoch_batches, split_batch, steps_per_epoch
 from shared.runio import (
@@ -375,6 +376,7 @@ def measure_step_seconds(session: Session, state: Any) -> float:
             start, timed = time.perf_counter(), 0
             while True:
                 scratch, terms = backend.train_step(scratch, next(stream), 0.0)
+                check_interrupted()
                 timed += 1
                 backend.wait(terms)
                 elapsed = time.perf_counter() - start
@@ -430,6 +432,7 @@ class Session:
     steps_per_epoch: int = field(init=False)
     budget: Budget | None = field(default=None, init=False)
     events: EventLog | None = field(default=None, init=False)  # --tensorboard, main process
+    stepped: bool = field(default=False, init=False)  # a step (and its compilation) has run
 
     def __post_init__(self):
         self.cfg = self.settings
@@ -525,7 +528,8 @@ def finished_summary(session: Session, progress: Progress) -> dict | None:
     if progress.epoch * session.steps_per_epoch < session.total_steps():
         return None
     summary = read_json(session.run_dir / SUMMARY_FILE)
-    if not isinstance(summary, dict) or (cfg.probe and "probe" not in summary):
+    if (not isinstance(summary, dict) or summary.get("steps") != session.total_steps()
+            or (cfg.probe and "probe" not in summary)):
         return None
     if world.is_main:
         longer = (f"--time-budget longer than {cfg.time_budget}" if cfg.time_budget
@@ -586,6 +590,10 @@ def train_epoch(session: Session, state: Any, epoch: int, bar: tqdm) -> tuple[An
             step = epoch * per_epoch + batch.step
             lr = lr_at(step, per_epoch, session.cfg)
             state, terms = backend.train_step(state, batch, lr)
+            check_interrupted()
+            if not session.stepped:  # the bar's rate leaves out the first step's compilation
+                session.stepped = True
+                bar.unpause()
             end = min(session.total_steps(), (epoch + 1) * per_epoch)
             if log.add(batch.step, lr, terms, last=step + 1 >= end) and session.budget:
                 if replan(session, step + 1):
@@ -715,7 +723,9 @@ def finish_run(session: Session, progress: Progress, features: Features | None,
     cfg = session.cfg
     summary = run_summary(session, progress.train_time_s)
     write_json(session.run_dir / SUMMARY_FILE, summary)
-    print(f"trained {plural(cfg.epochs, 'epoch')} in {summary['train_time_s'] / 60:.1f} min",
+    minutes = summary["train_time_s"] / 60
+    print(f"trained {plural(cfg.epochs, 'epoch')} in {minutes:.1f} min" if session.stepped else
+          f"{cfg.out} had trained its {plural(cfg.epochs, 'epoch')} ({minutes:.1f} min) before",
           flush=True)
     if cfg.probe:
         summary["probe"] = probe_after_training(cfg, session.run_dir,
@@ -731,11 +741,6 @@ def finish_run(session: Session, progress: Progress, features: Features | None,
     return summary
 
 
-def plural(count: float, noun: str) -> str:
-    """"1 epoch", "2.5 epochs"."""
-    return f"{count:g} {noun}{'' if count == 1 else 's'}"
-
-
 def run(cfg: Config, resume: bool, framework: str, world: World,
         open_backend: OpenBackend) -> dict:
     """Train (or resume) as `cfg` says with the framework's backend, then probe; returns the
@@ -746,9 +751,10 @@ def run(cfg: Config, resume: bool, framework: str, world: World,
     """
     started = clock()
     split_batch(cfg.batch_size, world.parts, world.part_name)
-    if cfg.probe:
-        check_probe_data(cfg.data_dir, cfg.download)
-    with run_folder(cfg, framework, world), resumable_on_interrupt(framework, Path(cfg.out)):
+    with (run_folder(cfg, framework, world), resumable_on_interrupt(framework, Path(cfg.out)),
+          resources_as_user_errors()):
+        if cfg.probe:
+            check_probe_data(cfg.data_dir, cfg.download)
         images = train_images(cfg)
         augment = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
         with open_backend(cfg, world, images, augment) as backend:

@@ -20,7 +20,7 @@ from pathlib import Path
 # on machines without a display.
 from matplotlib.figure import Figure
 
-from shared.cli import UserErrorParser, cli_main, format_value, setting_flags
+from shared.cli import UserErrorParser, cli_main, format_value, plural, setting_flags
 from shared.config import Config, make_config
 from shared.errors import UserError
 from shared.report_pdf import write_pdf
@@ -34,7 +34,7 @@ from shared.results import (
     read_sweep_file,
     results_markdown_table,
 )
-from shared.runio import CONFIG_FILE, atomic_write_bytes, make_folder, read_metrics
+from shared.runio import CONFIG_FILE, atomic_write_bytes, read_metrics, writable_folder
 
 # The 43 classes of GTSRB by class id, as the benchmark's signnames list them.
 GTSRB_CLASS_NAMES = (
@@ -186,8 +186,11 @@ def plot_probe_accuracy(results: list[RunResult], path: Path) -> bool:
                 (-0.2, dataset, "pretrained with VICReg", {}),
                 (0.2, f"{dataset}_random_init", "random init (baseline)",
                  {"hatch": "//", "alpha": 0.6})):
-            heights = [100 * r.probes[key]["top1"] if key in r.probes else 0.0 for r in runs]
-            bars = ax.bar([i + offset for i in x], heights, width=0.4, label=name, **style)
+            # a run without this probe (no baseline yet) gets no bar, not a bar at 0
+            measured = [(i, 100 * r.probes[key]["top1"]) for i, r in enumerate(runs)
+                        if key in r.probes]
+            bars = ax.bar([i + offset for i, _ in measured], [h for _, h in measured],
+                          width=0.4, label=name, **style)
             ax.bar_label(bars, fmt="%.1f", fontsize="small")
         ax.axhline(100 * CHANCE[dataset], color="black", linestyle=":", linewidth=1,
                    label="chance level")
@@ -216,8 +219,20 @@ def write_figures(results: list[RunResult], out: Path) -> dict[str, Path]:
 
 # ---- written sections ----------------------------------------------------------------------------
 
-def first_config(results: list[RunResult]) -> dict:
-    return next((r.config for r in results if r.config), dataclasses.asdict(Config()))
+def configs(results: list[RunResult]) -> list[dict]:
+    """The settings of every run that has them (the defaults when none has)."""
+    return [r.config for r in results if r.config] or [dataclasses.asdict(Config())]
+
+
+def setting_in_runs(results: list[RunResult], name: str, form: str = "{}") -> str:
+    """How the report's prose gives a setting: "25 here", or "5 and 25 in these runs" when the
+    runs differ in it; each value written as the flags write it, in `form`."""
+    values = sorted({c[name] for c in configs(results)},
+                    key=lambda v: (isinstance(v, str), v))
+    texts = [form.format(format_value(v)) for v in values]
+    if len(texts) == 1:
+        return f"{texts[0]} here"
+    return f"{', '.join(texts[:-1])} and {texts[-1]} in these runs"
 
 
 def feature_dim(results: list[RunResult]) -> int | None:
@@ -348,7 +363,6 @@ def report_markdown(sources: Sources, figures: dict[str, Path], report_command: 
     file name, as the figures sit next to the report); `notes` (Markdown) become its "Findings"
     section."""
     results = sources.results
-    cfg = first_config(results)
     dim = feature_dim(results)
     settings = next((p["settings"] for r in results for p in r.probes.values()), None)
     trained = sum(r.status == "done" for r in results)
@@ -357,14 +371,17 @@ def report_markdown(sources: Sources, figures: dict[str, Path], report_command: 
                           if name in figures else "No run has data for this figure yet.")
                    for name in FIGURES}
     return TEMPLATE.substitute(
-        overview=f"{len(results)} runs ({trained} finished)"
+        overview=f"{plural(len(results), 'run')} ({trained} finished)"
                  + (f", {format_duration(sum(times))} of training in total" if times else "")
                  + ".",
         findings=f"## Findings\n\n{notes.strip()}\n\n" if notes.strip() else "",
-        sim_coeff=format_value(cfg["sim_coeff"]), std_coeff=format_value(cfg["std_coeff"]),
-        cov_coeff=format_value(cfg["cov_coeff"]), mlp=cfg["mlp"],
+        sim_coeff=setting_in_runs(results, "sim_coeff"),
+        std_coeff=setting_in_runs(results, "std_coeff"),
+        cov_coeff=setting_in_runs(results, "cov_coeff"),
+        mlp=setting_in_runs(results, "mlp", "`{}`"),
         feature_source=(f"the backbone's {dim} features" if dim else "the backbone's features"),
-        embedding_dim=cfg["mlp"].split("-")[-1],
+        embedding_dim=" or ".join(sorted({c["mlp"].split("-")[-1] for c in configs(results)},
+                                         key=int)),
         probe_settings=(f" ({settings['epochs']} epochs, learning rate {settings['lr']}, batch "
                         f"{settings['batch_size']}, weight decay {settings['wd']})"
                         if settings else ""),
@@ -398,7 +415,9 @@ def write_report(paths: list[Path], out: Path | None, notes_path: Path | None = 
                         f"{out}/report.md")
     notes = read_notes(notes_path) if notes_path else ""
     sources = collect_runs(paths)
-    make_folder(out.parent, "report folder")
+    if pdf is not None:
+        writable_folder(Path(pdf).parent, "PDF folder")
+    writable_folder(out.parent, "report folder")
     command = shlex.join(["python", "-m", "shared.report", *map(str, paths), "--out", str(out),
                           *(["--notes", str(notes_path)] if notes_path else []),
                           *(["--pdf", str(pdf)] if pdf else [])])
@@ -407,7 +426,6 @@ def write_report(paths: list[Path], out: Path | None, notes_path: Path | None = 
         markdown = report_markdown(sources, figures, command, notes)
         atomic_write_bytes(out, markdown.encode())
         if pdf is not None:
-            make_folder(Path(pdf).parent, "report folder")
             write_pdf(markdown, out.parent, Path(pdf))
     except OSError as exc:
         raise UserError(f"cannot write the report: {exc.strerror or exc} ({exc.filename})") \

@@ -68,15 +68,23 @@ def table_lines(rows: list[list[str]]) -> list[Line]:
 
 
 def blocks(markdown: str) -> list[list[Line] | Path]:
-    """The report's Markdown as blocks to place: lists of lines, or an image's file name."""
+    """The report's Markdown as blocks to place: lists of lines, or an image's file name. A
+    paragraph's or list item's lines are joined and wrapped again, so the Markdown's own line
+    breaks do not show."""
     out: list[list[Line] | Path] = []
     paragraph: list[str] = []
+    item: list[str] = []
     table: list[list[str]] = []
 
     def flush() -> None:
         if paragraph:
             out.append([Line(t, BODY) for t in wrap(plain(" ".join(paragraph)), BODY)])
             paragraph.clear()
+        if item:
+            pieces = wrap(plain(" ".join(item)), BODY, TEXT_W - 0.25)
+            out.append([Line(("• " if i == 0 else "  ") + t, BODY, indent=0.1)
+                        for i, t in enumerate(pieces)])
+            item.clear()
         if table:
             out.append(table_lines(table))
             table.clear()
@@ -86,7 +94,7 @@ def blocks(markdown: str) -> list[list[Line] | Path]:
         heading = re.match(r"^(#{1,3}) (.*)", line)
         image = re.match(r"^!\[[^\]]*\]\(([^)]+)\)$", line.strip())
         if line.startswith("|"):
-            if paragraph:
+            if paragraph or item:
                 flush()
             cells = [plain(c.strip()) for c in line.strip().strip("|").split("|")]
             if not all(re.fullmatch(r"-{3,}|:?-+:?", c) for c in cells):
@@ -103,20 +111,15 @@ def blocks(markdown: str) -> list[list[Line] | Path]:
         elif image:
             flush()
             out.append(Path(image.group(1)))
-        elif line.startswith("    "):
+        elif line.startswith("    ") and not item:
             flush()
             out.append([Line(t, CODE, "monospace", indent=0.2)
                         for t in wrap(line.strip(), CODE, TEXT_W - 0.2, mono=True)])
         elif re.match(r"^\s*[-*] ", line):
             flush()
-            text = re.sub(r"^\s*[-*] ", "", line)
-            pieces = wrap(plain(text), BODY, TEXT_W - 0.25)
-            out.append([Line(("• " if i == 0 else "  ") + t, BODY, indent=0.1)
-                        for i, t in enumerate(pieces)])
-        elif out and isinstance(out[-1], list) and out[-1][-1].text.startswith(("• ", "  ")) \
-                and raw.startswith("  "):
-            out[-1] += [Line("  " + t, BODY, indent=0.1)
-                        for t in wrap(plain(line.strip()), BODY, TEXT_W - 0.25)]
+            item.append(re.sub(r"^\s*[-*] ", "", line))
+        elif item and raw.startswith("  "):
+            item.append(line.strip())
         else:
             paragraph.append(line.strip())
     flush()

@@ -122,15 +122,35 @@ def differing_settings(results: list[RunResult]) -> list[str]:
 PROBE_COLUMNS = ("cifar10", "cifar10_random_init", "gtsrb", "gtsrb_random_init")
 
 
+def trained_epochs(result: RunResult) -> float | None:
+    """The epochs the run has trained, as its summary says (None before it has one)."""
+    epochs = (result.summary or {}).get("epochs")
+    return float(epochs) if epochs is not None else None
+
+
+def stale_probe(result: RunResult, key: str) -> float | None:
+    """The epoch a probe of the trained backbone (key "cifar10" or "gtsrb") measured, when it
+    is not the epoch the run has trained to (the run went on after it); else None."""
+    probe, trained = result.probes.get(key), trained_epochs(result)
+    measured = (probe or {}).get("checkpoint_epoch")
+    if measured is None or trained is None or abs(float(measured) - trained) < 1e-9:
+        return None
+    return float(measured)
+
+
 def result_row(result: RunResult, settings: list[str]) -> dict:
-    """One table row of raw values (None where the run has no such number)."""
+    """One table row of raw values (None where the run has no such number); a probe's epoch is
+    given beside its top-1 when it is not the epoch the run trained to."""
     final = (result.summary or {}).get("final") or {}
     row = {"run": result.label, "status": result.status}
     for name in settings:
         row[name] = result.framework if name == "framework" else (result.config or {}).get(name)
+    row["trained_epochs"] = trained_epochs(result)
     row.update({f"final_{term}": final.get(term) for term in TERMS})
-    row.update({f"{key}_top1": result.probes[key]["top1"] if key in result.probes else None
-                for key in PROBE_COLUMNS})
+    for key in PROBE_COLUMNS:
+        row[f"{key}_top1"] = result.probes[key]["top1"] if key in result.probes else None
+        if not key.endswith("random_init"):
+            row[f"{key}_stale_epoch"] = stale_probe(result, key)
     row["train_time_s"] = (result.summary or {}).get("train_time_s")
     row["error"] = (result.failure or {}).get("error")
     return row
@@ -162,7 +182,8 @@ def _cell(column: str, value) -> str:
     return str(value).replace("|", "\\|")
 
 
-MD_HEADERS = {"final_loss": "loss", "final_invariance": "invariance",
+MD_HEADERS = {"trained_epochs": "epochs trained", "final_loss": "loss",
+              "final_invariance": "invariance",
               "final_variance": "variance", "final_covariance": "covariance",
               "final_embedding_std": "embedding std", "cifar10_top1": "CIFAR-10 top-1",
               "cifar10_random_init_top1": "CIFAR-10 random init", "gtsrb_top1": "GTSRB top-1",
@@ -177,10 +198,16 @@ def results_markdown_table(results: list[RunResult]) -> str:
         return "(no runs)\n"
     if not any(row["error"] for row in rows):
         rows = [{k: v for k, v in row.items() if k != "error"} for row in rows]
-    columns = list(rows[0])
+    columns = [c for c in rows[0] if not c.endswith("_stale_epoch")]
+
+    def cell(row: dict, column: str) -> str:
+        text = _cell(column, row[column])
+        stale = row.get(column.removesuffix("_top1") + "_stale_epoch")
+        return f"{text} (at epoch {stale:g}, before the last)" if stale is not None else text
+
     lines = ["| " + " | ".join(MD_HEADERS.get(c, c) for c in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(c, row[c]) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

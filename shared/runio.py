@@ -40,6 +40,14 @@ def convert_command(run_dir: Path, framework: str, force: bool = False) -> str:
             f"{' --force' if force else ''}")
 
 
+def trained_epochs(stored: dict) -> float:
+    """The epochs a checkpoint (of either framework) has trained: its epoch count, or the
+    run's planned length where the last epoch ended early (19.5 after 20 epochs begun)."""
+    config = stored.get("config")
+    planned = config.get("epochs") if isinstance(config, dict) else None
+    return float(min(stored["epoch"], planned)) if planned is not None else float(stored["epoch"])
+
+
 def record_checkpoint(run_dir: Path, framework: str, global_step: int) -> None:
     """Note in RUN_DIR/checkpoints.json the global step `framework`'s checkpoint holds (written
     by a trainer after each checkpoint, and by a conversion for the checkpoint it writes)."""
@@ -143,6 +151,18 @@ def make_folder(path: Path, what: str) -> Path:
     except OSError as exc:
         raise UserError(f"cannot create {what} {path}: {exc.strerror or exc}") from None
     return path
+
+
+def writable_folder(path: Path, what: str) -> Path:
+    """make_folder(path, what), then proof that a file can be written there (a read-only or
+    special file system fails here, before anything else is written); UserError otherwise."""
+    folder = make_folder(path, what)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write in {what} {folder}: {exc.strerror or exc}") from None
+    return folder
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ from shared.cli import (
     format_value,
     parse_assignment,
     parse_setting,
+    plural,
     setting_flags,
 )
 from shared.config import (
@@ -338,7 +339,7 @@ def run_sweep(plan: Plan, sweep_dir: Path, data_dir: str, launch: Launcher = run
     jobs = plan_jobs(plan, sweep_dir, data_dir)
     todo = [job for job in jobs if next_step(job) is not None]
     finished = len(jobs) - len(todo)
-    echo(f"sweep {sweep_dir}: {len(jobs)} runs ({plan.framework}, preset {plan.preset}); "
+    echo(f"sweep {sweep_dir}: {plural(len(jobs), 'run')} ({plan.framework}, preset {plan.preset}); "
          f"{finished} finished, {len(todo)} to run")
     if jobs and "gtsrb" not in jobs[0].datasets:
         echo(f"note: no {Path(data_dir) / 'gtsrb'}, so runs probe CIFAR-10 only")
@@ -448,9 +449,10 @@ def main(argv: list[str] | None = None, launch: Launcher = run_logged) -> int:
             except KeyboardInterrupt:
                 raise Interrupted("run the same command again to resume") from None
         if failed:
-            raise UserError(f"{len(failed)} of {len(plan.runs)} runs failed ({', '.join(failed)}); "
-                            f"see {sweep_dir / RESULTS_MD} and each run's {LOG_FILE}")
-        print(f"all {len(plan.runs)} runs finished: {sweep_dir / RESULTS_MD}")
+            raise UserError(f"{len(failed)} of {plural(len(plan.runs), 'run')} failed "
+                            f"({', '.join(failed)}); see {sweep_dir / RESULTS_MD} and each "
+                            f"run's {LOG_FILE}")
+        print(f"all {plural(len(plan.runs), 'run')} finished: {sweep_dir / RESULTS_MD}")
 
     return cli_main(body)
 

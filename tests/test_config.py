@@ -77,7 +77,7 @@ def test_resume_reads_the_stored_config_and_applies_new_flags(tmp_path):
     ({"base_lr": float("inf")}, "--base-lr inf: must be a finite number"),
     ({"base_lr": 0.0}, "--base-lr 0.0: must be positive"),
     ({"probe_lr": float("nan")}, "--probe-lr nan: must be a finite number"),
-    ({"probe_subset": 10}, "--probe-subset 10: must be 0 .all. or at least 43"),
+    ({"probe_subset": 10}, "--probe-subset 10: must be 0 .all. or from 43"),
     ({"momentum": 1.0}, r"--momentum 1.0: must lie in \[0, 1\)"),
     ({"seed": -1}, "--seed -1: must be 0 or more"),
     ({"epochs": "2"}, "--epochs takes a number, got '2'"),

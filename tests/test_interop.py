@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+import interop
+import jax_impl
+import torch_impl
 from interop import convert
 from jax_impl import probe as jax_probe
 from jax_impl.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from jax_impl.model import build_model, init_variables
 from jax_impl.optim import build_optimizer
 from shared.config import make_config
+from shared.errors import UserError
 from torch_impl import probe as torch_probe
 from torch_impl import train as torch_train
 from torch_impl.checkpoint import load_checkpoint as load_torch
@@ -26,7 +30,7 @@ PROGRESS = {"epoch": 3, "global_step": 12, "train_time_s": 5.0, "metrics_bytes":
 
 def config_for(run, data_dir, width=4):
     return make_config({"preset": "smoke", "width": width, "data_dir": str(data_dir),
-                        "out": str(run)})
+                        "out": str(run), "epochs": PROGRESS["epoch"]})
 
 
 def torch_run(run, data_dir, width=4, config_width=None):
@@ -187,3 +191,57 @@ def test_bad_input(case, args, message, tiny_data_dir, tmp_path, capsys):
 
 def test_help_says_the_optimizer_state_does_not_convert():
     assert "the optimizer state does not" in " ".join(convert.build_parser().format_help().split())
+
+
+def test_load_backbone_reads_either_frameworks_run_into_either(tiny_data_dir, tmp_path):
+    images = np.random.default_rng(1).normal(size=(6, 32, 32, 3)).astype(np.float32)
+    for make, own in ((torch_run, "torch"), (jax_run, "jax")):
+        run = make(tmp_path / own, tiny_data_dir)
+        torch_backbone = interop.load_backbone(run, framework="torch")
+        module, variables = interop.load_backbone(run, framework="jax")
+        with torch.no_grad():
+            theirs = torch_backbone(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+        with jax.default_matmul_precision("highest"):
+            mine = np.asarray(module.apply(variables, images, train=False))
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+        own_loader = {"torch": torch_impl.load_backbone, "jax": jax_impl.load_backbone}[own]
+        assert own_loader(run) is not None
+    with pytest.raises(UserError, match="convert it with: python -m interop.convert"):
+        jax_impl.load_backbone(tmp_path / "torch")  # its own loader reads its own checkpoints
+
+
+def test_a_checkpoint_the_run_outgrew_is_refused_until_converted_again(tiny_data_dir, tmp_path,
+                                                                        capsys):
+    run = tmp_path / "run"
+    train = ["--preset", "smoke", "--width", "4", "--data-dir", str(tiny_data_dir), "--out",
+             str(run), "--no-probe"]
+    assert torch_train.main(train) == 0
+    assert convert.main([str(run), "--to", "flax"]) == 0
+    assert jax_probe.main(["--run", str(run), "--probe-epochs", "1"]) == 0  # up to date
+    assert torch_train.main(["--resume", "--out", str(run), "--epochs", "2"]) == 0
+    capsys.readouterr()
+    stale = (f"{run}/checkpoint.msgpack holds step 4, the run's checkpoint.pt step 8 (it "
+             f"trained on after a conversion); convert again with: python -m interop.convert "
+             f"{run} --to flax --force")
+    assert jax_probe.main(["--run", str(run), "--probe-epochs", "1"]) == 2
+    assert error_line(capsys) == f"error: {stale}"
+    with pytest.raises(UserError, match="holds step 4"):
+        jax_impl.load_backbone(run)
+    module, variables = interop.load_backbone(run, framework="jax")  # the newer, converted
+    expected = interop.load_backbone(run, framework="torch")
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    with torch.no_grad():
+        want = expected(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(np.asarray(module.apply(variables, images, train=False)), want,
+                               rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert convert.main([str(run), "--to", "flax", "--force"]) == 0
+    assert jax_probe.main(["--run", str(run), "--probe-epochs", "1"]) == 0
+
+
+def test_the_conversion_command_runs_without_a_warning(tiny_data_dir, tmp_path):
+    import subprocess
+    import sys
+    run = torch_run(tmp_path / "run", tiny_data_dir)
+    result = subprocess.run([sys.executable, "-m", "interop.convert", str(run), "--to", "flax"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr

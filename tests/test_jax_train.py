@@ -213,3 +213,23 @@ def test_torch_checkpoint_where_a_jax_one_is_expected(tiny_data_dir, tmp_path, c
     assert jax_probe.main(probe_args(run, tiny_data_dir)) == 2
     assert "is a PyTorch checkpoint" in error_line(capsys)
 
+
+
+@pytest.mark.parametrize("delay", [0.5, 3.0])
+def test_ctrl_c_while_xla_compiles_is_exit_130(delay, tiny_data_dir, tmp_path):
+    """SIGINT a moment after the start-up line, while the first step compiles: the one
+    "interrupted" line and exit 130, not a crash of the interpreter's shutdown."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "jax_impl.train",
+                                *smoke(tiny_data_dir, run, "--epochs", "3")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("jax_impl: resnet18")
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: ")

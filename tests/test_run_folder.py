@@ -3,9 +3,11 @@ damaged, one process writes it at a time, and every failure a user can cause is 
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jax_impl import train as jax_train
@@ -201,15 +203,19 @@ def test_a_refused_setting_leaves_no_folder(tiny_data_dir, tmp_path, capsys):
     assert not run.exists()
 
 
-def test_probes_never_replace_a_good_result_with_a_bad_one(tiny_data_dir, tmp_path, capsys):
+def test_probes_never_replace_a_good_result_with_a_bad_one(tiny_data_dir, tmp_path, monkeypatch,
+                                                          capsys):
     run = tmp_path / "run"
     assert torch_train.main(smoke(tiny_data_dir, run)) == 0
     good = (run / "probe_cifar10.json").read_bytes()
     assert torch_probe.main(["--run", str(run), "--probe-lr", "nan"]) == 2
     assert last_line(capsys) == "error: --probe-lr nan: must be a finite number"
-    assert torch_probe.main(["--run", str(run), "--probe-lr", "1e38", "--probe-epochs", "3"]) == 2
+    monkeypatch.setattr(torch_probe, "train_linear",
+                        lambda train_x, train_y, test_x, classes, cfg:
+                        np.full((len(test_x), classes), np.nan, np.float32))
+    assert torch_probe.main(["--run", str(run), "--probe-lr", "9"]) == 2
     assert last_line(capsys) == ("error: the cifar10 linear probe diverged (non-finite outputs) "
-                                 "with --probe-lr 1e+38; try a lower one. Nothing was written")
+                                 "with --probe-lr 9.0; try a lower one. Nothing was written")
     assert (run / "probe_cifar10.json").read_bytes() == good
 
 
@@ -354,3 +360,131 @@ def test_a_bad_time_budget_is_one_line(value, tiny_data_dir, tmp_path, capsys):
     assert last_line(capsys) == (f"error: --time-budget {value}: expected a positive duration "
                                  "like 90s, 15m, 2h or 1h30m")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_metrics_line_is_refused_before_training(tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert torch_train.main(smoke(tiny_data_dir, run, "--epochs", "2", "--no-probe")) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:2] + ["{not json\n"] + lines[2:]))
+    before = folder_bytes(run)
+    assert torch_train.main(["--resume", "--out", str(run), "--epochs", "4"]) == 2
+    assert last_line(capsys).startswith(f"error: {run / 'metrics.jsonl'}:3 is not a JSON record")
+    assert folder_bytes(run) == before  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("broken,message", [
+    ("test_batch", "CIFAR-10 not found: {data}/cifar-10-batches-py/test_batch does not exist"),
+    ("empty gtsrb", "GTSRB in {data}/gtsrb is incomplete: {data}/gtsrb/GTSRB/Training does not "
+                    "exist"),
+])
+def test_the_data_the_probes_need_is_checked_before_training(broken, message, tiny_data,
+                                                             tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data.root, data)
+    if broken == "test_batch":
+        (data / "cifar-10-batches-py" / "test_batch").unlink()
+    else:
+        shutil.rmtree(data / "gtsrb")
+        (data / "gtsrb").mkdir()
+    run = tmp_path / "run"
+    assert torch_train.main(smoke(data, run)) == 2
+    assert last_line(capsys).startswith("error: " + message.format(data=data))
+    assert not run.exists()
+    assert torch_train.main(smoke(data, run, "--no-probe")) == 0  # a run that will not probe
+
+
+def test_a_batch_larger_than_the_subset_leaves_nothing(tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert torch_train.main(smoke(tiny_data_dir, run, "--batch-size", "65")) == 2
+    assert last_line(capsys) == ("error: --batch-size 65 is larger than the 64 training images "
+                                 "(lower --batch-size or raise --subset)")
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("failure,message", [
+    (MemoryError(), "error: out of memory; lower --batch-size or --width"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate "
+                  "memory: you tried to allocate 362797056000 bytes."),
+     "error: out of memory ([enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't "
+     "allocate memory: you tried to allocate 362797056000 bytes.); lower --batch-size or "
+     "--width"),
+])
+def test_out_of_memory_at_the_start_is_one_line_and_leaves_nothing(failure, message,
+                                                                   tiny_data_dir, tmp_path,
+                                                                   monkeypatch, capsys):
+    def allocate(self):
+        raise failure
+
+    monkeypatch.setattr(TorchBackend, "initial_state", allocate)
+    run = tmp_path / "run"
+    assert torch_train.main(smoke(tiny_data_dir, run)) == 2
+    assert last_line(capsys) == message
+    assert not run.exists()
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tiny_data_dir, tmp_path,
+                                                               monkeypatch, capsys):
+    import errno
+
+    from torch_impl import checkpoint as torch_checkpoint
+    run = tmp_path / "run"
+    real_save = torch_checkpoint.save_checkpoint
+
+    def save_until_full(path, state):
+        if state["epoch"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(path, state)
+
+    monkeypatch.setattr(torch_checkpoint, "save_checkpoint", save_until_full)
+    assert torch_train.main(smoke(tiny_data_dir, run, "--epochs", "3", "--no-probe")) == 2
+    assert last_line(capsys) == (f"error: no space left on the disk holding {run}/checkpoint.pt; "
+                                 "what was written before is kept (free some space, then "
+                                 "--resume)")
+    monkeypatch.setattr(torch_checkpoint, "save_checkpoint", real_save)
+    assert torch_train.main(["--resume", "--out", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 12
+
+
+def test_extending_a_run_says_how_the_schedule_moves(tiny_data_dir, tmp_path, capsys):
+    from shared.config import load_run_config
+    from shared.schedule import lr_at
+    run = tmp_path / "run"
+    assert torch_train.main(smoke(tiny_data_dir, run, "--epochs", "2", "--no-probe")) == 0
+    capsys.readouterr()
+    assert torch_train.main(["--resume", "--out", str(run), "--epochs", "3"]) == 0
+    cfg = load_run_config(run)
+    old = lr_at(8, 4, dataclasses.replace(cfg, epochs=2))
+    assert (f"note: extending 2 -> 3 epochs recomputes the warmup-cosine schedule over the longer "
+            f"run: the learning rate at step 8 goes from {old:.3g} (the end of the old schedule) "
+            f"to {lr_at(8, 4, cfg):.3g}") in capsys.readouterr().out
+
+
+def test_a_longer_budget_on_resume_extends_a_finished_budgeted_run(tiny_data_dir, tmp_path,
+                                                                   monkeypatch):
+    run = tmp_path / "run"
+    steps_take(monkeypatch, "torch", 0.0123)
+    flags = smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50", "--no-probe",
+                  "--log-every", "4", "--warmup-epochs", "0")
+    assert torch_train.main(flags) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 19.5
+    assert torch_train.main(["--resume", "--out", str(run), "--time-budget", "2s"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert 19.5 < summary["epochs"] <= 50
+    assert json.loads((run / "config.json").read_text())["time_budget"] == "2s"
+    assert torch_train.main(["--resume", "--out", str(run), "--time-budget", "1s"]) == 2
+
+
+def test_reprobing_updates_the_summary_and_the_report_flags_older_probes(tiny_data_dir, tmp_path,
+                                                                         capsys):
+    run = tmp_path / "run"
+    assert torch_train.main(smoke(tiny_data_dir, run)) == 0
+    assert torch_probe.main(["--run", str(run), "--probe-epochs", "1"]) == 0
+    probe = json.loads((run / "probe_cifar10.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["probe"]["cifar10"] == probe["top1"] and probe["checkpoint_epoch"] == 1
+    assert torch_train.main(["--resume", "--out", str(run), "--epochs", "3", "--no-probe"]) == 0
+    assert "probe" not in json.loads((run / "summary.json").read_text())
+    assert report_cli.main([str(run), "--out", str(tmp_path / "report.md")]) == 0
+    table = (tmp_path / "report.md").read_text()
+    assert f"{100 * probe['top1']:.2f}% (at epoch 1, before the last)" in table

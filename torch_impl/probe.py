@@ -27,6 +27,7 @@ from shared.linear_probe import (
     probe_main,
     standardize,
 )
+from shared.runio import trained_epochs
 from torch_impl.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model_state
 from torch_impl.model import build_model, init_variables
 from torch_impl.runtime import (
@@ -86,9 +87,9 @@ def features_of(backbone: nn.Module, cfg: Config) -> Features:
 
 
 def backbone_to_probe(cfg: Config, run_dir: Path,
-                      random_init: bool) -> tuple[nn.Module, int | None]:
+                      random_init: bool) -> tuple[nn.Module, float | None]:
     """The backbone a probe measures: the run's trained one, or (random_init) one freshly drawn
-    from cfg.seed; and the checkpoint's epoch (None at random init)."""
+    from cfg.seed; and the epochs it trained (runio.trained_epochs; None at random init)."""
     model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims()), cfg.seed)
     epoch = None
     if not random_init:
@@ -96,12 +97,12 @@ def backbone_to_probe(cfg: Config, run_dir: Path,
         state = load_checkpoint(path)
         load_model_state(model, state["model"], path,
                          cfg.stored_model_description())
-        epoch = state["epoch"]
+        epoch = trained_epochs(state)
     return model.backbone.to(pick_device(), memory_format=memory_format(cfg.width)), epoch
 
 
 def main(argv: list[str] | None = None) -> int:
-    def load(cfg: Config, run_dir: Path, random_init: bool) -> tuple[Features, int | None]:
+    def load(cfg: Config, run_dir: Path, random_init: bool) -> tuple[Features, float | None]:
         backbone, epoch = backbone_to_probe(cfg, run_dir, random_init)
         return features_of(backbone, cfg), epoch
 
