@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.augment import draw_views, make_views  # noqa: E402
+from shared.augment import draw_views, make_views, view_params  # noqa: E402
 from shared.cli import plural  # noqa: E402
 from shared.config import PRESETS, Config, make_config  # noqa: E402
 from shared.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
@@ -121,7 +121,7 @@ def trainer_backend(framework: str, cfg: Config, images: np.ndarray):
     cfg on this machine's default device."""
     backend_module = importlib.import_module(f"{framework}_impl.backend")
     runtime = importlib.import_module(f"{framework}_impl.runtime")
-    augment = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
+    augment = view_params(cfg, CIFAR10_MEAN, CIFAR10_STD)
     backend = backend_module.Backend(cfg, World(), images, augment, runtime.pick_device())
     return backend, backend.initial_state()
 
@@ -134,7 +134,7 @@ def trainer_rate(framework: str, cfg: Config, augment_on: str | None, steps: int
     backend, state = trainer_backend(framework, cfg, images)
     holder = [state]
     if augment_on is None:
-        fixed = next(epoch_batches(images, cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD),
+        fixed = next(epoch_batches(images, view_params(cfg, CIFAR10_MEAN, CIFAR10_STD),
                                    batch_size=cfg.batch_size, seed=0, epoch=0))
         inputs = backend.step_inputs(fixed)
 
@@ -142,7 +142,7 @@ def trainer_rate(framework: str, cfg: Config, augment_on: str | None, steps: int
             holder[0], terms = backend.step_fn(holder[0], *inputs, 0.01)
             return terms
     else:
-        batches = epoch_batches(images, cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD),
+        batches = epoch_batches(images, view_params(cfg, CIFAR10_MEAN, CIFAR10_STD),
                                 batch_size=cfg.batch_size, seed=0, epoch=0,
                                 workers=cfg.loader_workers(), on_device=backend.on_device)
 
@@ -155,7 +155,7 @@ def trainer_rate(framework: str, cfg: Config, augment_on: str | None, steps: int
 def numpy_augment_rate(cfg: Config, steps: int) -> float:
     """Image pairs per second the loader's threads deliver, views computed on the host."""
     images = random_images(cfg, steps)
-    params = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
+    params = view_params(cfg, CIFAR10_MEAN, CIFAR10_STD)
     make_views(images[:cfg.batch_size], params, 0, 0, 0)
     start = time.perf_counter()
     for count, _ in enumerate(epoch_batches(images, params, batch_size=cfg.batch_size, seed=0,
@@ -169,7 +169,7 @@ def numpy_augment_rate(cfg: Config, steps: int) -> float:
 def device_augment_rate(framework: str, cfg: Config, steps: int) -> float:
     """Image pairs per second of one framework's apply_view on its device (both views), from
     parameters drawn ahead."""
-    params = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
+    params = view_params(cfg, CIFAR10_MEAN, CIFAR10_STD)
     images = random_images(cfg, 0)[:cfg.batch_size]
     drawn = draw_views(cfg.batch_size, 32, 32, params, 0, 0, 0)
     if framework == "torch":

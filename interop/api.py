@@ -17,9 +17,9 @@ import torch_impl
 from interop.weights import flax_variables, torch_network
 from jax_impl.model import backbone_of, backbone_variables
 from jax_impl.model import build_model as build_jax_model
-from shared.config import load_run_config
 from shared.errors import UserError
-from shared.runio import CHECKPOINT_FILES, FRAMEWORKS, outgrown_checkpoint
+from shared.runio import CHECKPOINT_FILES, FRAMEWORKS, load_run_config, outgrown_checkpoint
+from torch_impl.model import backbone_of as torch_backbone_of
 
 
 def load_backbone(run_dir: str | Path, framework: str = "torch"):
@@ -37,7 +37,7 @@ def load_backbone(run_dir: str | Path, framework: str = "torch"):
     cfg = load_run_config(run_dir)
     if framework == "torch":
         model, _ = torch_network(source, cfg)
-        return model.backbone.eval()
+        return torch_backbone_of(model).eval()
     variables, _ = flax_variables(source, cfg)
     model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims())
     return backbone_of(model), backbone_variables(variables)

@@ -13,12 +13,13 @@ from interop.weights import flax_variables, torch_network
 from jax_impl import checkpoint as jax_checkpoint
 from jax_impl.optim import build_optimizer as build_jax_optimizer
 from shared.cli import UserErrorParser, cli_main, command_exit
-from shared.config import Config, load_run_config
+from shared.config import Config
 from shared.errors import UserError
 from shared.runio import (
     CHECKPOINT_FILES,
     CONFIG_FILE,
     atomic_write_bytes,
+    load_run_config,
     make_folder,
     record_checkpoint,
     run_folder_lock,

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from jax_impl.checkpoint import load_checkpoint, load_model_state
 from jax_impl.model import ResNet, backbone_of, backbone_variables, build_model
-from shared.config import load_run_config
-from shared.runio import CHECKPOINT_FILES, refuse_stale_checkpoint
+from shared.runio import CHECKPOINT_FILES, load_run_config, refuse_stale_checkpoint
 
 
 def load_backbone(run_dir: str | Path) -> tuple[ResNet, dict]:

@@ -16,9 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shared.augment import AugmentParams, PixelParams
-
-# ITU-R 601-2 luma, as torchvision and shared.augment
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+from shared.augment_ops import GRAY_WEIGHTS
 
 
 def device_params(p: PixelParams) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from jax_impl.backend import Backend as JaxBackend
+from shared.augment import view_params
 from shared.config import make_config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.loader import batch_at
@@ -53,7 +54,7 @@ def consumed(framework, cfg, images, run_dir, epoch) -> list[tuple[np.ndarray, n
     backend_class, device, recorder = BACKENDS[framework]
     run_dir.mkdir()
     cfg = dataclasses.replace(cfg, out=str(run_dir))
-    augment = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
+    augment = view_params(cfg, CIFAR10_MEAN, CIFAR10_STD)
     backend = backend_class(cfg, World(), images, augment, device)
     seen = []
     backend.step_fn = recorder(seen)
@@ -71,7 +72,7 @@ def test_trainers_consume_byte_identical_batches(workers, tmp_path, parity):
     epoch = 1
     torch_batches = consumed("torch", cfg, images, tmp_path / "torch", epoch)
     jax_batches = consumed("jax", cfg, images, tmp_path / "jax", epoch)
-    params = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
+    params = view_params(cfg, CIFAR10_MEAN, CIFAR10_STD)
     assert len(torch_batches) == len(jax_batches) == 3
     for step, (from_torch, from_jax) in enumerate(zip(torch_batches, jax_batches)):
         reference = batch_at(images, params, cfg.batch_size, cfg.seed, epoch, step)

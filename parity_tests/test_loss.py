@@ -10,7 +10,7 @@ import torch
 from jax_impl.loss import vicreg_loss as jax_vicreg_loss
 from parity_tests.compare import ParityReport
 from parity_tests.conftest import DTYPES, jax_precision, torch_dtype
-from shared.config import LOSS_VARIANTS
+from shared.loss_inputs import LOSS_VARIANTS
 from torch_impl.loss import vicreg_loss as torch_vicreg_loss
 
 # (N, D): two embeddings, one dimension, N < D (rank-deficient covariance), N > D, the largest.

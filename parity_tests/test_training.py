@@ -19,6 +19,7 @@ from parity_tests.kinks import (
     relu_inputs,
 )
 from parity_tests.models import inert_under_batchnorm, jax_twin, nchw, torch_named, torch_vicreg
+from shared.augment import view_params
 from shared.config import make_config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.loader import epoch_batches, steps_per_epoch
@@ -257,7 +258,7 @@ def test_optimizer_step_updates_params_and_state_alike(optimizer, phase, parity)
 def test_twenty_training_steps_on_the_loader_batches_stay_together(optimizer, parity, capsys):
     cfg = config(optimizer)
     images = train_images()
-    params = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
+    params = view_params(cfg, CIFAR10_MEAN, CIFAR10_STD)
     per_epoch = steps_per_epoch(len(images), cfg.batch_size)
     runs = Runs(optimizer, seed=31)
     drift, lr_sum = [], 0.0

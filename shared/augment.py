@@ -36,26 +36,30 @@ from shared.augment_ops import (
     solarized,
     to_float01,
 )
+from shared.config import Config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
+
+# The recipe's augmentation settings: Config's defaults, which the flags override.
+_RECIPE = {f.name: f.default for f in fields(Config)}
 
 
 @dataclass(frozen=True)
 class AugmentParams:
     """Strengths and probabilities of the view pipeline (defaults: VICReg on CIFAR-10)."""
 
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_scale: tuple[float, float] = (_RECIPE["crop_min_scale"], 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    gray_p: float = 0.2
-    blur_p: float = 0.0
-    blur_kernel: int = 3
+    flip_p: float = _RECIPE["flip_p"]
+    jitter_p: float = _RECIPE["jitter_p"]
+    brightness: float = _RECIPE["brightness"]
+    contrast: float = _RECIPE["contrast"]
+    saturation: float = _RECIPE["saturation"]
+    hue: float = _RECIPE["hue"]
+    gray_p: float = _RECIPE["gray_p"]
+    blur_p: float = _RECIPE["blur_p"]
+    blur_kernel: int = _RECIPE["blur_kernel"]
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.1
+    solarize_p: float = _RECIPE["solarize_p"]
     mean: tuple[float, float, float] = CIFAR10_MEAN
     std: tuple[float, float, float] = CIFAR10_STD
     size: int = 32
@@ -67,6 +71,16 @@ class AugmentParams:
             raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
         if min(self.brightness, self.contrast, self.saturation) < 0:
             raise ValueError("brightness, contrast and saturation must be non-negative")
+
+
+def view_params(cfg: Config, mean: tuple = CIFAR10_MEAN, std: tuple = CIFAR10_STD) -> AugmentParams:
+    """The view pipeline's parameters for a run's settings, normalising with the pretraining
+    data's mean and std."""
+    return AugmentParams(
+        crop_scale=(cfg.crop_min_scale, 1.0), flip_p=cfg.flip_p, jitter_p=cfg.jitter_p,
+        brightness=cfg.brightness, contrast=cfg.contrast, saturation=cfg.saturation,
+        hue=cfg.hue, gray_p=cfg.gray_p, blur_p=cfg.blur_p, blur_kernel=cfg.blur_kernel,
+        solarize_p=cfg.solarize_p, mean=tuple(mean), std=tuple(std))
 
 
 # Colour-jitter op ids, as stored in JitterParams.order.

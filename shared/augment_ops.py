@@ -22,8 +22,9 @@ import numpy as np
 
 # images per block in resized_crop: its temporaries stay in cache, which beats whole batches
 _CROP_BLOCK = 64
-# ITU-R 601-2 luma, as torchvision
-_GRAY_WEIGHTS = (np.float32(0.2989), np.float32(0.587), np.float32(0.114))
+# ITU-R 601-2 luma, as torchvision; the twins' device ops use the same weights
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+_GRAY_WEIGHTS = tuple(np.float32(w) for w in GRAY_WEIGHTS)
 
 
 def to_float01(images: np.ndarray) -> np.ndarray:

@@ -21,10 +21,8 @@ from shared.config import (
     PROBE,
     PROBE_DATASETS,
     Config,
-    check_resumable,
     default_out,
     flag,
-    load_run_config,
     make_config,
     setting_types,
     sweep_owned,
@@ -36,7 +34,7 @@ from shared.errors import (
     kept_interrupts,
     resources_as_user_errors,
 )
-from shared.runio import CHECKPOINT_FILES
+from shared.runio import CHECKPOINT_FILES, check_resumable, load_run_config
 
 
 class UserErrorParser(argparse.ArgumentParser):

@@ -13,27 +13,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from shared.archs import BLOCKS
-from shared.augment import AugmentParams
-from shared.data import IMAGE_SIZE, default_data_dir
 from shared.errors import UserError
-from shared.loader import auto_workers
-from shared.runio import CONFIG_FILE
+from shared.loss_inputs import LOSS_VARIANTS
 
 ARCHS = tuple(BLOCKS)
 OPTIMIZERS = ("lars", "adam")
-LOSS_VARIANTS = ("solo-learn", "official", "homework")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULE_UNITS = ("step", "epoch")
 PROBE_DATASETS = ("cifar10", "gtsrb")
 AUGMENT_PLACES = ("auto", "host", "device")
-# the augmentation defaults live in AugmentParams; Config exposes them as flags
-_VIEWS = AugmentParams()
+# The side of the (square) images every dataset here has, in pixels.
+IMAGE_SIZE = 32
 
 PRESETS: dict[str, dict] = {
     # solo-learn's CIFAR-10 recipe: the dataclass defaults.
@@ -185,31 +182,31 @@ class Config:
                                 "facebookresearch/vicreg's) or homework (the seed course's: "
                                 "solo-learn's without eps)", PRETRAINING, choices=LOSS_VARIANTS)
     # augmentation
-    crop_min_scale: float = setting(_VIEWS.crop_scale[0], "smallest area fraction of the random "
+    crop_min_scale: float = setting(0.2, "smallest area fraction of the random "
                                     "resized crop", PRETRAINING,
                                     check=Range(lambda v: 0 < v <= 1, "must lie in (0, 1]"))
-    flip_p: float = setting(_VIEWS.flip_p, "horizontal flip probability", PRETRAINING,
+    flip_p: float = setting(0.5, "horizontal flip probability", PRETRAINING,
                             check=PROBABILITY)
-    jitter_p: float = setting(_VIEWS.jitter_p, "colour jitter probability", PRETRAINING,
+    jitter_p: float = setting(0.8, "colour jitter probability", PRETRAINING,
                               check=PROBABILITY)
-    brightness: float = setting(_VIEWS.brightness, "colour jitter brightness strength",
+    brightness: float = setting(0.4, "colour jitter brightness strength",
                                 PRETRAINING, check=NON_NEGATIVE)
-    contrast: float = setting(_VIEWS.contrast, "colour jitter contrast strength", PRETRAINING,
+    contrast: float = setting(0.4, "colour jitter contrast strength", PRETRAINING,
                               check=NON_NEGATIVE)
-    saturation: float = setting(_VIEWS.saturation, "colour jitter saturation strength",
+    saturation: float = setting(0.2, "colour jitter saturation strength",
                                 PRETRAINING, check=NON_NEGATIVE)
-    hue: float = setting(_VIEWS.hue, "colour jitter hue strength", PRETRAINING,
+    hue: float = setting(0.1, "colour jitter hue strength", PRETRAINING,
                          check=Range(lambda v: 0 <= v <= 0.5, "must lie in [0, 0.5]"))
-    gray_p: float = setting(_VIEWS.gray_p, "grayscale probability", PRETRAINING,
+    gray_p: float = setting(0.2, "grayscale probability", PRETRAINING,
                             check=PROBABILITY)
-    blur_p: float = setting(_VIEWS.blur_p, "Gaussian blur probability", PRETRAINING,
+    blur_p: float = setting(0.0, "Gaussian blur probability", PRETRAINING,
                             check=PROBABILITY)
-    blur_kernel: int = setting(_VIEWS.blur_kernel, "Gaussian blur kernel size (odd, smaller than "
+    blur_kernel: int = setting(3, "Gaussian blur kernel size (odd, smaller than "
                                f"twice the {IMAGE_SIZE}-pixel image, which reflect padding "
                                "needs)", PRETRAINING,
                                check=Range(lambda v: 0 < v < 2 * IMAGE_SIZE and v % 2 == 1,
                                            f"must be an odd number from 1 to {2 * IMAGE_SIZE - 1}"))
-    solarize_p: float = setting(_VIEWS.solarize_p, "solarize probability", PRETRAINING,
+    solarize_p: float = setting(0.1, "solarize probability", PRETRAINING,
                                 check=PROBABILITY)
     # run
     seed: int = setting(0, "seed of initialisation, data order and augmentation", BACKBONE,
@@ -262,14 +259,6 @@ class Config:
                                             f"must be 0 (all) or from {MIN_PROBE_SUBSET} (one "
                                             "image of each GTSRB class) to "
                                             f"{MAX_PROBE_SUBSET:,} (CIFAR-10's training split)"))
-
-    def augment_params(self, mean: tuple, std: tuple) -> AugmentParams:
-        """The view pipeline's parameters, normalising with the pretraining data's mean and std."""
-        return AugmentParams(
-            crop_scale=(self.crop_min_scale, 1.0), flip_p=self.flip_p, jitter_p=self.jitter_p,
-            brightness=self.brightness, contrast=self.contrast, saturation=self.saturation,
-            hue=self.hue, gray_p=self.gray_p, blur_p=self.blur_p, blur_kernel=self.blur_kernel,
-            solarize_p=self.solarize_p, mean=tuple(mean), std=tuple(std))
 
     def mlp_dims(self) -> list[int]:
         """The expander spec as layer widths, e.g. "2048-2048-2048" -> [2048, 2048, 2048]."""
@@ -387,48 +376,16 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def default_data_dir() -> Path:
+    """$VICREG_DATA_DIR if set and non-empty, else ./data."""
+    return Path(os.environ.get("VICREG_DATA_DIR") or "data").expanduser()
+
+
+def auto_workers() -> int:
+    """Augmentation threads when --workers is 0: half the cores, 1 to 8 (numpy releases the GIL
+    inside its array operations, so threads scale while the trainer keeps the other cores)."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 def default_out(framework: str, preset: str) -> str:
     return str(Path("runs") / f"{framework}-{preset}")
-
-
-def load_run_config(run_dir: Path) -> Config:
-    """The Config stored in RUN_DIR/config.json; UserError if missing or malformed."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise UserError(f"no run folder at {run_dir}: {path} is missing "
-                        "(train first, or pass the folder given as --out)")
-    try:
-        values = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path} does not hold a settings object")
-    try:
-        return make_config(values, base=Config())
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from None
-
-
-def check_resumable(stored: Config, cfg: Config, run_dir: Path) -> None:
-    """UserError naming every setting in which `cfg` contradicts the run it resumes (`stored`, its
-    config.json): only RUN and PROBE settings may change, and --epochs and a run's
-    --time-budget may only grow."""
-    fixed = settings_with_role(BACKBONE, PRETRAINING)
-    growing = ("epochs", "time_budget") if stored.time_budget else ("epochs",)
-    changed = [name for name in fixed if name not in growing
-               and getattr(stored, name) != getattr(cfg, name)]
-    problems = [f"{flag(name)} {getattr(cfg, name)} (the run has {getattr(stored, name)})"
-                for name in changed]
-    if cfg.epochs < stored.epochs:
-        problems.append(f"--epochs {cfg.epochs:g} (the run has {stored.epochs:g}; a resumed run "
-                        "can only be extended)")
-    if stored.time_budget and not (cfg.time_budget
-                                   and cfg.time_budget_s() >= stored.time_budget_s()):
-        problems.append(f"--time-budget {cfg.time_budget or '(none)'} (the run has "
-                        f"{stored.time_budget}; a resumed run's budget can only grow)")
-    if problems:
-        raise UserError(f"cannot resume {run_dir} with settings that contradict its "
-                        f"{CONFIG_FILE}: {'; '.join(problems)}. Drop them, or start a new run "
-                        "in another --out")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.config import IMAGE_SIZE
 from shared.errors import UserError
 
 DATASETS = ("cifar10", "gtsrb")
@@ -32,7 +33,6 @@ NUM_CLASSES = {"cifar10": 10, "gtsrb": 43}
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-IMAGE_SIZE = 32
 _CIFAR10_DIR = "cifar-10-batches-py"
 _CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 _CIFAR10_LAYOUT = "cifar-10-batches-py/data_batch_1..5, test_batch"
@@ -42,14 +42,25 @@ _GTSRB_LAYOUT = {
 }
 # Bump when the decoding or resizing of GTSRB changes, so that old caches are rebuilt.
 _GTSRB_CACHE_VERSION = 1
+# The 43 classes of GTSRB by class id, as the benchmark's signnames list them.
+GTSRB_CLASS_NAMES = (
+    "Speed limit (20km/h)", "Speed limit (30km/h)", "Speed limit (50km/h)",
+    "Speed limit (60km/h)", "Speed limit (70km/h)", "Speed limit (80km/h)",
+    "End of speed limit (80km/h)", "Speed limit (100km/h)", "Speed limit (120km/h)",
+    "No passing", "No passing for vehicles over 3.5 metric tons",
+    "Right-of-way at the next intersection", "Priority road", "Yield", "Stop", "No vehicles",
+    "Vehicles over 3.5 metric tons prohibited", "No entry", "General caution",
+    "Dangerous curve to the left", "Dangerous curve to the right", "Double curve", "Bumpy road",
+    "Slippery road", "Road narrows on the right", "Road work", "Traffic signals", "Pedestrians",
+    "Children crossing", "Bicycles crossing", "Beware of ice/snow", "Wild animals crossing",
+    "End of all speed and passing limits", "Turn right ahead", "Turn left ahead", "Ahead only",
+    "Go straight or right", "Go straight or left", "Keep right", "Keep left",
+    "Roundabout mandatory", "End of no passing",
+    "End of no passing by vehicles over 3.5 metric tons")
+
 # What a failed download can raise: network (URLError is an OSError), md5 mismatch (RuntimeError),
 # bad archive.
 _DOWNLOAD_ERRORS = (OSError, RuntimeError, ValueError, tarfile.TarError, zipfile.BadZipFile)
-
-
-def default_data_dir() -> Path:
-    """$VICREG_DATA_DIR if set and non-empty, else ./data."""
-    return Path(os.environ.get("VICREG_DATA_DIR") or "data").expanduser()
 
 
 def load_split(name: str, data_dir, split: str,

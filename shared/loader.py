@@ -10,7 +10,6 @@ together are that batch, byte for byte.
 """
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -104,12 +103,6 @@ def batch_at(images: np.ndarray, params: AugmentParams, batch_size: int, seed: i
     [N, H, W, 3]."""
     order = epoch_order(len(images), seed, epoch)
     return _make_batch(images, order, params, batch_size, seed, epoch, shard, step)
-
-
-def auto_workers() -> int:
-    """Augmentation threads when --workers is 0: half the cores, 1 to 8 (numpy releases the GIL
-    inside its array operations, so threads scale while the trainer keeps the other cores)."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def epoch_batches(images: np.ndarray, params: AugmentParams, *, batch_size: int, seed: int,

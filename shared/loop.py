@@ -21,7 +21,7 @@ from typing import Any, ContextManager, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from shared.augment import AugmentParams
+from shared.augment import AugmentParams, view_params
 from shared.cli import plural
 from shared.config import Config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD, check_probe_data, load_split, stratified_subset
@@ -756,7 +756,7 @@ def run(cfg: Config, resume: bool, framework: str, world: World,
         if cfg.probe:
             check_probe_data(cfg.data_dir, cfg.download)
         images = train_images(cfg)
-        augment = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
+        augment = view_params(cfg, CIFAR10_MEAN, CIFAR10_STD)
         with open_backend(cfg, world, images, augment) as backend:
             backend.on_main(lambda: prepare_run_dir(cfg, resume, framework))
             # a corrupt metrics.jsonl line is refused before training, not after it

@@ -6,7 +6,6 @@ raise the same message for the same mistake.
 """
 from __future__ import annotations
 
-from shared.config import LOSS_VARIANTS
 from shared.errors import UserError
 
 # variant -> (weight of v(Z) + v(Z'), eps inside the square root):
@@ -14,6 +13,7 @@ from shared.errors import UserError
 #   official    (v(Z) + v(Z')) / 2  facebookresearch/vicreg's main_vicreg.py
 #   homework    v(Z) + v(Z'), eps 0 the seed course's
 VARIANCE_FORMS = {"solo-learn": (1.0, True), "official": (0.5, True), "homework": (1.0, False)}
+LOSS_VARIANTS = tuple(VARIANCE_FORMS)
 
 
 def check_loss_inputs(variant: str, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> None:

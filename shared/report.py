@@ -16,13 +16,11 @@ import string
 import sys
 from pathlib import Path
 
-# Figure objects without pyplot: no GUI backend, no global figure state, so the report renders
-# on machines without a display.
-from matplotlib.figure import Figure
-
 from shared.cli import UserErrorParser, cli_main, format_value, plural, setting_flags
 from shared.config import Config, make_config
+from shared.data import GTSRB_CLASS_NAMES
 from shared.errors import UserError
+from shared.report_figures import FIGURES, write_figures
 from shared.report_pdf import write_pdf
 from shared.results import (
     DATASET_NAMES,
@@ -34,30 +32,8 @@ from shared.results import (
     read_sweep_file,
     results_markdown_table,
 )
-from shared.runio import CONFIG_FILE, atomic_write_bytes, read_metrics, writable_folder
+from shared.runio import CONFIG_FILE, atomic_write_bytes, writable_folder
 
-# The 43 classes of GTSRB by class id, as the benchmark's signnames list them.
-GTSRB_CLASS_NAMES = (
-    "Speed limit (20km/h)", "Speed limit (30km/h)", "Speed limit (50km/h)",
-    "Speed limit (60km/h)", "Speed limit (70km/h)", "Speed limit (80km/h)",
-    "End of speed limit (80km/h)", "Speed limit (100km/h)", "Speed limit (120km/h)",
-    "No passing", "No passing for vehicles over 3.5 metric tons",
-    "Right-of-way at the next intersection", "Priority road", "Yield", "Stop", "No vehicles",
-    "Vehicles over 3.5 metric tons prohibited", "No entry", "General caution",
-    "Dangerous curve to the left", "Dangerous curve to the right", "Double curve", "Bumpy road",
-    "Slippery road", "Road narrows on the right", "Road work", "Traffic signals", "Pedestrians",
-    "Children crossing", "Bicycles crossing", "Beware of ice/snow", "Wild animals crossing",
-    "End of all speed and passing limits", "Turn right ahead", "Turn left ahead", "Ahead only",
-    "Go straight or right", "Go straight or left", "Keep right", "Keep left",
-    "Roundabout mandatory", "End of no passing",
-    "End of no passing by vehicles over 3.5 metric tons")
-
-CHANCE = {"cifar10": 1 / 10, "gtsrb": 1 / 43}
-LOSS_PANELS = (("loss", "total loss (weighted sum)"),
-               ("invariance", "invariance: MSE between the two views"),
-               ("variance", "variance: hinge on each dimension's std"),
-               ("covariance", "covariance: squared off-diagonal covariances"))
-FIGURES = ("loss_curves", "embedding_std", "probe_accuracy")
 TRANSFER_EXAMPLES = 5
 # The report's text, with $placeholders for what the runs decide.
 TEMPLATE = string.Template((Path(__file__).with_name("report_template.md")).read_text())
@@ -97,127 +73,6 @@ def collect_runs(paths: list[Path]) -> Sources:
         results = [dataclasses.replace(r, label=str(r.run_dir)) for r in results]
     return Sources(results, sweeps)
 
-
-# ---- figures -------------------------------------------------------------------------------------
-
-def step_series(run_dir: Path, key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of `key` in the run's logged step windows, non-finite values dropped."""
-    records = [r for r in read_metrics(run_dir)
-               if r.get("kind") == "step" and r.get(key) is not None]
-    return [r["step"] for r in records], [r[key] for r in records]
-
-
-def log_scale_helps(values: list[float]) -> bool:
-    """A log axis when all values are positive and span at least a factor of 10."""
-    return bool(values) and min(values) > 0 and max(values) / min(values) >= 10
-
-
-def _legend_below(fig, ax, rows: int) -> None:
-    """One legend for the whole figure, under the panels, in up to 3 columns."""
-    handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize="medium",
-               frameon=False)
-    fig.tight_layout(rect=(0, 0.02 + 0.04 * rows, 1, 1))
-
-
-def _line_style(points: int) -> dict:
-    # Short runs log a handful of points; markers keep them visible.
-    return {"linewidth": 1.4, "marker": "o" if points <= 20 else None, "markersize": 3}
-
-
-def plot_loss_curves(results: list[RunResult], path: Path) -> bool:
-    """Total loss and the three unweighted terms over training, one panel each, a line per run."""
-    series = {r.label: {key: step_series(r.run_dir, key) for key, _ in LOSS_PANELS}
-              for r in results}
-    series = {label: s for label, s in series.items() if s["loss"][0]}
-    if not series:
-        return False
-    rows = (len(series) + 2) // 3
-    fig = Figure(figsize=(11, 7.5 + 0.35 * rows))
-    axes = fig.subplots(2, 2)
-    for ax, (key, title) in zip(axes.flat, LOSS_PANELS):
-        for label, s in series.items():
-            ax.plot(*s[key], label=label, **_line_style(len(s[key][0])))
-        if log_scale_helps([v for s in series.values() for v in s[key][1]]):
-            ax.set_yscale("log")
-        ax.set_title(title, fontsize="medium")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("loss" if key == "loss" else "term value (unweighted)")
-        ax.grid(alpha=0.3)
-    _legend_below(fig, axes.flat[0], rows)
-    fig.savefig(path, dpi=120)
-    return True
-
-
-def plot_embedding_std(results: list[RunResult], path: Path) -> bool:
-    """Mean per-dimension std of the embeddings over training, against the hinge's target of 1."""
-    series = {r.label: step_series(r.run_dir, "embedding_std") for r in results}
-    series = {label: s for label, s in series.items() if s[0]}
-    if not series:
-        return False
-    rows = (len(series) + 1 + 2) // 3
-    fig = Figure(figsize=(9, 5 + 0.3 * rows))
-    ax = fig.subplots()
-    for label, (steps, values) in series.items():
-        ax.plot(steps, values, label=label, **_line_style(len(steps)))
-    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="variance hinge target (1)")
-    ax.set_ylim(bottom=0)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("embedding std (mean over dimensions)")
-    ax.set_title("Embedding standard deviation: near 0 means collapse")
-    ax.grid(alpha=0.3)
-    # below the axes: inside, the legend would cover the target line or the runs near it
-    _legend_below(fig, ax, rows)
-    fig.savefig(path, dpi=120)
-    return True
-
-
-def plot_probe_accuracy(results: list[RunResult], path: Path) -> bool:
-    """Linear-probe top-1 per run, trained against random-init backbone, one panel per dataset."""
-    datasets = [d for d in DATASET_NAMES if any(d in r.probes for r in results)]
-    if not datasets:
-        return False
-    fig = Figure(figsize=(6 * len(datasets), 5.5))
-    axes = fig.subplots(1, len(datasets), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        runs = [r for r in results if dataset in r.probes]
-        x = range(len(runs))
-        for offset, key, name, style in (
-                (-0.2, dataset, "pretrained with VICReg", {}),
-                (0.2, f"{dataset}_random_init", "random init (baseline)",
-                 {"hatch": "//", "alpha": 0.6})):
-            # a run without this probe (no baseline yet) gets no bar, not a bar at 0
-            measured = [(i, 100 * r.probes[key]["top1"]) for i, r in enumerate(runs)
-                        if key in r.probes]
-            bars = ax.bar([i + offset for i, _ in measured], [h for _, h in measured],
-                          width=0.4, label=name, **style)
-            ax.bar_label(bars, fmt="%.1f", fontsize="small")
-        ax.axhline(100 * CHANCE[dataset], color="black", linestyle=":", linewidth=1,
-                   label="chance level")
-        ax.set_xticks(list(x), [r.label for r in runs], rotation=20, ha="right",
-                      fontsize="small")
-        ax.set_ylabel("test top-1 accuracy (%)")
-        ax.set_ylim(0, 108)
-        ax.set_title(f"{DATASET_NAMES[dataset]} linear probe "
-                     f"(chance {100 * CHANCE[dataset]:.1f}%)")
-    _legend_below(fig, axes[0][0], 1)
-    fig.savefig(path, dpi=120)
-    return True
-
-
-def figure_paths(out: Path) -> dict[str, Path]:
-    return {name: out.with_name(f"{out.stem}_{name}.png") for name in FIGURES}
-
-
-def write_figures(results: list[RunResult], out: Path) -> dict[str, Path]:
-    """Draw every figure the runs have data for; returns name -> written file."""
-    plotters = {"loss_curves": plot_loss_curves, "embedding_std": plot_embedding_std,
-                "probe_accuracy": plot_probe_accuracy}
-    return {name: path for name, path in figure_paths(out).items()
-            if plotters[name](results, path)}
-
-
-# ---- written sections ----------------------------------------------------------------------------
 
 def configs(results: list[RunResult]) -> list[dict]:
     """The settings of every run that has them (the defaults when none has)."""

@@ -15,12 +15,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from shared.cli import format_value
-from shared.config import RUN, Config, load_run_config, make_config
+from shared.config import RUN, Config, make_config
 from shared.errors import UserError
 from shared.runio import (
     CONFIG_FILE,
     SUMMARY_FILE,
     TERMS,
+    load_run_config,
     probe_result_path,
     read_json,
     run_framework,

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from shared.config import BACKBONE, PRETRAINING, Config, flag, make_config, settings_with_role
 from shared.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -311,3 +312,46 @@ def start_run_dir(run_dir: Path, config_json: str, resume: bool, framework: str)
     MetricsLog(run_dir).truncate(0)
     atomic_write_bytes(run_dir / CONFIG_FILE, (config_json + "\n").encode())
     return False
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The Config stored in RUN_DIR/config.json; UserError if missing or malformed."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"no run folder at {run_dir}: {path} is missing "
+                        "(train first, or pass the folder given as --out)")
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} does not hold a settings object")
+    try:
+        return make_config(values, base=Config())
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def check_resumable(stored: Config, cfg: Config, run_dir: Path) -> None:
+    """UserError naming every setting in which `cfg` contradicts the run it resumes (`stored`, its
+    config.json): only RUN and PROBE settings may change, and --epochs and a run's
+    --time-budget may only grow."""
+    fixed = settings_with_role(BACKBONE, PRETRAINING)
+    growing = ("epochs", "time_budget") if stored.time_budget else ("epochs",)
+    changed = [name for name in fixed if name not in growing
+               and getattr(stored, name) != getattr(cfg, name)]
+    problems = [f"{flag(name)} {getattr(cfg, name)} (the run has {getattr(stored, name)})"
+                for name in changed]
+    if cfg.epochs < stored.epochs:
+        problems.append(f"--epochs {cfg.epochs:g} (the run has {stored.epochs:g}; a resumed run "
+                        "can only be extended)")
+    if stored.time_budget and not (cfg.time_budget
+                                   and cfg.time_budget_s() >= stored.time_budget_s()):
+        problems.append(f"--time-budget {cfg.time_budget or '(none)'} (the run has "
+                        f"{stored.time_budget}; a resumed run's budget can only grow)")
+    if problems:
+        raise UserError(f"cannot resume {run_dir} with settings that contradict its "
+                        f"{CONFIG_FILE}: {'; '.join(problems)}. Drop them, or start a new run "
+                        "in another --out")

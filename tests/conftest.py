@@ -59,6 +59,20 @@ def _make_images(labels, rng, size=(32, 32)) -> np.ndarray:
     return np.clip(colour + stripes + noise, 0, 255).round().astype(np.uint8)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+    """Many tests compile the same few jitted steps (the smoke preset's, in both frameworks'
+    runs): XLA reloads each from one disk cache for the whole session, subprocesses included."""
+    import jax
+
+    folder = str(tmp_path_factory.getbasetemp() / "jax-cache")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+
+
 def _write_cifar10_batch(path: Path, images: np.ndarray, labels, batch_label: str) -> None:
     # The CIFAR-10 python format: rows of 3072 uint8, the R plane then G then B, each 32x32
     # row-major.

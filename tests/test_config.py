@@ -4,8 +4,9 @@ import json
 import pytest
 
 from shared.cli import build_train_parser, parse_train_args
-from shared.config import PRESETS, Config, load_run_config, make_config, parse_mlp
+from shared.config import PRESETS, Config, make_config, parse_mlp
 from shared.errors import UserError
+from shared.runio import load_run_config
 
 
 def test_defaults_are_solo_learns_cifar_recipe():

@@ -42,6 +42,7 @@ def parity_report() -> dict:
     from jax_impl.model import build_model
     from jax_impl.optim import build_optimizer
     from jax_impl.step import initial_state, make_train_step, step_loss
+    from shared.augment import view_params
     from shared.config import make_config
     from shared.loader import batch_at
 
@@ -54,7 +55,7 @@ def parity_report() -> dict:
 
     state = jax.tree.map(wide, initial_state(cfg, model=model, optimizer=optimizer))
     images = np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-    batch = batch_at(images, cfg.augment_params((0.5,) * 3, (0.25,) * 3), 16, 0, 0, 0)
+    batch = batch_at(images, view_params(cfg, (0.5,) * 3, (0.25,) * 3), 16, 0, 0, 0)
     views = [v.astype(np.float64) for v in (batch.view_a, batch.view_b)]
 
     def sharded(mesh):

@@ -9,28 +9,8 @@ import torch
 
 from jax_impl.loss import vicreg_loss
 from shared.errors import UserError
+from tests import references
 from torch_impl.loss import vicreg_loss as torch_vicreg_loss
-
-
-def numpy_terms(a, b, eps, variant):
-    """(invariance, variance, covariance) in float64, written from the paper's definitions."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    n, d = a.shape
-
-    def v(z, e):
-        return np.mean(np.maximum(0.0, 1.0 - np.sqrt(z.var(axis=0, ddof=1) + e)))
-
-    def c(z):
-        cov = np.cov(z, rowvar=False).reshape(d, d)
-        return (np.sum(cov ** 2) - np.sum(np.diag(cov) ** 2)) / d
-
-    if variant == "official":
-        variance = (v(a, eps) + v(b, eps)) / 2
-    elif variant == "solo-learn":
-        variance = v(a, eps) + v(b, eps)
-    else:
-        variance = v(a, 0.0) + v(b, 0.0)
-    return np.mean((a - b) ** 2), variance, c(a) + c(b)
 
 
 def sample(n, d, seed):
@@ -39,7 +19,7 @@ def sample(n, d, seed):
     return a, a + 0.3 * rng.normal(size=(n, d))
 
 
-@pytest.mark.parametrize("variant", ["solo-learn", "official", "homework"])
+@pytest.mark.parametrize("variant", references.VARIANTS)
 @pytest.mark.parametrize("n,d", [(2, 1), (3, 7), (16, 64), (128, 32)])
 def test_float64_matches_numpy(variant, n, d):
     a, b = sample(n, d, n * 100 + d)
@@ -51,18 +31,19 @@ def test_float64_matches_numpy(variant, n, d):
         assert loss.dtype == jnp.float64
         got = [float(terms[k]) for k in ("invariance", "variance", "covariance")]
         total = float(loss)
-    inv, var, cv = numpy_terms(a, b, 1e-4, variant)
+    inv, var, cv = references.vicreg_terms(a, b, 1e-4, variant)
     np.testing.assert_allclose(got, [inv, var, cv], rtol=1e-12, atol=1e-14)
     assert total == pytest.approx(sim * inv + std * var + cov * cv, rel=1e-12)
 
 
-@pytest.mark.parametrize("variant", ["solo-learn", "official", "homework"])
+@pytest.mark.parametrize("variant", references.VARIANTS)
 def test_float32_jitted_matches_numpy(variant):
     a, b = sample(64, 48, 7)
     loss_fn = jax.jit(functools.partial(vicreg_loss, variant=variant))
     loss, terms = loss_fn(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
     assert loss.dtype == jnp.float32
-    inv, var, cv = numpy_terms(a.astype(np.float32), b.astype(np.float32), 1e-4, variant)
+    inv, var, cv = references.vicreg_terms(a.astype(np.float32), b.astype(np.float32), 1e-4,
+                                           variant)
     np.testing.assert_allclose([terms["invariance"], terms["variance"], terms["covariance"]],
                                [inv, var, cv], rtol=2e-5, atol=1e-6)
     assert float(loss) == pytest.approx(25 * inv + 25 * var + cv, rel=2e-5)
@@ -102,17 +83,7 @@ def test_errors_are_raised_while_tracing():
 
 
 def test_the_default_is_solo_learns_loss_with_the_papers_coefficients():
-    """solo-learn's vicreg_loss_func written out in numpy float64: MSE,
-    mean(relu(1 - std(z1))) + mean(relu(1 - std(z2))), std = sqrt(var + 1e-4), and each view's
-    squared off-diagonal covariances / D; weights 25, 25, 1."""
     a, b = sample(32, 16, 5)
-    n, d = a.shape
-    std = [np.sqrt(z.var(axis=0, ddof=1) + 1e-4) for z in (a, b)]
-    covs = [np.cov(z, rowvar=False) for z in (a, b)]
-    off = ~np.eye(d, dtype=bool)
-    expected = (25 * np.mean((a - b) ** 2)
-                + 25 * sum(np.mean(np.maximum(1 - s, 0)) for s in std)
-                + sum(np.sum(c[off] ** 2) / d for c in covs))
     with jax.enable_x64(True):
         loss, _ = jax.jit(vicreg_loss)(jnp.asarray(a), jnp.asarray(b))
-        assert float(loss) == pytest.approx(expected, rel=1e-12)
+        assert float(loss) == pytest.approx(references.solo_learn_vicreg_loss(a, b), rel=1e-12)

@@ -8,6 +8,7 @@ import torch
 
 from jax_impl.optim import build_optimizer, set_lr
 from shared.config import make_config
+from tests import references
 
 LRS = (0.5, 0.3, 0.1)  # a different learning rate at each of the 3 steps
 
@@ -42,19 +43,13 @@ def test_lars_three_steps_match_numpy():
     params = start()
     grads = grads_for(params)
     got, state = run_optax(cfg, params, grads)
-    # By hand: g' = g + wd p, q = eta ||p|| / ||g'|| (1 when a norm is 0), mu = m mu + q g',
-    # p -= lr mu; 1-D parameters skip the decay and the trust ratio.
-    ref = jax.tree.map(np.copy, params)
-    mu = jax.tree.map(np.zeros_like, params)
+    ref, mu = jax.tree.map(np.copy, params), jax.tree.map(np.zeros_like, params)
+    pairs = {"is_leaf": lambda x: isinstance(x, tuple)}
     for lr, g in zip(LRS, grads):
-        def update(p, g, m):
-            if p.ndim > 1:
-                g = g + 1e-2 * p
-                pn, gn = np.sqrt(np.sum(p ** 2)), np.sqrt(np.sum(g ** 2))
-                g = g * (0.02 * pn / gn if pn > 0 and gn > 0 else 1.0)
-            return 0.9 * m + g
-        mu = jax.tree.map(update, ref, g, mu)
-        ref = jax.tree.map(lambda p, m, lr=lr: p - lr * m, ref, mu)
+        stepped = jax.tree.map(lambda p, g, m, lr=lr: references.lars_step(p, g, m, lr, 1e-2, 0.9,
+                                                                           0.02), ref, g, mu)
+        ref = jax.tree.map(lambda pair: pair[0], stepped, **pairs)
+        mu = jax.tree.map(lambda pair: pair[1], stepped, **pairs)
     for path_value, expected in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_allclose(path_value, expected, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(np.asarray(state.inner_state[0].mu["conv"]), mu["conv"], rtol=1e-12)

@@ -7,7 +7,6 @@ import jax
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
-from jax.experimental.compilation_cache import compilation_cache
 
 from jax_impl import probe as jax_probe
 from jax_impl import train as jax_train
@@ -24,18 +23,6 @@ SUMMARY_KEYS = {"framework", "device", "precision", "epochs", "steps", "train_im
 PROBE_KEYS = {"framework", "dataset", "top1", "per_class_top1", "num_train", "num_test",
               "num_classes", "feature_dim", "random_init", "checkpoint_epoch", "protocol",
               "settings", "time_s"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Every run here compiles the same train step: let XLA reload it from a disk cache."""
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir",
-                      str(tmp_path_factory.getbasetemp() / "jax-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", None)
-    compilation_cache.reset_cache()
 
 
 def smoke(data_dir, out, *extra):

@@ -7,8 +7,9 @@ import matplotlib.image
 import pytest
 from PIL import Image
 
-from shared import report
+from shared import report, report_figures
 from shared.config import make_config
+from shared.data import GTSRB_CLASS_NAMES
 from shared.results import format_duration
 
 FIGURES = ("loss_curves", "embedding_std", "probe_accuracy")
@@ -100,7 +101,7 @@ def test_the_results_table_holds_the_run_folders_numbers(written_report):
 def test_the_gtsrb_table_names_every_sign_with_its_accuracies(written_report):
     path, sweep_dir = written_report
     rows = table_rows(path.read_text(), "id")
-    assert [row["sign"] for row in rows] == list(report.GTSRB_CLASS_NAMES)
+    assert [row["sign"] for row in rows] == list(GTSRB_CLASS_NAMES)
     assert len(rows) == 43 and rows[14]["sign"] == "Stop" and rows[13]["sign"] == "Yield"
     for run in run_dirs(sweep_dir):
         trained = read_json(run / "probe_gtsrb.json")["per_class_top1"]
@@ -186,10 +187,10 @@ def test_unfinished_and_failed_runs_are_shown_not_hidden(tmp_path):
 
 
 def test_log_scale_only_where_values_span_a_factor_of_10():
-    assert report.log_scale_helps([0.5, 2.0, 8.0])
-    assert not report.log_scale_helps([1.0, 5.0])
-    assert not report.log_scale_helps([0.0, 50.0])  # the variance hinge can reach 0
-    assert not report.log_scale_helps([])
+    assert report_figures.log_scale_helps([0.5, 2.0, 8.0])
+    assert not report_figures.log_scale_helps([1.0, 5.0])
+    assert not report_figures.log_scale_helps([0.0, 50.0])  # the variance hinge can reach 0
+    assert not report_figures.log_scale_helps([])
 
 
 def error_line(capsys) -> str:

@@ -265,7 +265,7 @@ def records(run, kind: str) -> list[dict]:
 @pytest.mark.parametrize("framework", TRAINERS)
 def test_a_time_budget_fixes_the_length_and_a_resume_with_the_same_flags_keeps_it(
         framework, tiny_data_dir, tmp_path, monkeypatch, capsys):
-    from shared.config import load_run_config
+    from shared.runio import load_run_config
     from shared.schedule import lr_at
     trainer = TRAINERS[framework]
     run = tmp_path / "run"
@@ -447,7 +447,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tiny_data_dir, tm
 
 
 def test_extending_a_run_says_how_the_schedule_moves(tiny_data_dir, tmp_path, capsys):
-    from shared.config import load_run_config
+    from shared.runio import load_run_config
     from shared.schedule import lr_at
     run = tmp_path / "run"
     assert torch_train.main(smoke(tiny_data_dir, run, "--epochs", "2", "--no-probe")) == 0

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shared import loop
-from shared.augment import AugmentParams
+from shared.augment import AugmentParams, view_params
 from shared.config import make_config
 from shared.errors import UserError
 from shared.loader import batch_at, epoch_batches, shard_rows, split_batch
@@ -112,7 +112,7 @@ def free_port() -> int:
 def global_views(dtype: torch.dtype, shard=(0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
     """The smoke preset's first batch (or part `shard` of it), as channels_last tensors."""
     images = np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-    params = make_config({"preset": "smoke"}).augment_params((0.5,) * 3, (0.25,) * 3)
+    params = view_params(make_config({"preset": "smoke"}), (0.5,) * 3, (0.25,) * 3)
     batch = batch_at(images, params, GLOBAL_BATCH, seed=0, epoch=0, step=0, shard=shard)
     cpu = torch.device("cpu")
     return (to_channels_last(batch.view_a, cpu).to(dtype),

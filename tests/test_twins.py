@@ -44,8 +44,8 @@ ONE_SIDED = {
         "convolution", "Downsample": "flax modules name their children as torch's Sequential",
         "Stage": "ditto", "torch_uniform": "torch's default initialisation, written out",
         "default_conv_impl": "XLA:CPU's faster convolution",
-        "backbone_of": "a flax module's submodule is applied with its own variables",
-        "backbone_variables": "ditto", "variable_shapes": "flax's variables live outside it"},
+        "backbone_variables": "a flax module's submodule is applied with its own variables",
+        "variable_shapes": "flax's variables live outside it"},
     "optim": {"LARS": "a torch.optim.Optimizer", "LarsState": "optax: a transformation and its "
               "state", "scale_by_lars": "ditto", "lars": "ditto", "adam_l2": "ditto"},
     "runtime": {"autocast": "torch computes in bf16 through autocast; flax through its dtype",
@@ -148,6 +148,46 @@ def import_problems(package: str, sources: dict[str, str]) -> list[str]:
             if imported not in ALLOWED_IMPORTS[package]]
 
 
+def module_imports(package: str, sources: dict[str, str]) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports (anywhere in it), by name."""
+    edges = {}
+    for file, source in sources.items():
+        name, found = Path(file).stem, set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.module == package:
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package + "."):
+                found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[1] for alias in node.names
+                          if alias.name.startswith(package + ".")}
+        edges[name] = found - {name}
+    return edges
+
+
+def import_cycle(edges: dict[str, set[str]]) -> list[str]:
+    """One cycle of the import graph (its modules, the first repeated at the end), or []."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return []
+        for imported in sorted(edges.get(module, ())):
+            cycle = visit(imported, path + [module])
+            if cycle:
+                return cycle
+        done.add(module)
+        return []
+
+    for module in sorted(edges):
+        cycle = visit(module, [])
+        if cycle:
+            return cycle
+    return []
+
+
 def package_sources(package: str) -> dict[str, str]:
     return {str(path.relative_to(REPO)): path.read_text()
             for path in sorted((REPO / package).rglob("*.py"))}
@@ -162,12 +202,13 @@ def backends(tmp_path):
     import numpy as np
     import torch
 
+    from shared.augment import view_params
     from shared.config import make_config
     from shared.data import CIFAR10_MEAN, CIFAR10_STD
 
     cfg = make_config({"preset": "smoke", "out": str(tmp_path)})
     images = np.zeros((64, 32, 32, 3), np.uint8)
-    augment = cfg.augment_params(CIFAR10_MEAN, CIFAR10_STD)
+    augment = view_params(cfg, CIFAR10_MEAN, CIFAR10_STD)
     return {torch_backend.Backend: torch_backend.Backend(cfg, loop.World(), images, augment,
                                                          torch.device("cpu")),
             jax_backend.Backend: jax_backend.Backend(cfg, loop.World(), images, augment,
@@ -193,6 +234,13 @@ def test_the_twins_have_the_same_modules_and_functions():
 @pytest.mark.parametrize("package", PACKAGES)
 def test_no_package_imports_what_lies_above_it(package):
     assert import_problems(package, package_sources(package)) == []
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_the_modules_of_a_package_import_one_way(package):
+    """No cycle inside a package either, lazy imports included (shared: config -> data -> loader
+    -> views -> run folder -> loop -> results -> report)."""
+    assert import_cycle(module_imports(package, package_sources(package))) == []
 
 
 # ---- the checks find what a broken copy gets wrong -----------------------------------------------
@@ -231,3 +279,16 @@ def test_the_import_check_finds_a_lazy_import_of_the_other_twin():
         "torch_impl/api.py imports jax_impl"]
     assert import_problems("shared", {"shared/x.py": "import interop.api\n"}) == [
         "shared/x.py imports interop"]
+
+
+def test_the_cycle_check_finds_a_lazy_import_back():
+    sources = {"shared/config.py": "from shared.errors import UserError\n",
+               "shared/data.py": "from shared.config import IMAGE_SIZE\n",
+               "shared/errors.py": ("def explain():\n"
+                                    "    from shared import data\n"
+                                    "    return data\n")}
+    edges = module_imports("shared", sources)
+    assert edges == {"config": {"errors"}, "data": {"config"}, "errors": {"data"}}
+    assert import_cycle(edges) == ["config", "errors", "data", "config"]
+    del sources["shared/errors.py"]
+    assert import_cycle(module_imports("shared", sources)) == []

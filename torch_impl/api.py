@@ -13,10 +13,9 @@ from pathlib import Path
 
 from torch import nn
 
-from shared.config import load_run_config
-from shared.runio import CHECKPOINT_FILES, refuse_stale_checkpoint
+from shared.runio import CHECKPOINT_FILES, load_run_config, refuse_stale_checkpoint
 from torch_impl.checkpoint import load_checkpoint, load_model_state
-from torch_impl.model import build_model
+from torch_impl.model import backbone_of, build_model
 
 
 def load_backbone(run_dir: str | Path) -> nn.Module:
@@ -32,4 +31,4 @@ def load_backbone(run_dir: str | Path) -> nn.Module:
     refuse_stale_checkpoint(run_dir, "torch")
     model = build_model(cfg.arch, cfg.width, cfg.mlp_dims())
     load_model_state(model, stored["model"], path, cfg.stored_model_description())
-    return model.backbone.eval()
+    return backbone_of(model).eval()

@@ -22,6 +22,7 @@ from shared.loop import World, augments_on_device
 from torch_impl import checkpoint
 from torch_impl.augment import device_params
 from torch_impl.distributed import broadcast_from_main, joined, on_main
+from torch_impl.model import backbone_of
 from torch_impl.probe import features_of, train_linear
 from torch_impl.runtime import compute_dtype, device_name, precision_name, to_channels_last
 from torch_impl.step import TrainState, initial_state, make_train_step, network, resumed_state
@@ -95,7 +96,7 @@ class Backend:
             torch.cuda.synchronize(self.device)
 
     def features(self, state: TrainState) -> Features:
-        return features_of(network(state).backbone, self.cfg)
+        return features_of(backbone_of(network(state)), self.cfg)
 
     def train_linear(self, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                      num_classes: int, cfg: Config) -> np.ndarray:

@@ -129,6 +129,12 @@ class VICReg(nn.Module):
         return self.projector(self.backbone(x))
 
 
+def backbone_of(model: VICReg) -> ResNet:
+    """VICReg's backbone, a module of its own: images [N, 3, H, W] -> features [N, F] (its
+    weights are the model's)."""
+    return model.backbone
+
+
 def build_model(arch: str, width: int, mlp_dims: list[int]) -> VICReg:
     """The VICReg network, float32 on the CPU (UserError for an unknown arch); its weights are
     drawn by init_variables. The global random generator is left as it was."""

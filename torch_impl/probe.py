@@ -29,7 +29,7 @@ from shared.linear_probe import (
 )
 from shared.runio import trained_epochs
 from torch_impl.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model_state
-from torch_impl.model import build_model, init_variables
+from torch_impl.model import backbone_of, build_model, init_variables
 from torch_impl.runtime import (
     autocast,
     compute_dtype,
@@ -98,7 +98,7 @@ def backbone_to_probe(cfg: Config, run_dir: Path,
         load_model_state(model, state["model"], path,
                          cfg.stored_model_description())
         epoch = trained_epochs(state)
-    return model.backbone.to(pick_device(), memory_format=memory_format(cfg.width)), epoch
+    return backbone_of(model).to(pick_device(), memory_format=memory_format(cfg.width)), epoch
 
 
 def main(argv: list[str] | None = None) -> int:
