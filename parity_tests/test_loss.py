@@ -95,7 +95,7 @@ def test_loss_terms_and_gradients_agree(case, parity):
         parity.check("loss", f"{label} {term}", t64[1][term], j64[1][term], t32[1][term],
                      j32[1][term])
     columns = np.ones(d, bool)
-    if constant and variant == "homework":
+    if constant and variant == "no-eps":
         # eps = 0: sqrt(Var) has no derivative at Var = 0, so on z_a's constant columns each side
         # returns what its rounding of Var gives (torch: +-inf where its Var is exactly 0; JAX:
         # large finite values where its mean rounds off). Compare where the derivative exists.

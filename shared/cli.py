@@ -126,7 +126,8 @@ def _add_setting_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, def
     else:
         parser.add_argument(flag(f.name), dest=f.name,
                             type=lambda text: parse_setting(f.name, text, flag(f.name)),
-                            default=argparse.SUPPRESS, choices=f.metadata["choices"] or None,
+                            default=argparse.SUPPRESS,
+                            choices=(*f.metadata["choices"], *f.metadata["renamed"]) or None,
                             metavar=f.name.upper(), help=help_text)
 
 

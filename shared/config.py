@@ -21,7 +21,7 @@ from pathlib import Path
 
 from shared.archs import BLOCKS
 from shared.errors import UserError
-from shared.loss_inputs import LOSS_VARIANTS
+from shared.loss_inputs import LOSS_VARIANTS, RENAMED_VARIANTS
 
 ARCHS = tuple(BLOCKS)
 OPTIMIZERS = ("lars", "adam")
@@ -39,7 +39,7 @@ PRESETS: dict[str, dict] = {
     "homework": dict(
         batch_size=512, epochs=100, optimizer="adam", base_lr=2e-4, lr_scaling=False, wd=1e-6,
         warmup_epochs=0.0, final_lr_ratio=0.0, schedule_unit="epoch", blur_p=0.5, blur_kernel=3,
-        solarize_p=0.2, loss_variant="homework"),
+        solarize_p=0.2, loss_variant="no-eps"),
     # A narrow ResNet-18 trained for 14 minutes on whatever CPU runs it, then both probes: within
     # 20 minutes end to end on 2 cores (docs/results/cpu_recipe.md has the settings tried).
     "cpu": dict(
@@ -106,12 +106,14 @@ def duration_ok(text: str) -> bool:
 
 
 def setting(default, help: str, role: str, *, choices: tuple = (), check: Range | None = None,
-            sweep_owned: str = "", factory: Callable[[], object] | None = None):
+            sweep_owned: str = "", factory: Callable[[], object] | None = None,
+            renamed: dict | None = None):
     """A Config field with everything the tools need to know about it: its --help text, its
-    choices, the range it must lie in, its role (BACKBONE, PRETRAINING, PROBE or RUN), and, when a
-    sweep sets it itself, what to use instead."""
+    choices (and former names of them, still read: renamed), the range it must lie in, its role
+    (BACKBONE, PRETRAINING, PROBE or RUN), and, when a sweep sets it itself, what to use
+    instead."""
     metadata = {"help": help, "role": role, "choices": tuple(choices), "check": check,
-                "sweep_owned": sweep_owned}
+                "sweep_owned": sweep_owned, "renamed": dict(renamed or {})}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -179,8 +181,9 @@ class Config:
                                check=NON_NEGATIVE)
     loss_variant: str = setting("solo-learn", "variance term: solo-learn (mu [v(Z) + v(Z')], "
                                 "solo-learn's), official (mu [v(Z) + v(Z')] / 2, "
-                                "facebookresearch/vicreg's) or homework (the seed course's: "
-                                "solo-learn's without eps)", PRETRAINING, choices=LOSS_VARIANTS)
+                                "facebookresearch/vicreg's) or no-eps (solo-learn's without eps "
+                                "in the square root, the seed course's; formerly homework)",
+                                PRETRAINING, choices=LOSS_VARIANTS, renamed=RENAMED_VARIANTS)
     # augmentation
     crop_min_scale: float = setting(0.2, "smallest area fraction of the random "
                                     "resized crop", PRETRAINING,
@@ -343,7 +346,13 @@ def make_config(overrides: dict, base: Config | None = None) -> Config:
     if unknown:
         raise UserError(f"unknown setting(s) {', '.join(sorted(unknown))}; "
                         f"valid: {', '.join(f.name for f in fields(Config))}")
-    return validate(Config(**values))
+    return validate(Config(**{name: current_name(name, value) for name, value in values.items()}))
+
+
+def current_name(name: str, value):
+    """A setting's value with a former name of a choice read as its current one."""
+    renamed = {f.name: f.metadata["renamed"] for f in fields(Config)}[name]
+    return renamed.get(value, value) if isinstance(value, str) else value
 
 
 def _check_type(name: str, value, kind: type) -> None:

@@ -3,13 +3,13 @@ loss written from the paper's definitions, solo-learn's vicreg_loss_func written
 step as facebookresearch/vicreg computes it. Nothing here imports the code under test."""
 import numpy as np
 
-VARIANTS = ("solo-learn", "official", "homework")
+VARIANTS = ("solo-learn", "official", "no-eps")
 
 
 def vicreg_terms(a: np.ndarray, b: np.ndarray, eps: float, variant: str):
     """(invariance, variance, covariance) of two embedding batches [N, D], in float64:
     s = mean (a - b)^2; v(Z) = mean_j relu(1 - sqrt(Var(z_j) + eps)) (unbiased variance), summed
-    over both views (official: halved; homework: eps 0); c(Z) = sum of squared off-diagonal
+    over both views (official: halved; no-eps: eps 0); c(Z) = sum of squared off-diagonal
     covariances / D, summed over both views."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     n, d = a.shape

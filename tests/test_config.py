@@ -25,7 +25,7 @@ def test_homework_preset_is_the_seed_course():
     assert (cfg.batch_size, cfg.epochs, cfg.optimizer, cfg.base_lr, cfg.wd) == \
         (512, 100, "adam", 2e-4, 1e-6)
     assert (cfg.blur_p, cfg.blur_kernel, cfg.solarize_p, cfg.loss_variant) == \
-        (0.5, 3, 0.2, "homework")
+        (0.5, 3, 0.2, "no-eps")
     assert cfg.schedule_unit == "epoch" and cfg.peak_lr() == 2e-4
 
 
@@ -118,3 +118,16 @@ def test_a_config_json_with_a_bad_value_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"flip_p": 3}))
     with pytest.raises(UserError, match=r"config.json: --flip-p 3: must be a probability"):
         load_run_config(tmp_path)
+
+
+def test_the_former_name_of_a_loss_variant_is_still_read(tmp_path):
+    """The loss variant the seed course called homework is no-eps now; flags, a sweep's
+    KEY=VALUE and the config.json of earlier runs still say homework."""
+    from shared.cli import parse_train_args
+    from shared.runio import load_run_config
+    assert make_config({"loss_variant": "homework"}).loss_variant == "no-eps"
+    cfg, _ = parse_train_args(["--loss-variant", "homework", "--out", str(tmp_path / "r")], "torch")
+    assert cfg.loss_variant == "no-eps"
+    stored = json.loads(make_config({}).to_json())
+    (tmp_path / "config.json").write_text(json.dumps({**stored, "loss_variant": "homework"}))
+    assert load_run_config(tmp_path).loss_variant == "no-eps"

@@ -63,3 +63,10 @@ def test_shape_mismatch_and_unknown_variant_are_errors():
         vicreg_loss(torch.zeros(4, 3), torch.zeros(4, 2))
     with pytest.raises(UserError, match="unknown loss variant"):
         vicreg_loss(torch.zeros(4, 3), torch.zeros(4, 3), variant="nope")
+
+
+def test_the_former_name_no_eps_had_is_the_same_loss():
+    rng = np.random.default_rng(3)
+    a, b = (torch.tensor(rng.normal(size=(8, 5))) for _ in range(2))
+    renamed, _ = vicreg_loss(a, b, variant="homework")
+    assert renamed.item() == vicreg_loss(a, b, variant="no-eps")[0].item()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shared.loss_inputs import VARIANCE_FORMS, check_loss_inputs
+from shared.loss_inputs import check_loss_inputs
 
 
 def off_diagonal(m: torch.Tensor) -> torch.Tensor:
@@ -41,11 +41,10 @@ def vicreg_loss(z_a: torch.Tensor, z_b: torch.Tensor, *, sim_coeff: float = 25.0
     """VICReg on embeddings z_a, z_b [N, D] (float32 or float64) -> (scalar loss, unweighted terms).
 
     terms: `invariance` = s(Z, Z'); `variance` = v(Z) + v(Z') (`solo-learn`), halved
-    (`official`), or with eps = 0 (`homework`); `covariance` = c(Z) + c(Z').
+    (`official`), or with eps = 0 (`no-eps`, formerly `homework`); `covariance` = c(Z) + c(Z').
     """
-    check_loss_inputs(variant, tuple(z_a.shape), tuple(z_b.shape))
+    weight, with_eps = check_loss_inputs(variant, tuple(z_a.shape), tuple(z_b.shape))
     invariance = F.mse_loss(z_a, z_b)
-    weight, with_eps = VARIANCE_FORMS[variant]
     e = eps if with_eps else 0.0
     variance = weight * (variance_term(z_a, e) + variance_term(z_b, e))
     covariance = covariance_term(z_a) + covariance_term(z_b)
