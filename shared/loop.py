@@ -480,13 +480,12 @@ def start_state(session: Session, resume: bool) -> tuple[Any, Progress]:
     return backend.restored_state(stored, path), progress
 
 
-def resume_progress(session: Session, progress: Progress) -> None:
-    """On the main process of a run continued from a checkpoint: roll metrics.jsonl back to it,
-    store the settings the run continues with (a larger --epochs or --time-budget, new probe
-    settings), and say how a longer run changes the schedule."""
+def resume_settings(session: Session, progress: Progress) -> None:
+    """On the main process of a run continued from a checkpoint, with work left: store the
+    settings the run continues with (a larger --epochs or --time-budget, new probe settings),
+    and say how a longer run changes the schedule."""
     if session.metrics is None or progress.epoch == 0:
         return
-    session.metrics.truncate(progress.metrics_bytes)
     write_json(session.run_dir / CONFIG_FILE, dataclasses.asdict(session.settings))
     before = progress.planned_epochs
     if session.budget is None and before is not None and session.cfg.epochs > before:
@@ -545,15 +544,18 @@ def train_remaining(session: Session, state: Any,
     """Everything between loading a session and the end of its run: (state, progress, None) after
     the steps not yet done, each epoch followed by its checkpoint; or, for a resumed run that has
     already finished, (state, progress, its summary), with nothing written (finished_summary).
-    A run that starts with a --time-budget first fixes its length (plan_budget)."""
+    A run that starts with a --time-budget first fixes its length (plan_budget); a resumed one
+    rolls metrics.jsonl back to its checkpoint, then plans again if its budget moved."""
     budget_note = ""
     if progress.epoch == 0 and session.budget is not None:
         budget_note = plan_budget(session, state)
-    resume_progress(session, progress)
+    if progress.epoch and session.metrics is not None:  # the lines after the checkpoint go
+        session.metrics.truncate(progress.metrics_bytes)
     resume_budget(session, progress)
     done = finished_summary(session, progress)
     if done is not None:
         return state, progress, done
+    resume_settings(session, progress)
     if session.settings.tensorboard and session.metrics is not None:
         resumed_at = progress.epoch * session.steps_per_epoch + 1 if progress.epoch else None
         session.events = EventLog(session.run_dir, resumed_at)

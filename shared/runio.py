@@ -57,17 +57,19 @@ def record_checkpoint(run_dir: Path, framework: str, global_step: int) -> None:
     write_json(path, {**(steps if isinstance(steps, dict) else {}), framework: int(global_step)})
 
 
-def outgrown_checkpoint(run_dir: Path, framework: str) -> tuple[int, int] | None:
+def outgrown_checkpoint(run_dir: Path, framework: str) -> tuple[int | None, int] | None:
     """(the step of `framework`'s checkpoint, the later step of the other framework's) when the
-    run trained on in the other framework after a conversion, by checkpoints.json; else None
-    (also for a run from before checkpoints.json)."""
+    run trained on in the other framework after a conversion, by checkpoints.json; else None.
+    A checkpoint checkpoints.json does not know (converted before it existed) beside one it
+    knows counts as outgrown, with step None; a run from before checkpoints.json passes."""
     steps = read_json(Path(run_dir) / CHECKPOINT_STEPS_FILE)
-    if not isinstance(steps, dict) or framework not in steps:
+    if not isinstance(steps, dict) or not (Path(run_dir) / CHECKPOINT_FILES[framework]).is_file():
         return None
+    own = steps.get(framework)
     for other, name in CHECKPOINT_FILES.items():
-        if (other != framework and (Path(run_dir) / name).is_file()
-                and steps.get(other, -1) > steps[framework]):
-            return steps[framework], steps[other]
+        if (other != framework and (Path(run_dir) / name).is_file() and other in steps
+                and (own is None or steps[other] > own)):
+            return own, steps[other]
     return None
 
 
@@ -78,10 +80,10 @@ def refuse_stale_checkpoint(run_dir: Path, framework: str) -> None:
     outgrown = outgrown_checkpoint(run_dir, framework)
     if outgrown is not None:
         other = next(name for fw, name in CHECKPOINT_FILES.items() if fw != framework)
-        raise UserError(f"{Path(run_dir) / CHECKPOINT_FILES[framework]} holds step "
-                        f"{outgrown[0]}, the run's {other} step {outgrown[1]} (it trained on "
-                        f"after a conversion); convert again with: "
-                        f"{convert_command(run_dir, framework, force=True)}")
+        held = f"step {outgrown[0]}" if outgrown[0] is not None else "an unrecorded step"
+        raise UserError(f"{Path(run_dir) / CHECKPOINT_FILES[framework]} holds {held}, the "
+                        f"run's {other} step {outgrown[1]} (it trained on after a conversion); "
+                        f"convert again with: {convert_command(run_dir, framework, force=True)}")
 
 
 def _umask() -> int:

@@ -245,3 +245,20 @@ def test_the_conversion_command_runs_without_a_warning(tiny_data_dir, tmp_path):
     result = subprocess.run([sys.executable, "-m", "interop.convert", str(run), "--to", "flax"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
+
+
+def test_a_checkpoint_converted_before_checkpoints_json_is_refused_once_the_run_moves_on(
+        tiny_data_dir, tmp_path, capsys):
+    """A folder converted by an earlier version has no checkpoints.json; when the trainer goes on
+    it records its own step only, and the converted checkpoint, of an unknown step, is refused."""
+    run = tmp_path / "run"
+    assert torch_train.main(["--preset", "smoke", "--width", "4", "--data-dir",
+                             str(tiny_data_dir), "--out", str(run), "--no-probe"]) == 0
+    assert convert.main([str(run), "--to", "flax"]) == 0
+    (run / "checkpoints.json").unlink()  # as an earlier version left the folder
+    assert jax_probe.main(["--run", str(run), "--probe-epochs", "1"]) == 0
+    assert torch_train.main(["--resume", "--out", str(run), "--epochs", "2"]) == 0
+    capsys.readouterr()
+    assert jax_probe.main(["--run", str(run), "--probe-epochs", "1"]) == 2
+    assert "checkpoint.msgpack holds an unrecorded step, the run's checkpoint.pt step 8" in \
+        error_line(capsys)
