@@ -28,7 +28,7 @@ from jax_impl.distributed import (
 )
 from jax_impl.model import backbone_of, backbone_variables, build_model
 from jax_impl.optim import build_optimizer
-from jax_impl.probe import features_of, train_linear
+from jax_impl.probe import features_of, knn_predict, train_linear
 from jax_impl.runtime import compute_dtype, device_name, pick_device, precision_name
 from jax_impl.step import TrainState, initial_state, make_train_step, network, resumed_state
 from shared.augment import AugmentParams
@@ -120,6 +120,10 @@ class Backend:
     def train_linear(self, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                      num_classes: int, cfg: Config) -> np.ndarray:
         return train_linear(train_x, train_y, test_x, num_classes, cfg)
+
+    def knn_predict(self, bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray,
+                    num_classes: int, k: int, temperature: float) -> np.ndarray:
+        return knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
 
 
 @contextlib.contextmanager

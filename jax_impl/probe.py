@@ -34,6 +34,7 @@ from shared.config import Config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.linear_probe import (
     Features,
+    check_knn,
     normalize_images,
     probe_batches,
     probe_lr,
@@ -104,6 +105,43 @@ def train_linear(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n
     return np.asarray(classifier.apply({"params": params}, jnp.asarray(test_x)), np.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("num_classes", "k"))
+def _knn_votes(unit_bank: jax.Array, labels: jax.Array, queries: jax.Array, temperature: float,
+               num_classes: int, k: int) -> jax.Array:
+    unit = queries / jnp.maximum(jnp.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    similarity = jnp.matmul(unit, unit_bank.T, precision=jax.lax.Precision.HIGHEST)
+    order = jnp.argsort(-similarity, axis=1, stable=True)[:, :k]
+    weights = jnp.exp(jnp.take_along_axis(similarity, order, axis=1) / temperature)
+    rows = jnp.arange(len(queries))[:, None]
+    votes = jnp.zeros((len(queries), num_classes), weights.dtype).at[rows, labels[order]].add(
+        weights)
+    return jnp.argmax(votes, axis=1)
+
+
+def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, num_classes: int,
+                k: int, temperature: float, batch_size: int = 1024) -> np.ndarray:
+    """Weighted kNN (lightly's benchmark protocol) in the features' dtype: bank [N, F], labels
+    int [N], queries [M, F] -> predicted labels int64 [M].
+
+    s_ij = <q_i / |q_i|, b_j / |b_j|>; the k largest s_ij of query i (equal ones in bank order)
+    vote exp(s_ij / T) for their label; the class with the largest sum wins (ties: the lower).
+    """
+    check_knn(k, temperature, len(bank))
+    bank = jnp.asarray(bank)
+    unit_bank = bank / jnp.maximum(jnp.linalg.norm(bank, axis=1, keepdims=True), 1e-12)
+    labels = jnp.asarray(bank_labels.astype(np.int32))
+    predictions = []
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start:start + batch_size]
+        rows = len(chunk)
+        # a last chunk padded to the full size saves a compilation; its extra rows are dropped
+        padded = np.pad(chunk, ((0, batch_size - rows), (0, 0))) if len(queries) > batch_size \
+            else chunk
+        votes = _knn_votes(unit_bank, labels, jnp.asarray(padded), temperature, num_classes, k)
+        predictions.append(np.asarray(votes, np.int64)[:rows])
+    return np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
+
+
 def features_of(backbone: ResNet, variables: dict) -> Features:
     """The frozen backbone as the protocol's feature extractor."""
     return lambda images, desc: extract_features(backbone, variables, images, desc)
@@ -130,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         (backbone, variables), epoch = backbone_to_probe(cfg, run_dir, random_init)
         return features_of(backbone, variables), epoch
 
-    return probe_main(argv, "jax", load, train_linear)
+    return probe_main(argv, "jax", load, train_linear, knn_predict)
 
 
 if __name__ == "__main__":

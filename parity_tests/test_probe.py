@@ -1,10 +1,12 @@
-"""Group 7: the linear probe. Frozen features agree, and the same features give the same top-1."""
+"""Group 7: the probes. Frozen features agree; the same features give the same linear-probe top-1
+and the same kNN predictions."""
 import jax
 import numpy as np
 import torch
 
 from jax_impl.model import backbone_of, backbone_variables
 from jax_impl.probe import extract_features as jax_extract_features
+from jax_impl.probe import knn_predict as jax_knn_predict
 from jax_impl.probe import train_linear as jax_train_linear
 from parity_tests.conftest import DTYPES, jax_precision
 from parity_tests.models import jax_twin, nchw, torch_vicreg
@@ -13,6 +15,7 @@ from shared.config import make_config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.linear_probe import normalize_images, top1
 from torch_impl.probe import extract_features as torch_extract_features
+from torch_impl.probe import knn_predict as torch_knn_predict
 from torch_impl.probe import train_linear as torch_train_linear
 
 WIDTH, MLP = 8, [32, 16]
@@ -64,3 +67,13 @@ def test_same_features_give_the_same_probe_top1(parity):
     assert abs(t_top1 - j_top1) <= PROBE_TOP1_POINTS, (
         f"probe top-1 parts: torch {t_top1:.2f}% vs jax {j_top1:.2f}% "
         f"(more than {PROBE_TOP1_POINTS} points apart)")
+
+
+def test_same_features_give_the_same_knn_predictions():
+    """The kNN monitor's and the kNN probe's classifier: identical predictions from identical
+    features, at the monitor's defaults (k 200, T 0.1) and at k = 1."""
+    train_x, train_y, test_x, _ = blobs(5000, 3000)
+    for k, temperature in ((200, 0.1), (1, 0.1), (20, 0.5)):
+        t_labels = torch_knn_predict(train_x, train_y, test_x, 10, k, temperature)
+        j_labels = jax_knn_predict(train_x, train_y, test_x, 10, k, temperature)
+        np.testing.assert_array_equal(t_labels, j_labels, err_msg=f"k {k}, T {temperature}")

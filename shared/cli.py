@@ -176,16 +176,22 @@ def build_probe_parser(framework: str) -> argparse.ArgumentParser:
     """The linear-probe command line shared by torch_impl.probe and jax_impl.probe."""
     parser = UserErrorParser(
         prog=f"python -m {framework}_impl.probe",
-        description="Linear probe: extract features of the frozen backbone (eval-mode BN) for the "
-                    "un-augmented train and test images once, train a linear classifier on them "
-                    "(SGD, cosine) and report top-1 on the test split. Writes "
-                    "RUN/probe_<dataset>.json (a run trained by the other framework: "
-                    f"probe_<dataset>_{framework}.json).")
+        description="Probe a run's frozen backbone: extract its features (eval-mode BN) of the "
+                    "un-augmented train and test images once, then train a linear classifier on "
+                    "them (SGD, cosine) or, with --protocol knn, classify the test images by "
+                    "weighted kNN among the train images; report top-1 on the test split. "
+                    "Writes RUN/probe_<dataset>[_knn].json (a run trained by the other "
+                    f"framework: probe_<dataset>[_knn]_{framework}.json).")
     parser.add_argument("--run", required=True, help="run folder written by the trainer")
     parser.add_argument("--dataset", default="cifar10", choices=PROBE_DATASETS,
                         help="dataset to probe on (default: cifar10)")
     parser.add_argument("--random-init", action="store_true",
                         help="probe an untrained backbone of the run's architecture (baseline)")
+    parser.add_argument("--protocol", default="linear", choices=("linear", "knn"),
+                        help="linear (a classifier trained on the frozen features; default) or "
+                             "knn (weighted kNN with the training split as the bank, "
+                             "--monitor-k neighbours at --monitor-temperature; writes "
+                             "probe_<dataset>_knn.json)")
     defaults = Config()
     for f in fields(Config):
         if f.metadata["role"] == PROBE or f.name in ("data_dir", "download", "precision"):
@@ -196,7 +202,8 @@ def build_probe_parser(framework: str) -> argparse.ArgumentParser:
 def parse_probe_args(argv: list[str] | None, framework: str) -> tuple[Config, argparse.Namespace]:
     """Parse the probe's command line into (the run's config with probe overrides, the args)."""
     args = build_probe_parser(framework).parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("run", "dataset", "random_init")}
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("run", "dataset", "random_init", "protocol")}
     cfg = make_config(overrides, base=load_run_config(Path(args.run)))
     return cfg, args
 

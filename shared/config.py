@@ -45,12 +45,13 @@ PRESETS: dict[str, dict] = {
     "cpu": dict(
         width=16, mlp="1024-1024-1024", epochs=100, time_budget="14m", batch_size=128,
         optimizer="lars", base_lr=0.6, lr_scaling=True, wd=1e-4, crop_min_scale=0.35,
-        warmup_epochs=0.25, final_lr_ratio=0.01, probe_epochs=50),
+        warmup_epochs=0.25, final_lr_ratio=0.01, probe_epochs=50, monitor_every=1.0,
+        monitor_bank=5_000),
     # Seconds, for tests: a tiny network on a tiny subset, probed on a small subset.
     "smoke": dict(
         width=8, mlp="32-32", epochs=1, batch_size=16, subset=64, optimizer="lars",
         warmup_epochs=0.0, log_every=1, probe_epochs=5, probe_batch_size=32, probe_subset=500,
-        precision="fp32"),
+        precision="fp32", monitor_every=1.0, monitor_bank=128, monitor_test=64, monitor_k=20),
 }
 
 # What a setting shapes, which decides how the tools treat it:
@@ -62,6 +63,7 @@ BACKBONE, PRETRAINING, PROBE, RUN = "backbone", "pretraining", "probe", "run"
 # GTSRB has 43 classes, so a stratified probe subset needs at least that many images; CIFAR-10's
 # 50,000 training images are the most any probe has.
 MIN_PROBE_SUBSET, MAX_PROBE_SUBSET = 43, 50_000
+MAX_MONITOR_TEST = 10_000  # CIFAR-10's test split
 # Bounds beyond which a value is a slip of the keyboard, not a setting.
 MAX_EPOCHS, MAX_PROBE_EPOCHS, MAX_WORKERS, MAX_PROBE_LR = 100_000, 10_000, 64, 10.0
 
@@ -107,13 +109,14 @@ def duration_ok(text: str) -> bool:
 
 def setting(default, help: str, role: str, *, choices: tuple = (), check: Range | None = None,
             sweep_owned: str = "", factory: Callable[[], object] | None = None,
-            renamed: dict | None = None):
+            renamed: dict | None = None, absent=None):
     """A Config field with everything the tools need to know about it: its --help text, its
     choices (and former names of them, still read: renamed), the range it must lie in, its role
-    (BACKBONE, PRETRAINING, PROBE or RUN), and, when a sweep sets it itself, what to use
-    instead."""
+    (BACKBONE, PRETRAINING, PROBE or RUN), when a sweep sets it itself, what to use instead, and
+    for a setting added later, the value that keeps a run whose config.json lacks it as it was
+    (absent; None: the default)."""
     metadata = {"help": help, "role": role, "choices": tuple(choices), "check": check,
-                "sweep_owned": sweep_owned, "renamed": dict(renamed or {})}
+                "sweep_owned": sweep_owned, "renamed": dict(renamed or {}), "absent": absent}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -242,6 +245,28 @@ class Config:
                             "several processes (torch_impl: SyncBatchNorm; no effect with one "
                             "process); jax_impl always normalises over the global batch",
                             PRETRAINING)
+    # the kNN monitor (and the kNN probe's protocol)
+    monitor_every: float = setting(5.0, "kNN monitor: every this many epochs (fractions allowed; "
+                                   "a time-budgeted run's points fall in the epochs that fit) "
+                                   "and at the end of training, classify the first "
+                                   "--monitor-test test images by weighted kNN among the first "
+                                   "--monitor-bank training images (features of the frozen "
+                                   "backbone); 0 turns it off", RUN, check=NON_NEGATIVE,
+                                   absent=0.0)
+    monitor_bank: int = setting(10_000, "kNN monitor: its labelled bank, the first this many "
+                                "CIFAR-10 training images in dataset order (of the whole set, "
+                                "whatever --subset)", RUN,
+                                check=Range(lambda v: 0 < v <= MAX_PROBE_SUBSET,
+                                            f"must lie in [1, {MAX_PROBE_SUBSET:,}]"))
+    monitor_test: int = setting(10_000, "kNN monitor: it classifies the first this many CIFAR-10 "
+                                "test images", RUN,
+                                check=Range(lambda v: 0 < v <= MAX_MONITOR_TEST,
+                                            f"must lie in [1, {MAX_MONITOR_TEST:,}]"))
+    monitor_k: int = setting(200, "kNN monitor and --protocol knn: the k most similar bank "
+                             "images vote", PROBE, check=POSITIVE)
+    monitor_temperature: float = setting(0.1, "kNN monitor and --protocol knn: a neighbour's "
+                                         "vote weighs exp(cosine similarity / T)", PROBE,
+                                         check=POSITIVE)
     # probe
     probe: bool = setting(True, "run the linear probe (CIFAR-10, and GTSRB when present) after "
                           "training", RUN, sweep_owned="every sweep run is probed")
@@ -379,6 +404,10 @@ def validate(cfg: Config) -> Config:
         if check is not None and not check.holds(value):
             raise UserError(f"{flag(f.name)} {value}: {check.says}")
     cfg.mlp_dims()
+    if cfg.monitor_every and cfg.monitor_k > cfg.monitor_bank:
+        raise UserError(f"--monitor-k {cfg.monitor_k} is larger than the kNN monitor's bank "
+                        f"(--monitor-bank {cfg.monitor_bank}); give fewer neighbours or a "
+                        "larger bank")
     if cfg.warmup_epochs > cfg.epochs:
         raise UserError(f"--warmup-epochs {cfg.warmup_epochs:g} is longer than the run "
                         f"(--epochs {cfg.epochs:g}); the warmup must end within it")

@@ -36,12 +36,30 @@ Features = Callable[[np.ndarray, str], np.ndarray]
 # train_linear(train features [N, F], train labels [N], test features [M, F], classes, cfg)
 #   -> test logits float32 [M, classes]
 LinearTrainer = Callable[[np.ndarray, np.ndarray, np.ndarray, int, Config], np.ndarray]
+# knn_predict(bank features [N, F], bank labels int [N], query features [M, F], classes, k,
+#   temperature) -> predicted labels int64 [M]
+KnnClassifier = Callable[[np.ndarray, np.ndarray, np.ndarray, int, int, float], np.ndarray]
 # Salt of the probe's shuffling stream, so that it never coincides with the pretraining loader's
 # streams drawn from the same seed (shared.loader).
 _SHUFFLE_SALT = 0xB0B
 
 PROTOCOL = "frozen backbone (eval BN), un-augmented 32x32 images normalised as in pretraining, " \
            "features standardised on train, linear classifier, SGD momentum 0.9, cosine lr"
+
+
+KNN_PROTOCOL = ("frozen backbone (eval BN), un-augmented 32x32 images normalised as in "
+                "pretraining, weighted kNN: cosine similarity of L2-normalised features, the k "
+                "most similar bank images vote exp(similarity / T) for their label")
+
+
+def check_knn(k: int, temperature: float, bank_size: int) -> None:
+    """UserError unless a weighted kNN with k neighbours and temperature T can run on a bank of
+    `bank_size` images (1 <= k <= bank_size, T > 0)."""
+    if not 1 <= k <= bank_size:
+        raise UserError(f"a kNN with k = {k} needs a bank of at least {max(k, 1)} images and k "
+                        f"of at least 1; the bank holds {bank_size}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise UserError(f"the kNN temperature must be a positive number, got {temperature}")
 
 
 def normalize_images(images: np.ndarray, mean, std) -> np.ndarray:
@@ -69,41 +87,52 @@ def probe_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of rows whose arg-max equals the label; logits [N, C], labels int [N]."""
-    return float((np.argmax(logits, axis=1) == labels).mean())
+    return accuracy(np.argmax(logits, axis=1), labels)
 
 
-def per_class_accuracy(logits: np.ndarray, labels: np.ndarray,
+def accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of predicted labels int [N] that equal the labels int [N]."""
+    return float((predicted == labels).mean())
+
+
+def per_class_accuracy(predicted: np.ndarray, labels: np.ndarray,
                        num_classes: int) -> list[float | None]:
     """Top-1 within each class (None for a class absent from the test split)."""
-    hits = np.argmax(logits, axis=1) == labels
+    hits = predicted == labels
     return [float(hits[labels == c].mean()) if np.any(labels == c) else None
             for c in range(num_classes)]
 
 
-def probe_record(*, framework: str, dataset: str, logits: np.ndarray, num_train: int,
-                 test_labels: np.ndarray, feature_dim: int, cfg: Config, random_init: bool,
-                 checkpoint_epoch: float | None, time_s: float) -> dict:
-    """The probe_<dataset>.json content: top-1 (fraction), per-class top-1, counts, settings."""
+def probe_record(*, framework: str, dataset: str, protocol: str, predicted: np.ndarray,
+                 num_train: int, test_labels: np.ndarray, feature_dim: int, cfg: Config,
+                 random_init: bool, checkpoint_epoch: float | None, time_s: float) -> dict:
+    """The probe_<dataset>[_knn].json content: top-1 (fraction), per-class top-1, counts, the
+    protocol and its settings."""
     num_classes = NUM_CLASSES[dataset]
+    settings = ({"epochs": cfg.probe_epochs, "lr": cfg.probe_lr, "wd": cfg.probe_wd,
+                 "batch_size": cfg.probe_batch_size} if protocol == "linear" else
+                {"k": cfg.monitor_k, "temperature": cfg.monitor_temperature})
     return {
-        "framework": framework, "dataset": dataset, "top1": top1(logits, test_labels),
-        "per_class_top1": per_class_accuracy(logits, test_labels, num_classes),
+        "framework": framework, "dataset": dataset, "top1": accuracy(predicted, test_labels),
+        "per_class_top1": per_class_accuracy(predicted, test_labels, num_classes),
         "num_train": int(num_train), "num_test": int(len(test_labels)),
         "num_classes": num_classes, "feature_dim": int(feature_dim),
-        "random_init": random_init, "checkpoint_epoch": checkpoint_epoch, "protocol": PROTOCOL,
-        "settings": {"arch": cfg.arch, "width": cfg.width, "epochs": cfg.probe_epochs,
-                     "lr": cfg.probe_lr, "wd": cfg.probe_wd, "batch_size": cfg.probe_batch_size,
+        "random_init": random_init, "checkpoint_epoch": checkpoint_epoch,
+        "protocol": PROTOCOL if protocol == "linear" else KNN_PROTOCOL,
+        "settings": {"arch": cfg.arch, "width": cfg.width, **settings,
                      "subset": cfg.probe_subset, "seed": cfg.seed,
                      "normalisation": "CIFAR-10 mean/std (as in pretraining)"},
         "time_s": time_s,
     }
 
 
-def report_probe(result: dict, run_dir: Path, cfg: Config) -> None:
-    """Write probe_<dataset>[_random_init][_<framework>].json and print the one-line result."""
+def report_probe(result: dict, run_dir: Path, cfg: Config, protocol: str) -> None:
+    """Write probe_<dataset>[_random_init][_knn][_<framework>].json and print the one-line
+    result."""
     write_json(probe_result_path(run_dir, result["dataset"], result["random_init"],
-                                 result["framework"]), result)
-    label = f"{result['dataset']} linear probe{' (random init)' if result['random_init'] else ''}"
+                                 result["framework"], protocol), result)
+    kind = "linear probe" if protocol == "linear" else "kNN probe"
+    label = f"{result['dataset']} {kind}{' (random init)' if result['random_init'] else ''}"
     print(f"{label}: top-1 {100 * result['top1']:.2f}% ({result['num_train']} train / "
           f"{result['num_test']} test images, {cfg.arch} width {cfg.width})", flush=True)
 
@@ -118,8 +147,11 @@ def probe_split(cfg: Config, dataset: str, split: str) -> tuple[np.ndarray, np.n
 
 
 def probe(cfg: Config, run_dir: Path, dataset: str, *, framework: str, features: Features,
-          train_linear: LinearTrainer, random_init: bool, checkpoint_epoch: float | None) -> dict:
-    """Run the protocol on `dataset`, write its result file (see report_probe) and return it.
+          train_linear: LinearTrainer, random_init: bool, checkpoint_epoch: float | None,
+          protocol: str = "linear", knn_predict: KnnClassifier | None = None) -> dict:
+    """Run a protocol on `dataset`, write its result file (see report_probe) and return it:
+    "linear" (a classifier trained by train_linear) or "knn" (knn_predict with the training
+    split as the bank, cfg.monitor_k neighbours at temperature cfg.monitor_temperature).
 
     A classifier that diverges (non-finite logits, say from a too large --probe-lr) is a
     UserError, and nothing is written: a probe never replaces a result with a broken one.
@@ -127,20 +159,27 @@ def probe(cfg: Config, run_dir: Path, dataset: str, *, framework: str, features:
     started = time.perf_counter()
     x_train, y_train = probe_split(cfg, dataset, "train")
     x_test, y_test = probe_split(cfg, dataset, "test")
+    if protocol == "knn":
+        check_knn(cfg.monitor_k, cfg.monitor_temperature, len(x_train))
     f_train = features(x_train, f"{dataset} train features")
     check_interrupted()
     f_test = features(x_test, f"{dataset} test features")
     check_interrupted()
-    logits = train_linear(f_train, y_train, f_test, NUM_CLASSES[dataset], cfg)
+    if protocol == "knn":
+        predicted = knn_predict(f_train, y_train, f_test, NUM_CLASSES[dataset], cfg.monitor_k,
+                                cfg.monitor_temperature)
+    else:
+        logits = train_linear(f_train, y_train, f_test, NUM_CLASSES[dataset], cfg)
+        if not np.isfinite(logits).all():
+            raise UserError(f"the {dataset} linear probe diverged (non-finite outputs) with "
+                            f"--probe-lr {cfg.probe_lr}; try a lower one. Nothing was written")
+        predicted = np.argmax(logits, axis=1)
     check_interrupted()
-    if not np.isfinite(logits).all():
-        raise UserError(f"the {dataset} linear probe diverged (non-finite outputs) with "
-                        f"--probe-lr {cfg.probe_lr}; try a lower one. Nothing was written")
-    result = probe_record(framework=framework, dataset=dataset, logits=logits,
-                          num_train=len(y_train), test_labels=y_test,
+    result = probe_record(framework=framework, dataset=dataset, protocol=protocol,
+                          predicted=predicted, num_train=len(y_train), test_labels=y_test,
                           feature_dim=f_train.shape[1], cfg=cfg, random_init=random_init,
                           checkpoint_epoch=checkpoint_epoch, time_s=time.perf_counter() - started)
-    report_probe(result, run_dir, cfg)
+    report_probe(result, run_dir, cfg, protocol)
     return result
 
 
@@ -172,9 +211,10 @@ def update_summary(run_dir: Path, result: dict) -> None:
 
 def probe_main(argv: list[str] | None, framework: str,
                load: Callable[[Config, Path, bool], tuple[Features, float | None]],
-               train_linear: LinearTrainer) -> int:
+               train_linear: LinearTrainer, knn_predict: KnnClassifier) -> int:
     """`python -m {framework}_impl.probe`: parse, lock the run folder, load the backbone
-    (load(cfg, run_dir, random_init) -> (features, checkpoint epoch)) and probe."""
+    (load(cfg, run_dir, random_init) -> (features, checkpoint epoch)) and probe with the
+    --protocol asked for."""
 
     def body():
         cfg, args = parse_probe_args(argv, framework)
@@ -186,10 +226,11 @@ def probe_main(argv: list[str] | None, framework: str,
                 features, epoch = load(cfg, run_dir, args.random_init)
                 result = probe(cfg, run_dir, args.dataset, framework=framework,
                                features=features, train_linear=train_linear,
-                               random_init=args.random_init, checkpoint_epoch=epoch)
+                               random_init=args.random_init, checkpoint_epoch=epoch,
+                               protocol=args.protocol, knn_predict=knn_predict)
             except KeyboardInterrupt:
                 raise Interrupted("the probe stopped; nothing was written") from None
-            if not args.random_init:
+            if not args.random_init and args.protocol == "linear":
                 update_summary(run_dir, result)
 
     return cli_main(body)

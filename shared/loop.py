@@ -28,6 +28,7 @@ from shared.data import CIFAR10_MEAN, CIFAR10_STD, check_probe_data, load_split,
 from shared.errors import Interrupted, UserError, check_interrupted, resources_as_user_errors
 from shared.linear_probe import Features, LinearTrainer, probe_after_training
 from shared.loader import DrawnBatch, ViewBatch, epoch_batches, split_batch, steps_per_epoch
+from shared.monitor import MonitorData, is_point, knn_top1, missing_classes_note, monitor_data
 from shared.runio import (
     CHECKPOINT_FILES,
     CONFIG_FILE,
@@ -35,7 +36,6 @@ from shared.runio import (
     SUMMARY_FILE,
     TERMS,
     MetricsLog,
-    last_epoch_record,
     make_folder,
     read_json,
     read_metrics,
@@ -125,6 +125,11 @@ class Backend(Protocol):
                      num_classes: int, cfg: Config) -> np.ndarray:
         """The linear probe's classifier on features (shared.linear_probe.LinearTrainer)."""
 
+    def knn_predict(self, bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray,
+                    num_classes: int, k: int, temperature: float) -> np.ndarray:
+        """The weighted kNN of the monitor and the kNN probe (shared.linear_probe.KnnClassifier):
+        predicted labels int64 [M]."""
+
 
 # open_backend(cfg, world, images uint8 [N, 32, 32, 3], augment) -> a context manager of the
 # framework's Backend (inside it, the process group or device mesh exists).
@@ -136,9 +141,9 @@ def augments_on_device(cfg: Config, on_gpu: bool) -> bool:
     return cfg.augment_on == "device" or (cfg.augment_on == "auto" and on_gpu)
 
 
-def train_images(cfg: Config) -> np.ndarray:
-    """CIFAR-10 train images uint8 [N, 32, 32, 3] (a stratified subset when cfg.subset > 0)."""
-    images, labels = load_split("cifar10", cfg.data_dir, "train", download=cfg.download)
+def train_images(cfg: Config, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The images a run trains on, uint8 [N, 32, 32, 3]: CIFAR-10's training split (`images`,
+    `labels`), or a stratified subset of it when cfg.subset > 0."""
     if cfg.subset > len(images):
         raise UserError(f"--subset {cfg.subset} is larger than the {len(images)} CIFAR-10 "
                         "training images; use at most that many (or 0 for all)")
@@ -274,11 +279,13 @@ def clock() -> float:
 class Budget:
     """A --time-budget run's clock. `seconds`: the budget; `max_steps`: --epochs' worth of steps;
     `used_before`: the seconds earlier sessions of the run used, `started`: when this session
-    began (clock()); the rate is measured from step `window_step`, reached at `window_time`."""
+    began (clock()); `reserve`: seconds kept for the kNN monitor's last point, at the end; the
+    rate is measured from step `window_step`, reached at `window_time`."""
 
     seconds: float
     max_steps: int
     used_before: float = 0.0
+    reserve: float = 0.0
     started: float = field(default_factory=clock)
     window_step: int = 0
     window_time: float = field(default_factory=clock)
@@ -290,8 +297,9 @@ class Budget:
 
 def steps_that_fit(budget: Budget, done: int, seconds_per_step: float) -> int:
     """The run's length in steps when it has trained `done` steps at `seconds_per_step`:
-    N = done + floor((BUDGET_USE * budget - used) / seconds_per_step), within [done, max_steps]."""
-    left = BUDGET_USE * budget.seconds - budget.used()
+    N = done + floor((BUDGET_USE * budget - used - reserve) / seconds_per_step), within
+    [done, max_steps]."""
+    left = BUDGET_USE * budget.seconds - budget.used() - budget.reserve
     more = int(left / seconds_per_step) if left > 0 else 0
     return max(done, min(budget.max_steps, done + more))
 
@@ -301,7 +309,7 @@ def projected_end_moved(budget: Budget, done: int, planned: int,
     """Whether the plan's end, projected at `seconds_per_step`, lies more than REPLAN_SHARE of the
     budget from the end it aims at (BUDGET_USE of it); a plan capped by --epochs that ends early
     is kept."""
-    projected = budget.used() + (planned - done) * seconds_per_step
+    projected = budget.used() + (planned - done) * seconds_per_step + budget.reserve
     target = BUDGET_USE * budget.seconds
     if planned >= budget.max_steps and projected <= target:
         return False
@@ -394,6 +402,10 @@ def plan_budget(session: Session, state: Any) -> str:
     cfg, per_epoch = session.cfg, session.steps_per_epoch
     seconds_per_step = session.backend.agree(measure_step_seconds(session, state))
     budget = session.budget
+    if session.monitor is not None:  # its points cost their share of every step's time
+        point_s = monitor_point(session, state)[1] if session.world.is_main else 0.0
+        budget.reserve = float(session.backend.agree(point_s))
+        seconds_per_step += budget.reserve / session.monitor_every_steps()
     steps = int(session.backend.agree(steps_that_fit(budget, 0, seconds_per_step)))
     if steps == 0:
         raise UserError(f"the {cfg.time_budget} time budget is used up before training starts: "
@@ -428,11 +440,14 @@ class Session:
     backend: Backend
     metrics: MetricsLog | None  # None in the processes other than the main one: they write nothing
     started: float = field(default_factory=clock)  # when the command began
+    monitor: MonitorData | None = None  # the kNN monitor's images (None: it is off)
     cfg: Config = field(init=False)
     steps_per_epoch: int = field(init=False)
     budget: Budget | None = field(default=None, init=False)
     events: EventLog | None = field(default=None, init=False)  # --tensorboard, main process
     stepped: bool = field(default=False, init=False)  # a step (and its compilation) has run
+    train_time_s: float = field(default=0.0, init=False)  # training seconds before this epoch
+    last_knn_top1: float | None = field(default=None, init=False)  # the monitor's, for the bar
 
     def __post_init__(self):
         self.cfg = self.settings
@@ -444,6 +459,10 @@ class Session:
 
     def total_steps(self) -> int:
         return self.cfg.total_steps(self.steps_per_epoch)
+
+    def monitor_every_steps(self) -> float:
+        """The steps between two points of the kNN monitor."""
+        return self.cfg.monitor_every * self.steps_per_epoch
 
 
 def session_batches(session: Session, epoch: int,
@@ -503,16 +522,20 @@ def resume_budget(session: Session, progress: Progress) -> None:
     was made with (a run from before plans were recorded: its last epoch's)."""
     if session.budget is None or progress.epoch == 0:
         return
-    seconds_per_step = 0.0
+    seconds_per_step = point_s = 0.0
     if session.world.is_main:
         records = read_metrics(session.run_dir)
         plan = next((r for r in reversed(records) if r.get("kind") == "plan"), None)
         epoch = next((r for r in reversed(records) if r.get("kind") == "epoch"), {})
+        point = next((r for r in reversed(records) if r.get("kind") == "knn"), {})
         if plan is not None:
             seconds_per_step = plan["seconds_per_step"]
         elif epoch.get("pairs_per_s"):
             seconds_per_step = session.cfg.batch_size / epoch["pairs_per_s"]
+        if session.monitor is not None:
+            point_s = point.get("seconds", 0.0)
     seconds_per_step = float(session.backend.agree(seconds_per_step))
+    session.budget.reserve = float(session.backend.agree(point_s))
     done = min(progress.epoch * session.steps_per_epoch, session.total_steps())
     session.budget.window_step = done
     if seconds_per_step > 0:
@@ -564,6 +587,7 @@ def train_remaining(session: Session, state: Any,
     with progress_bar(session, progress) as bar:
         epoch = progress.epoch
         while epoch * session.steps_per_epoch < session.total_steps():
+            session.train_time_s = progress.train_time_s
             state, epoch_record = train_epoch(session, state, epoch, bar)
             epoch += 1
             progress = Progress(epoch, progress.train_time_s + epoch_record["epoch_time_s"],
@@ -579,6 +603,33 @@ def train_remaining(session: Session, state: Any,
             if session.events is not None:
                 session.events.flush()
     return state, progress, None
+
+
+def monitor_point(session: Session, state: Any) -> tuple[float, float]:
+    """The kNN monitor's top-1 for the backbone of `state`, and the seconds it took (on the time
+    budget's clock)."""
+    started = clock()
+    top1 = knn_top1(session.backend.features(state), session.backend.knn_predict,
+                    session.monitor, session.cfg)
+    return top1, clock() - started
+
+
+def record_point(session: Session, state: Any, log: EpochLog, step: int) -> None:
+    """A point of the kNN monitor once `step` steps are trained (main process): its "knn" record
+    in metrics.jsonl with the training seconds so far (its own time left out of them and of the
+    epoch's rate, though a time budget counts it), TensorBoard and the bar."""
+    if not session.world.is_main:
+        return
+    top1, seconds = monitor_point(session, state)
+    log.pause(seconds)
+    session.last_knn_top1 = top1
+    record = {"kind": "knn", "epoch": log.epoch, "step": step,
+              "epochs": step / session.steps_per_epoch, "knn_top1": top1,
+              "train_time_s": session.train_time_s + log.training_seconds(),
+              "seconds": seconds}
+    session.metrics.write(record)
+    if session.events is not None:
+        session.events.scalars(step, {"knn_top1": top1})
 
 
 def train_epoch(session: Session, state: Any, epoch: int, bar: tqdm) -> tuple[Any, dict]:
@@ -601,6 +652,9 @@ def train_epoch(session: Session, state: Any, epoch: int, bar: tqdm) -> tuple[An
                 if replan(session, step + 1):
                     bar.total = session.total_steps()
                     bar.refresh()
+            if session.monitor is not None and is_point(step + 1, session.total_steps(),
+                                                        session.monitor_every_steps()):
+                record_point(session, state, log, step + 1)
             if step + 1 >= session.total_steps():
                 break
     return state, log.close()
@@ -653,6 +707,16 @@ class EpochLog:
         self.lr = 0.0
         self.t_epoch = self.t_window = time.perf_counter()
 
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` (spent on something else than training) out of the epoch's time and
+        rate."""
+        self.t_epoch += seconds
+        self.t_window += seconds
+
+    def training_seconds(self) -> float:
+        """The seconds this epoch has trained so far."""
+        return time.perf_counter() - self.t_epoch
+
     def add(self, step: int, lr: float, terms: dict, last: bool) -> bool:
         """Record step `step` (0-based within the epoch) trained at `lr`; `last`: the epoch's
         last step. Returns whether the window was read back and written."""
@@ -675,8 +739,10 @@ class EpochLog:
                      "step": self.epoch * per_epoch + step + 1, "lr": self.lr,
                      "pairs_per_s": pairs_per_s, "images_per_s": 2 * pairs_per_s, **means})
         self.rows += [means] * len(self.window)
+        knn = self.session.last_knn_top1
+        shown = {} if knn is None else {"knn": f"{100 * knn:.1f}%"}
         self.bar.set_postfix(epoch=self.epoch + 1, loss=f"{means['loss']:.3f}",
-                             img_s=f"{2 * pairs_per_s:.0f}")
+                             img_s=f"{2 * pairs_per_s:.0f}", **shown)
         self.window, self.t_window = [], time.perf_counter()
 
     def close(self) -> dict:
@@ -708,13 +774,16 @@ def run_summary(session: Session, train_time: float) -> dict:
     are the last epoch's record in metrics.jsonl, so a resumed run reports them too."""
     cfg, backend = session.cfg, session.backend
     steps = session.total_steps()
-    last_epoch = last_epoch_record(session.run_dir)
+    records = read_metrics(session.run_dir)
+    last_epoch = next((r for r in reversed(records) if r.get("kind") == "epoch"), {})
+    last_point = next((r for r in reversed(records) if r.get("kind") == "knn"), {})
     return {"framework": backend.framework, "device": backend.device_name,
             "precision": backend.precision_name, "epochs": cfg.epochs, "steps": steps,
             "train_images": len(session.images),
             "train_time_s": train_time,
             "pairs_per_s": steps * cfg.batch_size / max(train_time, 1e-9),
-            "final": {k: last_epoch.get(k) for k in TERMS}}
+            "final": {k: last_epoch.get(k) for k in TERMS},
+            **({"knn_top1": last_point["knn_top1"]} if last_point else {})}
 
 
 def finish_run(session: Session, progress: Progress, features: Features | None,
@@ -757,14 +826,18 @@ def run(cfg: Config, resume: bool, framework: str, world: World,
           resources_as_user_errors()):
         if cfg.probe:
             check_probe_data(cfg.data_dir, cfg.download)
-        images = train_images(cfg)
+        split = load_split("cifar10", cfg.data_dir, "train", download=cfg.download)
+        images = train_images(cfg, *split)
+        monitor = monitor_data(cfg, split)
+        if monitor is not None and world.is_main and missing_classes_note(monitor):
+            print(missing_classes_note(monitor), flush=True)
         augment = view_params(cfg, CIFAR10_MEAN, CIFAR10_STD)
         with open_backend(cfg, world, images, augment) as backend:
             backend.on_main(lambda: prepare_run_dir(cfg, resume, framework))
             # a corrupt metrics.jsonl line is refused before training, not after it
             backend.on_main(lambda: read_metrics(Path(cfg.out)))
             session = Session(cfg, images, augment, world, backend,
-                              MetricsLog(cfg.out) if world.is_main else None, started)
+                              MetricsLog(cfg.out) if world.is_main else None, started, monitor)
             state, progress = start_state(session, resume)
             state, progress, done = train_remaining(session, state, progress)
             if done is not None or not world.is_main:

@@ -1,5 +1,6 @@
-"""The report's figures (shared.report): loss curves, the embedding standard deviation, and the
-probes' accuracy against the random-init baseline, one PNG each, drawn with matplotlib's Figure
+"""The report's figures (shared.report): loss curves, the embedding standard deviation, the kNN
+monitor's accuracy during training, and the probes' accuracy against the random-init baseline,
+one PNG each, drawn with matplotlib's Figure
 objects (no pyplot: no GUI backend and no global figure state, so they render without a display).
 """
 from __future__ import annotations
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from shared.results import DATASET_NAMES, RunResult
+from shared.results import DATASET_NAMES, RunResult, monitor_points
 from shared.runio import read_metrics
 
 CHANCE = {"cifar10": 1 / 10, "gtsrb": 1 / 43}
@@ -16,7 +17,7 @@ LOSS_PANELS = (("loss", "total loss (weighted sum)"),
                ("invariance", "invariance: MSE between the two views"),
                ("variance", "variance: hinge on each dimension's std"),
                ("covariance", "covariance: squared off-diagonal covariances"))
-FIGURES = ("loss_curves", "embedding_std", "probe_accuracy")
+FIGURES = ("loss_curves", "embedding_std", "knn_accuracy", "probe_accuracy")
 
 
 def step_series(run_dir: Path, key: str) -> tuple[list[int], list[float]]:
@@ -91,6 +92,34 @@ def plot_embedding_std(results: list[RunResult], path: Path) -> bool:
     return True
 
 
+def plot_knn_accuracy(results: list[RunResult], path: Path) -> bool:
+    """The kNN monitor's top-1 during training, a line per run: against epochs trained (left) and
+    against training minutes (right), where runs of different speeds compare."""
+    series = {r.label: monitor_points(r.run_dir) for r in results}
+    series = {label: points for label, points in series.items() if points}
+    if not series:
+        return False
+    rows = (len(series) + 2) // 3
+    fig = Figure(figsize=(11, 4.8 + 0.35 * rows))
+    axes = fig.subplots(1, 2)
+    for ax, (key, scale, name) in zip(axes, (("epochs", 1, "epochs trained"),
+                                             ("train_time_s", 60, "training time (minutes)"))):
+        for label, points in series.items():
+            ax.plot([p[key] / scale for p in points], [100 * p["knn_top1"] for p in points],
+                    label=label, **_line_style(len(points)))
+        ax.axhline(100 * CHANCE["cifar10"], color="black", linestyle=":", linewidth=1,
+                   label="chance level" if key == "epochs" else None)
+        ax.set_xlabel(name)
+        ax.set_ylabel("kNN top-1 on CIFAR-10 test images (%)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("kNN accuracy by epoch", fontsize="medium")
+    axes[1].set_title("kNN accuracy by training time", fontsize="medium")
+    _legend_below(fig, axes[0], rows)
+    fig.savefig(path, dpi=120)
+    return True
+
+
 def plot_probe_accuracy(results: list[RunResult], path: Path) -> bool:
     """Linear-probe top-1 per run, trained against random-init backbone, one panel per dataset."""
     datasets = [d for d in DATASET_NAMES if any(d in r.probes for r in results)]
@@ -131,7 +160,7 @@ def figure_paths(out: Path) -> dict[str, Path]:
 def write_figures(results: list[RunResult], out: Path) -> dict[str, Path]:
     """Draw every figure the runs have data for; returns name -> written file."""
     plotters = {"loss_curves": plot_loss_curves, "embedding_std": plot_embedding_std,
-                "probe_accuracy": plot_probe_accuracy}
+                "knn_accuracy": plot_knn_accuracy, "probe_accuracy": plot_probe_accuracy}
     return {name: path for name, path in figure_paths(out).items()
             if plotters[name](results, path)}
 

@@ -24,6 +24,7 @@ from shared.runio import (
     load_run_config,
     probe_result_path,
     read_json,
+    read_metrics,
     run_framework,
 )
 
@@ -139,6 +140,11 @@ def stale_probe(result: RunResult, key: str) -> float | None:
     return float(measured)
 
 
+def monitor_points(run_dir: Path) -> list[dict]:
+    """The kNN monitor's points in the run's metrics.jsonl ("knn" records), oldest first."""
+    return [r for r in read_metrics(run_dir) if r.get("kind") == "knn"]
+
+
 def result_row(result: RunResult, settings: list[str]) -> dict:
     """One table row of raw values (None where the run has no such number); a probe's epoch is
     given beside its top-1 when it is not the epoch the run trained to."""
@@ -152,6 +158,9 @@ def result_row(result: RunResult, settings: list[str]) -> dict:
         row[f"{key}_top1"] = result.probes[key]["top1"] if key in result.probes else None
         if not key.endswith("random_init"):
             row[f"{key}_stale_epoch"] = stale_probe(result, key)
+    points = [p["knn_top1"] for p in monitor_points(result.run_dir)]
+    row["knn_last_top1"] = points[-1] if points else None
+    row["knn_best_top1"] = max(points) if points else None
     row["train_time_s"] = (result.summary or {}).get("train_time_s")
     row["error"] = (result.failure or {}).get("error")
     return row
@@ -188,7 +197,8 @@ MD_HEADERS = {"trained_epochs": "epochs trained", "final_loss": "loss",
               "final_variance": "variance", "final_covariance": "covariance",
               "final_embedding_std": "embedding std", "cifar10_top1": "CIFAR-10 top-1",
               "cifar10_random_init_top1": "CIFAR-10 random init", "gtsrb_top1": "GTSRB top-1",
-              "gtsrb_random_init_top1": "GTSRB random init", "train_time_s": "train time"}
+              "gtsrb_random_init_top1": "GTSRB random init", "knn_last_top1": "kNN top-1 (last)",
+              "knn_best_top1": "kNN top-1 (best)", "train_time_s": "train time"}
 
 
 def results_markdown_table(results: list[RunResult]) -> str:
@@ -197,8 +207,9 @@ def results_markdown_table(results: list[RunResult]) -> str:
     rows = [result_row(r, settings) for r in results]
     if not rows:
         return "(no runs)\n"
-    if not any(row["error"] for row in rows):
-        rows = [{k: v for k, v in row.items() if k != "error"} for row in rows]
+    unused = [c for c in ("error", "knn_last_top1", "knn_best_top1")
+              if all(row[c] is None for row in rows)]
+    rows = [{k: v for k, v in row.items() if k not in unused} for row in rows]
     columns = [c for c in rows[0] if not c.endswith("_stale_epoch")]
 
     def cell(row: dict, column: str) -> str:

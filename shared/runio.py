@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 
 from shared.config import BACKBONE, PRETRAINING, Config, flag, make_config, settings_with_role
@@ -262,12 +263,14 @@ def run_framework(run_dir: Path, default: str | None = "torch") -> str | None:
 
 
 def probe_result_path(run_dir: Path, dataset: str, random_init: bool,
-                      framework: str | None = None) -> Path:
-    """RUN_DIR/probe_<dataset>[_random_init].json, the result of the run's own framework. A probe
-    by the other framework (of a converted run) gets a file of its own,
-    probe_<dataset>[_random_init]_<framework>.json, so neither replaces the other; where the
-    folder does not tell which framework trained it, the first to write the plain name owns it."""
-    stem = Path(run_dir) / f"probe_{dataset}{'_random_init' if random_init else ''}"
+                      framework: str | None = None, protocol: str = "linear") -> Path:
+    """RUN_DIR/probe_<dataset>[_random_init][_knn].json, the result of the run's own framework
+    (_knn for --protocol knn). A probe by the other framework (of a converted run) gets a file of
+    its own, probe_<dataset>[_random_init][_knn]_<framework>.json, so neither replaces the other;
+    where the folder does not tell which framework trained it, the first to write the plain name
+    owns it."""
+    knn = "_knn" if protocol == "knn" else ""
+    stem = Path(run_dir) / f"probe_{dataset}{'_random_init' if random_init else ''}{knn}"
     plain = stem.with_name(stem.name + ".json")
     if framework is None:
         return plain
@@ -330,8 +333,10 @@ def load_run_config(run_dir: Path) -> Config:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(values, dict):
         raise UserError(f"{path} does not hold a settings object")
+    added_later = {f.name: f.metadata["absent"] for f in fields(Config)
+                   if f.metadata["absent"] is not None and f.name not in values}
     try:
-        return make_config(values, base=Config())
+        return make_config({**values, **added_later}, base=Config())
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
 

@@ -63,3 +63,25 @@ def lars_step(p, g, mu, lr, wd, momentum, eta):
         g = g * (eta * pn / gn if (pn > 0 and gn > 0) else 1.0)
     mu = momentum * mu + g
     return p - lr * mu, mu
+
+
+def unit(x):
+    """Rows of x [N, F] scaled to unit length, in float64."""
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_predict(bank, bank_labels, queries, num_classes: int, k: int, temperature: float):
+    """Weighted kNN in float64, one query at a time: s_j = <q / |q|, b_j / |b_j|>; the k largest
+    s_j (equal ones in bank order) vote exp(s_j / T) for their label; the class with the largest
+    sum wins (equal sums: the lower class). Returns int [M]."""
+    bank, labels = unit(bank), np.asarray(bank_labels)
+    predictions = []
+    for query in unit(queries):
+        similarity = bank @ query
+        nearest = np.argsort(-similarity, kind="stable")[:k]
+        votes = np.zeros(num_classes)
+        for j in nearest:
+            votes[labels[j]] += np.exp(similarity[j] / temperature)
+        predictions.append(int(np.argmax(votes)))
+    return np.array(predictions)

@@ -19,7 +19,7 @@ from shared.runio import TERMS
 STEP_KEYS = {"kind", "epoch", "step", "lr", "pairs_per_s", "images_per_s", "loss", "invariance",
              "variance", "covariance", "embedding_std"}
 SUMMARY_KEYS = {"framework", "device", "precision", "epochs", "steps", "train_images",
-                "train_time_s", "pairs_per_s", "final", "probe"}
+                "train_time_s", "pairs_per_s", "final", "knn_top1", "probe"}
 PROBE_KEYS = {"framework", "dataset", "top1", "per_class_top1", "num_train", "num_test",
               "num_classes", "feature_dim", "random_init", "checkpoint_epoch", "protocol",
               "settings", "time_s"}
@@ -30,6 +30,10 @@ def smoke(data_dir, out, *extra):
     width 4."""
     return ["--preset", "smoke", "--width", "4", "--data-dir", str(data_dir), "--out", str(out),
             *extra]
+
+
+def summary_of(run) -> dict:
+    return json.loads((run / "summary.json").read_text())
 
 
 def error_line(capsys) -> str:
@@ -48,6 +52,9 @@ def test_smoke_train_then_probe_writes_the_run_folder(tiny_data_dir, tmp_path, c
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and records[-1]["kind"] == "epoch"
+    point = records[-2]  # the monitor's point at the end of training, before the epoch closes
+    assert point["kind"] == "knn" and point["step"] == 4 and summary_of(run)["knn_top1"] == \
+        point["knn_top1"]
     assert all(set(r) == STEP_KEYS for r in steps)
     assert set(records[-1]) == STEP_KEYS | {"epoch_time_s"}
     peak = 0.3 * 16 / 256  # smoke: LARS, base lr 0.3 scaled by batch / 256, no warmup, cosine
@@ -114,7 +121,7 @@ def test_divergence_stops_and_resume_continues_exactly(tiny_data_dir, tmp_path, 
         assert expected.keys() == actual.keys()
         for name, value in expected.items():
             np.testing.assert_allclose(actual[name], value, rtol=0, atol=1e-6, err_msg=str(name))
-    timing = {"pairs_per_s", "images_per_s", "epoch_time_s"}
+    timing = {"pairs_per_s", "images_per_s", "epoch_time_s", "train_time_s", "seconds"}
     lines = [[{k: v for k, v in json.loads(line).items() if k not in timing}
               for line in (folder / "metrics.jsonl").read_text().splitlines()]
              for folder in (reference, run)]

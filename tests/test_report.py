@@ -12,7 +12,7 @@ from shared.config import make_config
 from shared.data import GTSRB_CLASS_NAMES
 from shared.results import format_duration
 
-FIGURES = ("loss_curves", "embedding_std", "probe_accuracy")
+FIGURES = ("loss_curves", "embedding_std", "knn_accuracy", "probe_accuracy")
 
 
 def read_json(path):
@@ -91,6 +91,10 @@ def test_the_results_table_holds_the_run_folders_numbers(written_report):
                              ("embedding_std", "embedding std")):
             assert row[header] == f"{summary['final'][term]:.4g}"
         assert row["train time"] == format_duration(summary["train_time_s"])
+        points = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        points = [p["knn_top1"] for p in points if p["kind"] == "knn"]
+        assert (row["kNN top-1 (last)"], row["kNN top-1 (best)"]) == \
+            (f"{100 * points[-1]:.2f}%", f"{100 * max(points):.2f}%")
         for dataset, name in (("cifar10", "CIFAR-10"), ("gtsrb", "GTSRB")):
             trained = read_json(run / f"probe_{dataset}.json")["top1"]
             baseline = read_json(run / f"probe_{dataset}_random_init.json")["top1"]
@@ -182,8 +186,24 @@ def test_unfinished_and_failed_runs_are_shown_not_hidden(tmp_path):
                                                        ("started", "incomplete")]
     assert rows[0]["error"] == failure["error"]
     assert "Not finished: failed (failed), started (incomplete)" in text
-    assert text.count("No run has data for this figure yet.") == 3
+    assert text.count("No run has data for this figure yet.") == 4
+    assert "kNN top-1" not in text  # no run has monitor points: no empty columns
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_the_knn_monitor_gives_the_table_its_last_and_best_point_and_a_figure(tmp_path):
+    points = [(2, 0.5, 30.0, 0.21), (4, 1.0, 61.0, 0.47), (6, 1.5, 90.0, 0.43)]
+    metrics = "".join(json.dumps({"kind": "knn", "epoch": int(epochs), "step": step,
+                                  "epochs": epochs, "knn_top1": top1, "train_time_s": seconds,
+                                  "seconds": 0.5}) + "\n"
+                      for step, epochs, seconds, top1 in points)
+    run = a_run_folder(tmp_path / "monitored", metrics_jsonl=metrics)  # metrics.jsonl
+    out = tmp_path / "report.md"
+    assert report.main([str(run), "--out", str(out)]) == 0
+    row = table_rows(out.read_text(), "run")[0]
+    assert (row["kNN top-1 (last)"], row["kNN top-1 (best)"]) == ("43.00%", "47.00%")
+    pixels = matplotlib.image.imread(tmp_path / "report_knn_accuracy.png")
+    assert pixels.std() > 0.05
 
 
 def test_log_scale_only_where_values_span_a_factor_of_10():

@@ -107,8 +107,10 @@ def test_a_run_that_dies_in_its_first_epoch_starts_again(framework, again, tiny_
     command = ["--resume", "--out", str(run)] if again else smoke(tiny_data_dir, run, "--no-probe")
     assert trainer.main(command) == 0
     assert "stopped before its first checkpoint; starting it again" in capsys.readouterr().out
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 4]  # the failed attempt's lines are gone
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # the failed attempt's lines are gone
+    assert [(r["kind"], r["step"]) for r in lines] == [("step", 1), ("step", 2), ("step", 3),
+                                                        ("step", 4), ("knn", 4), ("epoch", 4)]
 
 
 def math_nan() -> float:
@@ -391,7 +393,14 @@ def test_the_data_the_probes_need_is_checked_before_training(broken, message, ti
     assert torch_train.main(smoke(data, run)) == 2
     assert last_line(capsys).startswith("error: " + message.format(data=data))
     assert not run.exists()
-    assert torch_train.main(smoke(data, run, "--no-probe")) == 0  # a run that will not probe
+    if broken == "test_batch":  # the kNN monitor classifies test images too
+        assert torch_train.main(smoke(data, run, "--no-probe")) == 2
+        assert last_line(capsys).startswith("error: the kNN monitor needs CIFAR-10's test "
+                                            "images (--monitor-every 0 turns it off): "
+                                            + message.format(data=data))
+        assert not run.exists()
+    # a run that will not probe nor monitor
+    assert torch_train.main(smoke(data, run, "--no-probe", "--monitor-every", "0")) == 0
 
 
 def test_a_batch_larger_than_the_subset_leaves_nothing(tiny_data_dir, tmp_path, capsys):

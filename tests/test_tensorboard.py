@@ -29,7 +29,7 @@ def test_the_curves_and_the_probes_are_written_as_events(framework, tiny_data_di
     run = tmp_path / "run"
     assert TRAINERS[framework].main(smoke(tiny_data_dir, run, "--epochs", "2")) == 0
     scalars = read_scalars(run)
-    assert set(SCALARS) | {"probe/cifar10_top1", "probe/gtsrb_top1"} == set(scalars)
+    assert set(SCALARS) | {"knn_top1", "probe/cifar10_top1", "probe/gtsrb_top1"} == set(scalars)
     for tag in SCALARS:
         assert [step for step, _ in scalars[tag]] == logged_steps(run) == list(range(1, 9))
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()

@@ -19,6 +19,7 @@ from shared.augment import AugmentParams, view_params
 from shared.config import make_config
 from shared.errors import UserError
 from shared.loader import batch_at, epoch_batches, shard_rows, split_batch
+from torch_impl import probe as probe_cli
 from torch_impl import train as train_cli
 from torch_impl.checkpoint import load_checkpoint
 from torch_impl.distributed import (
@@ -248,7 +249,7 @@ def test_an_error_on_rank_zero_stops_every_rank(two_process_step):
 # ---- torchrun end to end -------------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = {"pairs_per_s", "images_per_s", "epoch_time_s"}
+TIMING = {"pairs_per_s", "images_per_s", "epoch_time_s", "train_time_s", "seconds"}
 
 
 def torchrun(data_dir: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
@@ -292,10 +293,11 @@ def interrupted_worker(rank: int, port: int, args: list[str]) -> None:
 
 def test_two_process_run_resumes_exactly_and_probes_once(tiny_data_dir, tmp_path):
     single, straight, resumed = tmp_path / "single", tmp_path / "straight", tmp_path / "resumed"
+    monitor = ["--monitor-bank", "200", "--monitor-test", "100"]
     smoke = ["--preset", "smoke", "--data-dir", str(tiny_data_dir), "--epochs", "2", "--no-probe",
-             "--workers", "1"]
+             "--workers", "1", *monitor]
     assert train_cli.main([*smoke, "--out", str(single)]) == 0
-    first = torchrun(tiny_data_dir, straight, "--epochs", "2", "--no-probe")
+    first = torchrun(tiny_data_dir, straight, "--epochs", "2", "--no-probe", *monitor)
     assert first.stdout.count("torch_impl: resnet18 width 8") == 1  # rank 0 alone prints
     assert "batch 16 over 2 processes" in first.stdout
     assert json.loads((straight / "config.json").read_text())["sync_bn"] is True
@@ -314,10 +316,17 @@ def test_two_process_run_resumes_exactly_and_probes_once(tiny_data_dir, tmp_path
     for key, state in a["optimizer"]["state"].items():
         assert torch.equal(b["optimizer"]["state"][key]["mu"], state["mu"])
     assert metrics_without_timing(straight) == metrics_without_timing(resumed)
+    # the monitor's points are the kNN of the weights trained: its last, the kNN probe's
+    assert probe_cli.main(["--run", str(resumed), "--protocol", "knn", "--probe-subset", "0"]) == 0
+    points = [r for r in metrics_without_timing(resumed) if r["kind"] == "knn"]
+    assert [p["step"] for p in points] == [4, 8]
+    assert json.loads((resumed / "probe_cifar10_knn.json").read_text())["top1"] == \
+        points[-1]["knn_top1"]
 
     # one process trains on the same batches: the same losses, up to float32 rounding (which
     # grows over the steps: the 1-process CPU BatchNorm backward is the less accurate one)
     want, got = metrics_without_timing(single), metrics_without_timing(straight)
     assert [r["step"] for r in got] == [r["step"] for r in want]
     assert got[0]["loss"] == pytest.approx(want[0]["loss"], rel=1e-5)
-    assert all(g["loss"] == pytest.approx(w["loss"], rel=1e-2) for g, w in zip(got, want))
+    assert all(g["loss"] == pytest.approx(w["loss"], rel=1e-2) for g, w in zip(got, want)
+               if g["kind"] != "knn")

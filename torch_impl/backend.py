@@ -23,7 +23,7 @@ from torch_impl import checkpoint
 from torch_impl.augment import device_params
 from torch_impl.distributed import broadcast_from_main, joined, on_main
 from torch_impl.model import backbone_of
-from torch_impl.probe import features_of, train_linear
+from torch_impl.probe import features_of, knn_predict, train_linear
 from torch_impl.runtime import compute_dtype, device_name, precision_name, to_channels_last
 from torch_impl.step import TrainState, initial_state, make_train_step, network, resumed_state
 
@@ -101,6 +101,10 @@ class Backend:
     def train_linear(self, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                      num_classes: int, cfg: Config) -> np.ndarray:
         return train_linear(train_x, train_y, test_x, num_classes, cfg)
+
+    def knn_predict(self, bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray,
+                    num_classes: int, k: int, temperature: float) -> np.ndarray:
+        return knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
 
 
 @contextlib.contextmanager

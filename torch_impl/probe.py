@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -21,6 +22,7 @@ from shared.config import Config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.linear_probe import (
     Features,
+    check_knn,
     normalize_images,
     probe_batches,
     probe_lr,
@@ -42,16 +44,21 @@ from torch_impl.runtime import (
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images: np.ndarray, cfg: Config, desc: str,
                      batch_size: int = 500) -> np.ndarray:
-    """uint8 [N, 32, 32, 3] -> float32 features [N, F] of the backbone in eval mode."""
+    """uint8 [N, 32, 32, 3] -> float32 features [N, F] of the backbone in eval mode (a backbone
+    in training, as the kNN monitor finds it, is put back in train mode after)."""
     device = next(backbone.parameters()).device
     dtype = compute_dtype(cfg.precision, device)
+    was_training = backbone.training
     backbone.eval()
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
-                      file=sys.stderr, mininterval=1.0):
-        x = normalize_images(images[start:start + batch_size], CIFAR10_MEAN, CIFAR10_STD)
-        with autocast(device, dtype):
-            chunks.append(backbone(to_channels_last(x, device)).float().cpu().numpy())
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch",
+                          leave=False, file=sys.stderr, mininterval=1.0):
+            x = normalize_images(images[start:start + batch_size], CIFAR10_MEAN, CIFAR10_STD)
+            with autocast(device, dtype):
+                chunks.append(backbone(to_channels_last(x, device)).float().cpu().numpy())
+    finally:
+        backbone.train(was_training)
     return np.concatenate(chunks)
 
 
@@ -81,6 +88,30 @@ def train_linear(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n
         return classifier(torch.from_numpy(test_x)).numpy()
 
 
+@torch.no_grad()
+def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, num_classes: int,
+                k: int, temperature: float, batch_size: int = 1024) -> np.ndarray:
+    """Weighted kNN (lightly's benchmark protocol) in the features' dtype: bank [N, F], labels
+    int [N], queries [M, F] -> predicted labels int64 [M].
+
+    s_ij = <q_i / |q_i|, b_j / |b_j|>; the k largest s_ij of query i (equal ones in bank order)
+    vote exp(s_ij / T) for their label; the class with the largest sum wins (ties: the lower).
+    """
+    check_knn(k, temperature, len(bank))
+    device = pick_device()
+    unit_bank = F.normalize(torch.from_numpy(bank).to(device), dim=1)
+    labels = torch.from_numpy(bank_labels.astype(np.int64)).to(device)
+    predictions = []
+    for start in range(0, len(queries), batch_size):
+        unit = F.normalize(torch.from_numpy(queries[start:start + batch_size]).to(device), dim=1)
+        similarity, order = torch.sort(unit @ unit_bank.T, dim=1, descending=True, stable=True)
+        weights = torch.exp(similarity[:, :k] / temperature)
+        votes = torch.zeros(len(unit), num_classes, dtype=weights.dtype, device=device)
+        votes.scatter_add_(1, labels[order[:, :k]], weights)
+        predictions.append(votes.argmax(dim=1).cpu().numpy())
+    return np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
+
+
 def features_of(backbone: nn.Module, cfg: Config) -> Features:
     """The frozen backbone as the protocol's feature extractor."""
     return lambda images, desc: extract_features(backbone, images, cfg, desc)
@@ -106,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone, epoch = backbone_to_probe(cfg, run_dir, random_init)
         return features_of(backbone, cfg), epoch
 
-    return probe_main(argv, "torch", load, train_linear)
+    return probe_main(argv, "torch", load, train_linear, knn_predict)
 
 
 if __name__ == "__main__":
