@@ -72,7 +72,7 @@ def test_same_features_give_the_same_probe_top1(parity):
 def test_same_features_give_the_same_knn_predictions():
     """The kNN monitor's and the kNN probe's classifier: identical predictions from identical
     features, at the monitor's defaults (k 200, T 0.1) and at k = 1."""
-    train_x, train_y, test_x, _ = blobs(5000, 3000)
+    train_x, train_y, test_x, _ = blobs(3000, 1000)
     for k, temperature in ((200, 0.1), (1, 0.1), (20, 0.5)):
         t_labels = torch_knn_predict(train_x, train_y, test_x, 10, k, temperature)
         j_labels = jax_knn_predict(train_x, train_y, test_x, 10, k, temperature)
