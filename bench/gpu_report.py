@@ -2,7 +2,7 @@
 
 Prints the bench's tables (CHECK_DIR/bench.log, compile.log) and a row per training run
 (CHECK_DIR/<run>/): epochs, end-to-end pairs/s (the mean over the epochs after the first, whose
-time includes compiling), training time, CIFAR-10 probe top-1.
+time includes compiling), training time, the kNN monitor's last point, CIFAR-10 probe top-1.
 """
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ def run_row(run: Path) -> str:
     probe = summary.get("probe", {}).get("cifar10")
     minutes = f"{summary['train_time_s'] / 60:.1f}" if "train_time_s" in summary else "-"
     top1 = f"{100 * probe:.2f}%" if probe is not None else "-"
+    knn = f"{100 * summary['knn_top1']:.2f}%" if "knn_top1" in summary else "-"
     device = f"{summary.get('device', '?')} {summary.get('precision', '')}".strip()
-    return f"| {run.name} | {device} | {len(epochs)} | {rate} | {minutes} | {top1} |"
+    return f"| {run.name} | {device} | {len(epochs)} | {rate} | {minutes} | {knn} | {top1} |"
 
 
 def main(check_dir: Path) -> None:
@@ -42,8 +43,9 @@ def main(check_dir: Path) -> None:
         print(versions.read_text())
     for name in ("bench.log", "compile.log"):
         print("\n".join(table_lines(check_dir / name)) + "\n")
-    print("| run | device | epochs | end-to-end pairs/s (epochs 2+) | train min | CIFAR-10 top-1 |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| run | device | epochs | end-to-end pairs/s (epochs 2+) | train min | last kNN top-1 "
+          "| CIFAR-10 top-1 |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for run in sorted(p for p in check_dir.iterdir() if (p / "config.json").is_file()):
         print(run_row(run))
 

@@ -10,24 +10,50 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def gpu_check(data_dir, out, *flags) -> str:
+    """bash bench/gpu_check.sh DATA_DIR --quick FLAGS (writing under `out`): its stdout."""
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(data_dir),
+                             "--quick", *flags], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "GPU_CHECK_DIR": str(out)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def run_rows(out: str) -> dict[str, list[str]]:
+    """The report's training-run rows: run name -> its cells."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| ") and line.count("|") == 8]
+    return {cells[0]: cells for cells in rows if cells[0] != "run"}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_the_gpu_check_runs_every_step_and_prints_one_table(tiny_data_dir, tmp_path):
-    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tiny_data_dir),
-                             "--quick"], capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "GPU_CHECK_DIR": str(tmp_path)})
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    for step in ("bench", "torch-3-epochs", "jax-3-epochs", "torch-probe"):
+def test_the_gpu_check_speed_mode_runs_every_step_and_prints_one_table(tiny_data_dir, tmp_path):
+    out = gpu_check(tiny_data_dir, tmp_path)
+    for step in ("bench", "torch-3-epochs", "jax-3-epochs"):
         assert f"{step}: exit 0 after" in out, out
     for row in ("| torch_impl.train end to end, views on the device |",
                 "| jax_impl.train end to end, views on the host |",
                 "| augmentation alone: jax_impl.augment on the device |"):
         assert row in out, out
-    runs = {line.split("|")[1].strip(): line for line in out.splitlines()
-            if line.startswith("| ") and ("-3-epochs" in line or "torch-probe" in line)}
-    assert set(runs) == {"torch-3-epochs", "jax-3-epochs", "torch-probe"}
-    assert runs["torch-probe"].rstrip(" |").endswith("%")  # its CIFAR-10 probe ran
+    assert set(run_rows(out)) == {"torch-3-epochs", "jax-3-epochs"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_gpu_check_train_mode_trains_to_a_budget_and_probes(tiny_data_dir, tmp_path):
+    out = gpu_check(tiny_data_dir, tmp_path, "--mode", "train", "--framework", "jax")
+    assert "jax-60s: exit 0 after" in out, out
+    row = run_rows(out)["jax-60s"]
+    assert row[5].endswith("%") and row[6].endswith("%"), row  # its kNN point and its probe
+
+
+def test_the_gpu_check_refuses_an_unknown_mode_in_one_line(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--mode", "fast"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "GPU_CHECK_DIR": str(tmp_path)})
+    assert (result.returncode, result.stdout.strip()) == \
+        (2, "error: --mode is speed or train, not 'fast'")
 
 
 def test_the_jpeg_copy_of_cifar10_is_laid_out_as_the_pickles(tmp_path):
