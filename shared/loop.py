@@ -36,6 +36,7 @@ from shared.runio import (
     SUMMARY_FILE,
     TERMS,
     MetricsLog,
+    last_record,
     make_folder,
     read_json,
     read_metrics,
@@ -525,15 +526,13 @@ def resume_budget(session: Session, progress: Progress) -> None:
     seconds_per_step = point_s = 0.0
     if session.world.is_main:
         records = read_metrics(session.run_dir)
-        plan = next((r for r in reversed(records) if r.get("kind") == "plan"), None)
-        epoch = next((r for r in reversed(records) if r.get("kind") == "epoch"), {})
-        point = next((r for r in reversed(records) if r.get("kind") == "knn"), {})
-        if plan is not None:
+        plan, epoch = last_record(records, "plan"), last_record(records, "epoch")
+        if plan:
             seconds_per_step = plan["seconds_per_step"]
         elif epoch.get("pairs_per_s"):
             seconds_per_step = session.cfg.batch_size / epoch["pairs_per_s"]
         if session.monitor is not None:
-            point_s = point.get("seconds", 0.0)
+            point_s = last_record(records, "knn").get("seconds", 0.0)
     seconds_per_step = float(session.backend.agree(seconds_per_step))
     session.budget.reserve = float(session.backend.agree(point_s))
     done = min(progress.epoch * session.steps_per_epoch, session.total_steps())
@@ -775,8 +774,7 @@ def run_summary(session: Session, train_time: float) -> dict:
     cfg, backend = session.cfg, session.backend
     steps = session.total_steps()
     records = read_metrics(session.run_dir)
-    last_epoch = next((r for r in reversed(records) if r.get("kind") == "epoch"), {})
-    last_point = next((r for r in reversed(records) if r.get("kind") == "knn"), {})
+    last_epoch, last_point = last_record(records, "epoch"), last_record(records, "knn")
     return {"framework": backend.framework, "device": backend.device_name,
             "precision": backend.precision_name, "epochs": cfg.epochs, "steps": steps,
             "train_images": len(session.images),
@@ -829,8 +827,9 @@ def run(cfg: Config, resume: bool, framework: str, world: World,
         split = load_split("cifar10", cfg.data_dir, "train", download=cfg.download)
         images = train_images(cfg, *split)
         monitor = monitor_data(cfg, split)
-        if monitor is not None and world.is_main and missing_classes_note(monitor):
-            print(missing_classes_note(monitor), flush=True)
+        note = missing_classes_note(monitor) if monitor is not None else ""
+        if note and world.is_main:
+            print(note, flush=True)
         augment = view_params(cfg, CIFAR10_MEAN, CIFAR10_STD)
         with open_backend(cfg, world, images, augment) as backend:
             backend.on_main(lambda: prepare_run_dir(cfg, resume, framework))

@@ -246,10 +246,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return records
 
 
-def last_epoch_record(run_dir: Path) -> dict:
-    """The last "epoch" record of metrics.jsonl ({} when there is none)."""
-    epochs = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"]
-    return epochs[-1] if epochs else {}
+def last_record(records: list[dict], kind: str) -> dict:
+    """The last of metrics.jsonl's `records` of `kind` ("epoch", "plan", "knn", ...); {} when
+    there is none."""
+    return next((r for r in reversed(records) if r.get("kind") == kind), {})
 
 
 def run_framework(run_dir: Path, default: str | None = "torch") -> str | None:
