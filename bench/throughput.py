@@ -79,7 +79,7 @@ def torch_step_rate(cfg: Config, device, layout, dtype, compile_mode: str | bool
                     steps: int) -> float:
     """The torch train step alone on fixed random views in `layout`, computing in `dtype`;
     compile_mode: False (eager) or a torch.compile mode."""
-    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims()), 0)
+    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem()), 0)
     model = model.to(device, memory_format=layout)
     state = torch_step.TrainState(model, build_optimizer(cfg, model=model))
     views = [torch.from_numpy(v).to(device).contiguous(memory_format=layout)

@@ -1,4 +1,5 @@
-"""ResNet backbones with the CIFAR stem, the VICReg expander, and the two together, in flax.linen.
+"""ResNet backbones with a CIFAR or ImageNet stem, the VICReg expander, and the two together, in
+flax.linen.
 
 The twin of torch_impl.model: NHWC input, and every module is named as in torch's state_dict, so a
 variable's path joined with "." is its torch key (`backbone/layer2/0/downsample/0/kernel` is
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shared.archs import BLOCKS, EXPANSION, check_arch
+from shared.archs import BLOCKS, EXPANSION, check_arch, check_stem
 
 IMAGE_SHAPE = (32, 32, 3)
 
@@ -204,24 +205,31 @@ class Stage(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet: float32 [N, H, W, 3] NHWC -> pooled features float32 [N, feature_dim].
+    """ResNet: float32 [N, H, W, 3] NHWC -> pooled features float32 [N, feature_dim].
 
-    dtype: what the convolutions and BatchNorms compute in; conv_impl: Conv's `impl`.
+    stem: "cifar" (3x3 stride-1 conv, no max-pool) or "imagenet" (7x7 stride-2 conv, 3x3 stride-2
+    max-pool), as torch_impl.model; dtype: what the convolutions and BatchNorms compute in;
+    conv_impl: Conv's `impl`.
     """
 
     arch: str = "resnet18"
     width: int = 64
     dtype: Any = jnp.float32
     conv_impl: str = "lax"
+    stem: str = "cifar"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         check_arch(self.arch)
+        check_stem(self.stem)
         kind, depths = BLOCKS[self.arch]
         conv = functools.partial(Conv, dtype=self.dtype, impl=self.conv_impl)
         norm = functools.partial(BatchNorm, dtype=self.dtype)
-        x = conv(self.width, 3, 1, name="conv1")(x)
+        imagenet = self.stem == "imagenet"
+        x = conv(self.width, 7 if imagenet else 3, 2 if imagenet else 1, name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x, train))
+        if imagenet:  # torch's MaxPool2d(3, 2, padding=1) pads with -inf, as reduce_window does
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, depth in enumerate(depths):
             x = Stage(kind, self.width * 2 ** stage, depth, 2 if stage > 0 else 1, conv, norm,
                       name=f"layer{stage + 1}")(x, train)
@@ -258,9 +266,10 @@ class VICReg(nn.Module):
     mlp_dims: tuple[int, ...]
     dtype: Any = jnp.float32
     conv_impl: str = "lax"
+    stem: str = "cifar"
 
     def setup(self):
-        self.backbone = ResNet(self.arch, self.width, self.dtype, self.conv_impl)
+        self.backbone = ResNet(self.arch, self.width, self.dtype, self.conv_impl, self.stem)
         self.projector = Expander(tuple(self.mlp_dims), self.dtype)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -275,9 +284,10 @@ def default_conv_impl(dtype=jnp.float32) -> str:
     return "im2col" if cpu_float32 else "lax"
 
 
-def build_model(arch: str, width: int, mlp_dims, *, dtype=jnp.float32,
+def build_model(arch: str, width: int, mlp_dims, stem: str = "cifar", *, dtype=jnp.float32,
                 conv_impl: str | None = None) -> VICReg:
-    """The VICReg module (UserError for an unknown arch), computing in `dtype`, float32 parameters.
+    """The VICReg module with `stem` ("cifar" or "imagenet"; UserError for an unknown arch),
+    computing in `dtype`, float32 parameters.
 
     conv_impl: "lax" or "im2col" (the same function and parameters); None picks
     default_conv_impl(dtype).
@@ -286,7 +296,7 @@ def build_model(arch: str, width: int, mlp_dims, *, dtype=jnp.float32,
     impl = conv_impl or default_conv_impl(dtype)
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
-    return VICReg(arch, width, tuple(mlp_dims), dtype, impl)
+    return VICReg(arch, width, tuple(mlp_dims), dtype, impl, stem)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -311,7 +321,7 @@ def variable_shapes(model: nn.Module, input_shape: tuple = (1, *IMAGE_SHAPE)) ->
 
 def backbone_of(model: VICReg) -> ResNet:
     """VICReg's backbone as a module of its own: float32 [N, H, W, 3] -> features float32 [N, F]."""
-    return ResNet(model.arch, model.width, model.dtype, model.conv_impl)
+    return ResNet(model.arch, model.width, model.dtype, model.conv_impl, model.stem)
 
 
 def backbone_variables(variables: dict) -> dict:

@@ -51,7 +51,7 @@ def _eval_features(backbone: ResNet, variables: dict, x: jax.Array) -> jax.Array
 
 def extract_features(backbone: ResNet, variables: dict, images: np.ndarray, desc: str,
                      batch_size: int = 500) -> np.ndarray:
-    """uint8 [N, 32, 32, 3] -> float32 features [N, F] of the backbone in eval mode."""
+    """uint8 [N, S, S, 3] -> float32 features [N, F] of the backbone in eval mode."""
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
                       file=sys.stderr, mininterval=1.0):
@@ -152,7 +152,7 @@ def backbone_to_probe(cfg: Config, run_dir: Path,
     """The backbone a probe measures, (module, variables): the run's trained one, or (random_init)
     one freshly drawn from cfg.seed; and the epochs it trained (runio.trained_epochs; None at
     random init)."""
-    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(),
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(),
                         dtype=compute_dtype(cfg.precision, pick_device()))
     if random_init:
         return (backbone_of(model), backbone_variables(init_variables(model, cfg.seed))), None

@@ -38,7 +38,7 @@ def step_loss(model: VICReg, params: dict, batch_stats: dict, x_a: jax.Array, x_
     """Forward both views in train mode (two BN updates, as torch), then the loss in float32 (or
     wider).
 
-    x_a, x_b: float32 [B, 32, 32, 3]. Returns (loss, (terms incl. loss and embedding_std, new BN
+    x_a, x_b: float32 [B, S, S, 3]. Returns (loss, (terms incl. loss and embedding_std, new BN
     stats)).
     """
     z_a, updated = model.apply({"params": params, "batch_stats": batch_stats}, x_a, train=True,
@@ -73,7 +73,7 @@ def make_train_step(cfg: Config, augment: AugmentParams | None = None, *, model:
     With a mesh (distributed.data_mesh) the views are sharded along the batch over its devices and
     the state, lr and terms replicated: the step of the global batch, computed across devices.
     With `augment`, the views are computed inside the step (jax_impl.augment):
-    jit(step)(state, images, index, view_a, view_b, lr), images uint8 [N, 32, 32, 3] (replicated),
+    jit(step)(state, images, index, view_a, view_b, lr), images uint8 [N, S, S, 3] (replicated),
     index int32 [B] and view_a/b (the views' device_params) sharded like the views.
     """
 

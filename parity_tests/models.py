@@ -15,11 +15,12 @@ from torch_impl.model import VICReg as TorchVICReg
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def torch_vicreg(arch: str, width: int, mlp: list[int], dtype: str, seed: int) -> TorchVICReg:
+def torch_vicreg(arch: str, width: int, mlp: list[int], dtype: str, seed: int,
+                 stem: str = "cifar") -> TorchVICReg:
     """torch's default init from `seed`, then random BN weights, biases and running statistics
     (drawn in float32, so the float64 model holds the same numbers), cast to `dtype`."""
     torch.manual_seed(seed)
-    model = TorchVICReg(arch, width, mlp)
+    model = TorchVICReg(arch, width, mlp, stem)
     rng = np.random.default_rng(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -35,10 +36,10 @@ def torch_vicreg(arch: str, width: int, mlp: list[int], dtype: str, seed: int) -
 
 
 def jax_twin(torch_model: TorchVICReg, arch: str, width: int, mlp: list[int],
-             dtype: str) -> tuple[JaxVICReg, dict]:
+             dtype: str, stem: str = "cifar") -> tuple[JaxVICReg, dict]:
     """(flax VICReg computing in `dtype`, its {"params", "batch_stats"}) converted from torch_model,
-    which was built as torch_vicreg(arch, width, mlp, ...)."""
-    model = build_model(arch, width, mlp, dtype=jnp.dtype(dtype))
+    which was built as torch_vicreg(arch, width, mlp, ..., stem)."""
+    model = build_model(arch, width, mlp, stem, dtype=jnp.dtype(dtype))
     state = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
     variables = from_torch_state(state, variable_shapes(model), "the parity model", "parity")
     return model, cast_floats(variables, dtype)
@@ -72,6 +73,6 @@ def nchw(x: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(TORCH_DTYPES[dtype])
 
 
-def images(n: int, seed: int) -> np.ndarray:
-    """float32 [n, 32, 32, 3] NHWC inputs, roughly normalised."""
-    return np.random.default_rng(seed).normal(size=(n, 32, 32, 3)).astype(np.float32)
+def images(n: int, seed: int, size: int = 32) -> np.ndarray:
+    """float32 [n, size, size, 3] NHWC inputs, roughly normalised."""
+    return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)

@@ -17,6 +17,7 @@ from parity_tests.models import (
     torch_named,
     torch_vicreg,
 )
+from shared.archs import stem_for
 from shared.config import make_config
 from torch_impl.step import step_loss as torch_step_loss
 
@@ -31,13 +32,15 @@ def split_forward(module, x, train):
     return features, module.projector(features, train)
 
 
-def forwards(arch: str, train: bool, dtype: str) -> tuple[dict, dict]:
-    """({name: torch result}, {name: jax result}) of one forward of the same model and images in
-    `dtype`: backbone features, expander output, and the BN statistics after it (by torch name)."""
-    torch_model = torch_vicreg(arch, WIDTH, MLP, dtype, seed=1)
-    x = images(8, seed=2) * 1.5 + 0.3
+def forwards(arch: str, train: bool, dtype: str, size: int = 32) -> tuple[dict, dict]:
+    """({name: torch result}, {name: jax result}) of one forward of the same model and images of
+    `size` pixels (the stem stem_for(size)) in `dtype`: backbone features, expander output, and
+    the BN statistics after it (by torch name)."""
+    stem = stem_for(size)
+    torch_model = torch_vicreg(arch, WIDTH, MLP, dtype, seed=1, stem=stem)
+    x = images(8, seed=2, size=size) * 1.5 + 0.3
     with jax_precision(dtype):
-        model, variables = jax_twin(torch_model, arch, WIDTH, MLP, dtype)
+        model, variables = jax_twin(torch_model, arch, WIDTH, MLP, dtype, stem)
         (j_features, j_z), updated = jax.jit(lambda v, x: model.apply(
             v, x, train, method=split_forward, mutable=["batch_stats"]))(variables, x.astype(dtype))
         after = torch_named(updated)
@@ -52,11 +55,12 @@ def forwards(arch: str, train: bool, dtype: str) -> tuple[dict, dict]:
              **after})
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch, size", [("resnet18", 32), ("resnet50", 32), ("resnet18", 96)],
+                         ids=["resnet18", "resnet50", "resnet18-96px-imagenet-stem"])
 @pytest.mark.parametrize("train", [True, False], ids=["train_mode", "eval_mode"])
-def test_backbone_and_expander_forward_agree(arch, train, parity):
-    (t64, j64), (t32, j32) = (forwards(arch, train, dtype) for dtype in DTYPES)
-    mode = "train" if train else "eval"
+def test_backbone_and_expander_forward_agree(arch, size, train, parity):
+    (t64, j64), (t32, j32) = (forwards(arch, train, dtype, size) for dtype in DTYPES)
+    mode = ("train" if train else "eval") + ("" if size == 32 else f" {size}px")
     for key, value in t64.items():
         if key.endswith("num_batches_tracked"):
             assert int(value) == int(j64[key]) == int(j32[key]) == (1 if train else 0), key

@@ -1,4 +1,5 @@
-"""The ResNet architectures both frameworks build: block kind and depth of each of the 4 stages."""
+"""The ResNet architectures both frameworks build: block kind and depth of each of the 4 stages,
+and the stem each image size gets."""
 from __future__ import annotations
 
 from shared.errors import UserError
@@ -18,3 +19,22 @@ def feature_dim(arch: str, width: int) -> int:
     """Pooled feature size of the backbone: 8 * width * expansion (512 / 2048 at width 64)."""
     check_arch(arch)
     return width * 8 * EXPANSION[BLOCKS[arch][0]]
+
+
+STEMS = ("cifar", "imagenet")
+# The largest image side the CIFAR stem takes; larger images get the ImageNet stem.
+CIFAR_STEM_MAX_SIZE = 64
+
+
+def check_stem(stem: str) -> None:
+    """ValueError for a stem that is not in STEMS (a Config always derives a valid one)."""
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+
+
+def stem_for(image_size: int) -> str:
+    """The backbone's first layers for square images of `image_size` pixels, as solo-learn picks
+    them: "cifar" (3x3 stride-1 convolution, no max-pool; the feature map keeps the input's size)
+    up to CIFAR_STEM_MAX_SIZE, "imagenet" (7x7 stride-2 convolution, then 3x3 stride-2 max-pool: a
+    quarter of the input's side) above it."""
+    return "cifar" if image_size <= CIFAR_STEM_MAX_SIZE else "imagenet"

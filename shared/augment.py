@@ -75,12 +75,12 @@ class AugmentParams:
 
 def view_params(cfg: Config, mean: tuple = CIFAR10_MEAN, std: tuple = CIFAR10_STD) -> AugmentParams:
     """The view pipeline's parameters for a run's settings, normalising with the pretraining
-    data's mean and std."""
+    data's mean and std; the crop outputs --image-size."""
     return AugmentParams(
         crop_scale=(cfg.crop_min_scale, 1.0), flip_p=cfg.flip_p, jitter_p=cfg.jitter_p,
         brightness=cfg.brightness, contrast=cfg.contrast, saturation=cfg.saturation,
         hue=cfg.hue, gray_p=cfg.gray_p, blur_p=cfg.blur_p, blur_kernel=cfg.blur_kernel,
-        solarize_p=cfg.solarize_p, mean=tuple(mean), std=tuple(std))
+        solarize_p=cfg.solarize_p, mean=tuple(mean), std=tuple(std), size=cfg.image_size)
 
 
 # Colour-jitter op ids, as stored in JitterParams.order.

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from shared.config import (
+    DATASET_NAMES,
     PRESETS,
     PROBE,
-    PROBE_DATASETS,
     Config,
+    absolute_dataset,
+    dataset_name_ok,
     default_out,
     flag,
     make_config,
@@ -135,8 +137,9 @@ def build_train_parser(framework: str) -> argparse.ArgumentParser:
     """The pretraining command line shared by torch_impl.train and jax_impl.train."""
     parser = UserErrorParser(
         prog=f"python -m {framework}_impl.train",
-        description="Pretrain a ResNet with VICReg on CIFAR-10, then measure a linear probe on "
-                    "CIFAR-10 and GTSRB. Defaults are solo-learn's CIFAR recipe (ResNet-18, "
+        description="Pretrain a ResNet with VICReg on CIFAR-10 (or --dataset cifar100, stl10, "
+                    "gtsrb, folder:PATH), then measure a linear probe on it and on GTSRB. "
+                    "Defaults are solo-learn's CIFAR recipe (ResNet-18, "
                     "2048-2048-2048 expander, LARS, 1000 epochs); `--preset cpu` trains in "
                     "minutes on a laptop CPU.",
         epilog="presets (flags given override them): " + "; ".join(
@@ -150,7 +153,7 @@ def build_train_parser(framework: str) -> argparse.ArgumentParser:
     defaults = Config()
     for f in fields(Config):
         default = getattr(defaults, f.name)
-        _add_setting_flag(parser, f, default, format_value(default))
+        _add_setting_flag(parser, f, default, f.metadata["default_text"] or format_value(default))
     return parser
 
 
@@ -183,8 +186,11 @@ def build_probe_parser(framework: str) -> argparse.ArgumentParser:
                     "Writes RUN/probe_<dataset>[_knn].json (a run trained by the other "
                     f"framework: probe_<dataset>[_knn]_{framework}.json).")
     parser.add_argument("--run", required=True, help="run folder written by the trainer")
-    parser.add_argument("--dataset", default="cifar10", choices=PROBE_DATASETS,
-                        help="dataset to probe on (default: cifar10)")
+    parser.add_argument("--dataset", default=None, type=probe_dataset,
+                        help=f"dataset to probe on: {', '.join(DATASET_NAMES)} or folder:PATH "
+                             "(PATH/train/<class>/... and PATH/test/<class>/..., or val/), read "
+                             "at the run's --image-size (default: the run's --dataset when it "
+                             "has labels)")
     parser.add_argument("--random-init", action="store_true",
                         help="probe an untrained backbone of the run's architecture (baseline)")
     parser.add_argument("--protocol", default="linear", choices=("linear", "knn"),
@@ -194,17 +200,28 @@ def build_probe_parser(framework: str) -> argparse.ArgumentParser:
                              "probe_<dataset>_knn.json)")
     defaults = Config()
     for f in fields(Config):
-        if f.metadata["role"] == PROBE or f.name in ("data_dir", "download", "precision"):
+        if f.metadata["role"] == PROBE or f.name in ("data_dir", "download", "precision",
+                                                     "bad_images"):
             _add_setting_flag(parser, f, getattr(defaults, f.name), "the run's setting")
     return parser
 
 
+def probe_dataset(text: str) -> str:
+    """--dataset of a probe: a dataset name (folder:PATH made absolute); UserError otherwise."""
+    if not dataset_name_ok(text):
+        raise UserError(f"--dataset {text!r}: expected one of {', '.join(DATASET_NAMES)} or "
+                        "folder:PATH")
+    return absolute_dataset(text)
+
+
 def parse_probe_args(argv: list[str] | None, framework: str) -> tuple[Config, argparse.Namespace]:
-    """Parse the probe's command line into (the run's config with probe overrides, the args)."""
+    """Parse the probe's command line into (the run's config with probe overrides, the args);
+    args.dataset is the run's dataset when none is given."""
     args = build_probe_parser(framework).parse_args(argv)
     overrides = {k: v for k, v in vars(args).items()
                  if k not in ("run", "dataset", "random_init", "protocol")}
     cfg = make_config(overrides, base=load_run_config(Path(args.run)))
+    args.dataset = args.dataset or cfg.dataset
     return cfg, args
 
 

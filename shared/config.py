@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from shared.archs import BLOCKS
+from shared.archs import BLOCKS, stem_for
 from shared.errors import UserError
 from shared.loss_inputs import LOSS_VARIANTS, RENAMED_VARIANTS
 
@@ -27,10 +27,15 @@ ARCHS = tuple(BLOCKS)
 OPTIMIZERS = ("lars", "adam")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULE_UNITS = ("step", "epoch")
-PROBE_DATASETS = ("cifar10", "gtsrb")
 AUGMENT_PLACES = ("auto", "host", "device")
-# The side of the (square) images every dataset here has, in pixels.
-IMAGE_SIZE = 32
+BAD_IMAGE_ACTIONS = ("skip", "error")
+# The datasets by name (shared.data reads them); "folder:PATH" names a folder of images.
+DATASET_NAMES = ("cifar10", "cifar100", "stl10", "gtsrb")
+FOLDER_PREFIX = "folder:"
+# Each named dataset's own image side in pixels, and a folder's unless --image-size says otherwise.
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "gtsrb": 32}
+FOLDER_SIZE = 32
+MAX_IMAGE_SIZE = 1024
 
 PRESETS: dict[str, dict] = {
     # solo-learn's CIFAR-10 recipe: the dataclass defaults.
@@ -84,6 +89,17 @@ PROBABILITY = Range(lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?$")
 
 
+def dataset_name_ok(name: str) -> bool:
+    """Whether `name` names a dataset: one of DATASET_NAMES, or folder:PATH with a PATH."""
+    return name in DATASET_NAMES or (name.startswith(FOLDER_PREFIX)
+                                     and bool(name[len(FOLDER_PREFIX):].strip()))
+
+
+def native_size(name: str) -> int:
+    """The image side a dataset is read at unless --image-size says otherwise."""
+    return NATIVE_SIZE.get(name, FOLDER_SIZE)
+
+
 def parse_duration(text: str) -> float:
     """"90s" -> 90.0, "15m" -> 900.0, "2h" -> 7200.0, "1h30m" -> 5400.0; UserError otherwise
     (including zero)."""
@@ -109,14 +125,16 @@ def duration_ok(text: str) -> bool:
 
 def setting(default, help: str, role: str, *, choices: tuple = (), check: Range | None = None,
             sweep_owned: str = "", factory: Callable[[], object] | None = None,
-            renamed: dict | None = None, absent=None):
+            renamed: dict | None = None, absent=None, default_text: str = ""):
     """A Config field with everything the tools need to know about it: its --help text, its
     choices (and former names of them, still read: renamed), the range it must lie in, its role
-    (BACKBONE, PRETRAINING, PROBE or RUN), when a sweep sets it itself, what to use instead, and
-    for a setting added later, the value that keeps a run whose config.json lacks it as it was
-    (absent; None: the default)."""
+    (BACKBONE, PRETRAINING, PROBE or RUN), when a sweep sets it itself, what to use instead, for a
+    setting added later, the value that keeps a run whose config.json lacks it as it was
+    (absent; None: the default), and how --help states a default that depends on other settings
+    (default_text)."""
     metadata = {"help": help, "role": role, "choices": tuple(choices), "check": check,
-                "sweep_owned": sweep_owned, "renamed": dict(renamed or {}), "absent": absent}
+                "sweep_owned": sweep_owned, "renamed": dict(renamed or {}), "absent": absent,
+                "default_text": default_text}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -133,7 +151,28 @@ class Config:
     mlp: str = setting("2048-2048-2048", "expander layer widths, e.g. 2048-2048-2048 "
                        "(Linear+BN+ReLU, last Linear without bias)", BACKBONE)
     # data
-    data_dir: str = setting(None, "folder holding cifar-10-batches-py/ and gtsrb/ (env "
+    dataset: str = setting("cifar10", "what to pretrain on: cifar10, cifar100, stl10 (its "
+                           "100,000 unlabelled and 5,000 training images), gtsrb, or folder:PATH "
+                           "(every image under PATH in any tree, or PATH/train/ and "
+                           "PATH/unlabeled/ when it has a train/; a folder with train/<class>/ "
+                           "and test/<class>/ (or val/) is also probed and monitored). The run "
+                           "probes it when it has labels, then GTSRB when present",
+                           PRETRAINING, check=Range(dataset_name_ok, "expected one of "
+                                                    f"{', '.join(DATASET_NAMES)} or folder:PATH"))
+    image_size: int = setting(32, "side of the square images in pixels: the data is resized to "
+                              "it, the random crop outputs it, and the stem follows it (up to 64: "
+                              "CIFAR's 3x3 stride-1 convolution, no max-pool; above: ImageNet's "
+                              "7x7 stride-2 convolution and max-pool)", BACKBONE,
+                              check=Range(lambda v: 8 <= v <= MAX_IMAGE_SIZE,
+                                          f"must lie in [8, {MAX_IMAGE_SIZE}]"),
+                              default_text="the dataset's: 32 for CIFAR-10, CIFAR-100, GTSRB "
+                                           "and a folder, 96 for STL-10")
+    bad_images: str = setting("skip", "an image file of a folder that cannot be read: skip it "
+                              "(counted and named in one line) or error", RUN,
+                              choices=BAD_IMAGE_ACTIONS)
+    data_dir: str = setting(None, "folder holding the datasets (cifar-10-batches-py/, "
+                            "cifar-100-python/, stl10_binary/, gtsrb/) and vicreg_cache/, where "
+                            "folders and resized datasets are decoded once (env "
                             "VICREG_DATA_DIR, else ./data)", RUN,
                             sweep_owned="use --data-dir",
                             factory=lambda: str(default_data_dir()))
@@ -208,10 +247,9 @@ class Config:
     blur_p: float = setting(0.0, "Gaussian blur probability", PRETRAINING,
                             check=PROBABILITY)
     blur_kernel: int = setting(3, "Gaussian blur kernel size (odd, smaller than "
-                               f"twice the {IMAGE_SIZE}-pixel image, which reflect padding "
-                               "needs)", PRETRAINING,
-                               check=Range(lambda v: 0 < v < 2 * IMAGE_SIZE and v % 2 == 1,
-                                           f"must be an odd number from 1 to {2 * IMAGE_SIZE - 1}"))
+                               "twice --image-size, which reflect padding needs)", PRETRAINING,
+                               check=Range(lambda v: 0 < v and v % 2 == 1,
+                                           "must be a positive odd number"))
     solarize_p: float = setting(0.1, "solarize probability", PRETRAINING,
                                 check=PROBABILITY)
     # run
@@ -292,6 +330,10 @@ class Config:
         """The expander spec as layer widths, e.g. "2048-2048-2048" -> [2048, 2048, 2048]."""
         return parse_mlp(self.mlp)
 
+    def stem(self) -> str:
+        """The backbone's first layers for this run's image size (shared.archs.stem_for)."""
+        return stem_for(self.image_size)
+
     def model_description(self) -> str:
         """How messages name the network: "resnet18 width 64 expander 2048-2048-2048"."""
         return f"{self.arch} width {self.width} expander {self.mlp}"
@@ -367,11 +409,23 @@ def make_config(overrides: dict, base: Config | None = None) -> Config:
     if base is None:
         values.update(PRESETS[preset])
     values.update(overrides)
+    if base is None and "image_size" not in {**PRESETS[preset], **overrides}:
+        values["image_size"] = native_size(values["dataset"])
+    if isinstance(values["dataset"], str) and dataset_name_ok(values["dataset"]):
+        values["dataset"] = absolute_dataset(values["dataset"])
     unknown = set(values) - {f.name for f in fields(Config)}
     if unknown:
         raise UserError(f"unknown setting(s) {', '.join(sorted(unknown))}; "
                         f"valid: {', '.join(f.name for f in fields(Config))}")
     return validate(Config(**{name: current_name(name, value) for name, value in values.items()}))
+
+
+def absolute_dataset(name: str) -> str:
+    """folder:PATH with PATH made absolute (so a run resumes, and a sweep runs, from any folder);
+    any other name as it is."""
+    if not name.startswith(FOLDER_PREFIX):
+        return name
+    return FOLDER_PREFIX + str(Path(name[len(FOLDER_PREFIX):].strip()).expanduser().absolute())
 
 
 def current_name(name: str, value):
@@ -404,6 +458,10 @@ def validate(cfg: Config) -> Config:
         if check is not None and not check.holds(value):
             raise UserError(f"{flag(f.name)} {value}: {check.says}")
     cfg.mlp_dims()
+    if cfg.blur_kernel >= 2 * cfg.image_size:
+        raise UserError(f"--blur-kernel {cfg.blur_kernel}: must be smaller than twice the "
+                        f"{cfg.image_size}-pixel image (--image-size), which reflect padding "
+                        "needs")
     if cfg.monitor_every and cfg.monitor_k > cfg.monitor_bank:
         raise UserError(f"--monitor-k {cfg.monitor_k} is larger than the kNN monitor's bank "
                         f"(--monitor-bank {cfg.monitor_bank}); give fewer neighbours or a "

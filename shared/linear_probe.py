@@ -20,7 +20,7 @@ import numpy as np
 from shared.augment_ops import normalize, to_float01
 from shared.cli import cli_main, parse_probe_args
 from shared.config import Config
-from shared.data import NUM_CLASSES, gtsrb_available, load_split, stratified_subset
+from shared.data import dataset_key, load_split, num_classes, probe_datasets, stratified_subset
 from shared.errors import Interrupted, UserError, check_interrupted
 from shared.runio import (
     SUMMARY_FILE,
@@ -31,7 +31,7 @@ from shared.runio import (
     write_json,
 )
 
-# features(images uint8 [N, 32, 32, 3], description for the progress bar) -> float32 [N, F]
+# features(images uint8 [N, S, S, 3], description for the progress bar) -> float32 [N, F]
 Features = Callable[[np.ndarray, str], np.ndarray]
 # train_linear(train features [N, F], train labels [N], test features [M, F], classes, cfg)
 #   -> test logits float32 [M, classes]
@@ -43,11 +43,12 @@ KnnClassifier = Callable[[np.ndarray, np.ndarray, np.ndarray, int, int, float], 
 # streams drawn from the same seed (shared.loader).
 _SHUFFLE_SALT = 0xB0B
 
-PROTOCOL = "frozen backbone (eval BN), un-augmented 32x32 images normalised as in pretraining, " \
-           "features standardised on train, linear classifier, SGD momentum 0.9, cosine lr"
+PROTOCOL = "frozen backbone (eval BN), un-augmented images at the run's size normalised as in " \
+           "pretraining, features standardised on train, linear classifier, SGD momentum 0.9, " \
+           "cosine lr"
 
 
-KNN_PROTOCOL = ("frozen backbone (eval BN), un-augmented 32x32 images normalised as in "
+KNN_PROTOCOL = ("frozen backbone (eval BN), un-augmented images at the run's size normalised as in "
                 "pretraining, weighted kNN: cosine similarity of L2-normalised features, the k "
                 "most similar bank images vote exp(similarity / T) for their label")
 
@@ -107,19 +108,21 @@ def probe_record(*, framework: str, dataset: str, protocol: str, predicted: np.n
                  num_train: int, test_labels: np.ndarray, feature_dim: int, cfg: Config,
                  random_init: bool, checkpoint_epoch: float | None, time_s: float) -> dict:
     """The probe_<dataset>[_knn].json content: top-1 (fraction), per-class top-1, counts, the
-    protocol and its settings."""
-    num_classes = NUM_CLASSES[dataset]
+    protocol and its settings; "dataset" is dataset_key(dataset), "source" the whole name."""
+    classes = num_classes(dataset)
     settings = ({"epochs": cfg.probe_epochs, "lr": cfg.probe_lr, "wd": cfg.probe_wd,
                  "batch_size": cfg.probe_batch_size} if protocol == "linear" else
                 {"k": cfg.monitor_k, "temperature": cfg.monitor_temperature})
     return {
-        "framework": framework, "dataset": dataset, "top1": accuracy(predicted, test_labels),
-        "per_class_top1": per_class_accuracy(predicted, test_labels, num_classes),
+        "framework": framework, "dataset": dataset_key(dataset), "source": dataset,
+        "top1": accuracy(predicted, test_labels),
+        "per_class_top1": per_class_accuracy(predicted, test_labels, classes),
         "num_train": int(num_train), "num_test": int(len(test_labels)),
-        "num_classes": num_classes, "feature_dim": int(feature_dim),
+        "num_classes": classes, "feature_dim": int(feature_dim),
         "random_init": random_init, "checkpoint_epoch": checkpoint_epoch,
         "protocol": PROTOCOL if protocol == "linear" else KNN_PROTOCOL,
-        "settings": {"arch": cfg.arch, "width": cfg.width, **settings,
+        "settings": {"arch": cfg.arch, "width": cfg.width, "image_size": cfg.image_size,
+                     **settings,
                      "subset": cfg.probe_subset, "seed": cfg.seed,
                      "normalisation": "CIFAR-10 mean/std (as in pretraining)"},
         "time_s": time_s,
@@ -139,7 +142,8 @@ def report_probe(result: dict, run_dir: Path, cfg: Config, protocol: str) -> Non
 
 def probe_split(cfg: Config, dataset: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """A split's images and labels, or a stratified subset of cfg.probe_subset of them."""
-    images, labels = load_split(dataset, cfg.data_dir, split, download=cfg.download)
+    images, labels = load_split(dataset, cfg.data_dir, split, cfg.download, cfg.image_size,
+                                cfg.bad_images)
     if cfg.probe_subset and cfg.probe_subset < len(labels):
         index = stratified_subset(labels, cfg.probe_subset, cfg.seed)
         images, labels = images[index], labels[index]
@@ -166,10 +170,10 @@ def probe(cfg: Config, run_dir: Path, dataset: str, *, framework: str, features:
     f_test = features(x_test, f"{dataset} test features")
     check_interrupted()
     if protocol == "knn":
-        predicted = knn_predict(f_train, y_train, f_test, NUM_CLASSES[dataset], cfg.monitor_k,
+        predicted = knn_predict(f_train, y_train, f_test, num_classes(dataset), cfg.monitor_k,
                                 cfg.monitor_temperature)
     else:
-        logits = train_linear(f_train, y_train, f_test, NUM_CLASSES[dataset], cfg)
+        logits = train_linear(f_train, y_train, f_test, num_classes(dataset), cfg)
         if not np.isfinite(logits).all():
             raise UserError(f"the {dataset} linear probe diverged (non-finite outputs) with "
                             f"--probe-lr {cfg.probe_lr}; try a lower one. Nothing was written")
@@ -185,16 +189,17 @@ def probe(cfg: Config, run_dir: Path, dataset: str, *, framework: str, features:
 
 def probe_after_training(cfg: Config, run_dir: Path, *, framework: str, features: Features,
                          train_linear: LinearTrainer) -> dict:
-    """The probes that end a training run, {dataset: top-1}: CIFAR-10, and GTSRB when its data is
-    there."""
-    datasets = ["cifar10"]
-    if gtsrb_available(cfg.data_dir, cfg.download):
-        datasets.append("gtsrb")
-    else:
+    """The probes that end a training run, {dataset key: top-1}: the run's dataset when it has
+    labels, and GTSRB when its data is there (shared.data.probe_datasets)."""
+    datasets = probe_datasets(cfg.dataset, cfg.data_dir, cfg.download)
+    if "gtsrb" not in datasets and cfg.dataset != "gtsrb":
         print(f"GTSRB probe skipped: no {Path(cfg.data_dir) / 'gtsrb'} (pass --download)")
-    return {dataset: probe(cfg, run_dir, dataset, framework=framework, features=features,
-                           train_linear=train_linear, random_init=False,
-                           checkpoint_epoch=cfg.epochs)["top1"]
+    if cfg.dataset not in datasets:
+        print(f"{cfg.dataset} probe skipped: it has no labels (a folder needs train/<class>/ and "
+              "test/<class>/ for a probe)")
+    return {dataset_key(dataset): probe(cfg, run_dir, dataset, framework=framework,
+                                        features=features, train_linear=train_linear,
+                                        random_init=False, checkpoint_epoch=cfg.epochs)["top1"]
             for dataset in datasets}
 
 

@@ -24,11 +24,19 @@ from tqdm import tqdm
 from shared.augment import AugmentParams, view_params
 from shared.cli import plural
 from shared.config import Config
-from shared.data import CIFAR10_MEAN, CIFAR10_STD, check_probe_data, load_split, stratified_subset
+from shared.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    check_probe_data,
+    dataset_title,
+    pretraining_split,
+    probe_datasets,
+    stratified_subset,
+)
 from shared.errors import Interrupted, UserError, check_interrupted, resources_as_user_errors
 from shared.linear_probe import Features, LinearTrainer, probe_after_training
 from shared.loader import DrawnBatch, ViewBatch, epoch_batches, split_batch, steps_per_epoch
-from shared.monitor import MonitorData, is_point, knn_top1, missing_classes_note, monitor_data
+from shared.monitor import MonitorData, is_point, knn_top1, monitor_data, monitor_note
 from shared.runio import (
     CHECKPOINT_FILES,
     CONFIG_FILE,
@@ -120,7 +128,7 @@ class Backend(Protocol):
 
     def features(self, state: Any) -> Features:
         """The backbone of `state`, frozen (eval mode), as a feature extractor: uint8 images
-        [N, 32, 32, 3] -> float32 [N, F]. Usable after the backend is closed."""
+        [N, S, S, 3] -> float32 [N, F]. Usable after the backend is closed."""
 
     def train_linear(self, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                      num_classes: int, cfg: Config) -> np.ndarray:
@@ -132,7 +140,7 @@ class Backend(Protocol):
         predicted labels int64 [M]."""
 
 
-# open_backend(cfg, world, images uint8 [N, 32, 32, 3], augment) -> a context manager of the
+# open_backend(cfg, world, images uint8 [N, S, S, 3], augment) -> a context manager of the
 # framework's Backend (inside it, the process group or device mesh exists).
 OpenBackend = Callable[[Config, World, np.ndarray, AugmentParams], ContextManager[Backend]]
 
@@ -143,11 +151,13 @@ def augments_on_device(cfg: Config, on_gpu: bool) -> bool:
 
 
 def train_images(cfg: Config, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The images a run trains on, uint8 [N, 32, 32, 3]: CIFAR-10's training split (`images`,
-    `labels`), or a stratified subset of it when cfg.subset > 0."""
+    """The images a run trains on, uint8 [N, S, S, 3]: its dataset's pretraining images (`images`,
+    `labels`: shared.data.pretraining_split, perhaps memory-mapped), or a stratified subset of
+    them when cfg.subset > 0."""
     if cfg.subset > len(images):
-        raise UserError(f"--subset {cfg.subset} is larger than the {len(images)} CIFAR-10 "
-                        "training images; use at most that many (or 0 for all)")
+        raise UserError(f"--subset {cfg.subset} is larger than the {len(images)} "
+                        f"{dataset_title(cfg.dataset)} training images; use at most that many (or "
+                        "0 for all)")
     if cfg.subset:
         images = images[stratified_subset(labels, cfg.subset, cfg.seed)]
     return np.ascontiguousarray(images)
@@ -435,7 +445,7 @@ class Session:
     """
 
     settings: Config
-    images: np.ndarray  # uint8 [N, 32, 32, 3]
+    images: np.ndarray  # uint8 [N, S, S, 3], S = cfg.image_size
     augment: AugmentParams
     world: World
     backend: Backend
@@ -823,11 +833,12 @@ def run(cfg: Config, resume: bool, framework: str, world: World,
     with (run_folder(cfg, framework, world), resumable_on_interrupt(framework, Path(cfg.out)),
           resources_as_user_errors()):
         if cfg.probe:
-            check_probe_data(cfg.data_dir, cfg.download)
-        split = load_split("cifar10", cfg.data_dir, "train", download=cfg.download)
-        images = train_images(cfg, *split)
-        monitor = monitor_data(cfg, split)
-        note = missing_classes_note(monitor) if monitor is not None else ""
+            check_probe_data(probe_datasets(cfg.dataset, cfg.data_dir, cfg.download),
+                             cfg.data_dir, cfg.download)
+        images = train_images(cfg, *pretraining_split(cfg.dataset, cfg.data_dir, cfg.download,
+                                                      cfg.image_size, cfg.bad_images))
+        monitor = monitor_data(cfg)
+        note = monitor_note(cfg, monitor)
         if note and world.is_main:
             print(note, flush=True)
         augment = view_params(cfg, CIFAR10_MEAN, CIFAR10_STD)

@@ -2,9 +2,11 @@
 
 At every --monitor-every epochs of steps (fractions allowed) and once at the end of training, the
 frozen backbone (eval mode, no augmentation, the pretraining's normalisation) embeds a fixed
-labelled bank, the first --monitor-bank CIFAR-10 training images in dataset order (whatever
---subset is), and the first --monitor-test test images; each test image takes the label a weighted
-kNN gives it (lightly's benchmark protocol, each framework's probe.knn_predict):
+labelled bank, the first --monitor-bank training images of the run's dataset in dataset order
+(whatever --subset is; STL-10's labelled training split), and the first --monitor-test test
+images; each test image takes the label a weighted kNN gives it (lightly's benchmark protocol,
+each framework's probe.knn_predict). A folder without train/ and test/ class folders has no labels,
+and its run no monitor:
 
     s_j = <q / |q|, b_j / |b_j|>,   votes(c) = sum over the k largest s_j with label c of
     exp(s_j / T),   prediction = argmax_c votes(c),   knn_top1 = mean(prediction == label).
@@ -20,53 +22,61 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared.config import Config
-from shared.data import NUM_CLASSES, load_split
+from shared.data import dataset_title, is_labelled, load_split, num_classes
 from shared.errors import UserError
 from shared.linear_probe import Features, KnnClassifier
 
 
 @dataclass(frozen=True)
 class MonitorData:
-    """The monitor's images: the bank uint8 [N, 32, 32, 3] with labels int [N], and the test
-    images [M, 32, 32, 3] with labels [M]."""
+    """The monitor's images: the bank uint8 [N, S, S, 3] with labels int [N], the test images
+    [M, S, S, 3] with labels [M], and how many classes the labels count."""
 
     bank: np.ndarray
     bank_labels: np.ndarray
     test: np.ndarray
     test_labels: np.ndarray
+    classes: int
 
 
-def monitor_data(cfg: Config, train: tuple[np.ndarray, np.ndarray]) -> MonitorData | None:
-    """The monitor's images for cfg (None when --monitor-every is 0): the first
-    cfg.monitor_bank of the whole training split `train` (images, labels) and the first
-    cfg.monitor_test test images. More than a split holds is a UserError."""
-    if not cfg.monitor_every:
+def monitor_data(cfg: Config) -> MonitorData | None:
+    """The monitor's images for cfg (None when --monitor-every is 0, or the dataset has no
+    labels): the first cfg.monitor_bank images of the dataset's labelled training split and the
+    first cfg.monitor_test of its test split. More than a split holds is a UserError."""
+    if not cfg.monitor_every or not is_labelled(cfg.dataset):
         return None
-    images, labels = train
     try:
-        test_images, test_labels = load_split("cifar10", cfg.data_dir, "test",
-                                              download=cfg.download)
+        splits = {split: load_split(cfg.dataset, cfg.data_dir, split, cfg.download,
+                                    cfg.image_size, cfg.bad_images)
+                  for split in ("train", "test")}
     except UserError as exc:
-        raise UserError("the kNN monitor needs CIFAR-10's test images (--monitor-every 0 turns "
-                        f"it off): {exc}") from None
+        raise UserError(f"the kNN monitor needs {dataset_title(cfg.dataset)}'s labelled images "
+                        f"(--monitor-every 0 turns it off): {exc}") from None
+    (images, labels), (test_images, test_labels) = splits["train"], splits["test"]
     for flag, wanted, held, split in (("--monitor-bank", cfg.monitor_bank, len(images), "training"),
                                       ("--monitor-test", cfg.monitor_test, len(test_images),
                                        "test")):
         if wanted > held:
-            raise UserError(f"{flag} {wanted} is larger than the {held} CIFAR-10 {split} images; "
-                            "use at most that many")
+            raise UserError(f"{flag} {wanted} is larger than the {held} "
+                            f"{dataset_title(cfg.dataset)} {split} images; use at most that many")
     return MonitorData(images[:cfg.monitor_bank], labels[:cfg.monitor_bank],
-                       test_images[:cfg.monitor_test], test_labels[:cfg.monitor_test])
+                       test_images[:cfg.monitor_test], test_labels[:cfg.monitor_test],
+                       num_classes(cfg.dataset))
 
 
-def missing_classes_note(data: MonitorData) -> str:
-    """A warning when the monitor's test images lack some classes (a test split stored sorted by
-    class, as the JPEG copy of CIFAR-10 is, starts with one class only): "" when all are there."""
+def monitor_note(cfg: Config, data: MonitorData | None) -> str:
+    """What a run says of its monitor before it trains: that it is off for a dataset without
+    labels, or that its test images lack some classes (a test split stored sorted by class, as
+    the JPEG copy of CIFAR-10 is, starts with one class only); "" otherwise."""
+    if data is None:
+        return ("" if not cfg.monitor_every else
+                f"note: no kNN monitor: {cfg.dataset} has no labels (a folder needs train/<class>/ "
+                "and test/<class>/ for it)")
     held = len(np.unique(data.test_labels))
-    if held == NUM_CLASSES["cifar10"]:
+    if held == data.classes:
         return ""
     return (f"note: the kNN monitor's {len(data.test_labels)} test images hold {held} of "
-            f"{NUM_CLASSES['cifar10']} classes (this test split is ordered by class); a larger "
+            f"{data.classes} classes (this test split is ordered by class); a larger "
             "--monitor-test takes more of them")
 
 
@@ -82,6 +92,6 @@ def knn_top1(features: Features, knn_predict: KnnClassifier, data: MonitorData,
     `features`, classified by `knn_predict`."""
     bank = features(data.bank, "kNN bank features")
     test = features(data.test, "kNN test features")
-    predicted = knn_predict(bank, data.bank_labels, test, NUM_CLASSES["cifar10"], cfg.monitor_k,
+    predicted = knn_predict(bank, data.bank_labels, test, data.classes, cfg.monitor_k,
                             cfg.monitor_temperature)
     return float(np.mean(predicted == data.test_labels))

@@ -23,7 +23,7 @@ from shared.errors import UserError
 from shared.report_figures import FIGURES, write_figures
 from shared.report_pdf import write_pdf
 from shared.results import (
-    DATASET_NAMES,
+    DATASET_TITLES,
     SWEEP_FILE,
     RunResult,
     format_duration,
@@ -194,10 +194,11 @@ def commands_section(sources: Sources, report_command: str) -> str:
             continue
         lines.append(f"    {train_command_line(r)}")
         framework = r.framework or "<torch|jax>"
-        for dataset in DATASET_NAMES:
-            if f"{dataset}_random_init" in r.probes:
+        for dataset in DATASET_TITLES:
+            baseline = r.probes.get(f"{dataset}_random_init")
+            if baseline is not None:
                 lines.append(f"    python -m {framework}_impl.probe --run {r.run_dir} "
-                             f"--dataset {dataset} --random-init")
+                             f"--dataset {baseline.get('source', dataset)} --random-init")
     lines += ["", "This report:", "", f"    {report_command}", ""]
     return "\n".join(lines)
 

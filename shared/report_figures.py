@@ -9,10 +9,10 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from shared.results import DATASET_NAMES, RunResult, monitor_points
+from shared.data import NUM_CLASSES, dataset_key
+from shared.results import DATASET_TITLES, RunResult, monitor_points
 from shared.runio import read_metrics
 
-CHANCE = {"cifar10": 1 / 10, "gtsrb": 1 / 43}
 LOSS_PANELS = (("loss", "total loss (weighted sum)"),
                ("invariance", "invariance: MSE between the two views"),
                ("variance", "variance: hinge on each dimension's std"),
@@ -99,6 +99,12 @@ def plot_knn_accuracy(results: list[RunResult], path: Path) -> bool:
     series = {label: points for label, points in series.items() if points}
     if not series:
         return False
+    datasets = {dataset_key((r.config or {}).get("dataset", "cifar10")) for r in results
+                if r.label in series}
+    where = DATASET_TITLES[datasets.pop()] if len(datasets) == 1 else "each run's dataset's"
+    classes = {NUM_CLASSES.get((r.config or {}).get("dataset")) for r in results
+               if r.label in series}
+    chance = 1 / classes.pop() if len(classes) == 1 and None not in classes else None
     rows = (len(series) + 2) // 3
     fig = Figure(figsize=(11, 4.8 + 0.35 * rows))
     axes = fig.subplots(1, 2)
@@ -107,10 +113,11 @@ def plot_knn_accuracy(results: list[RunResult], path: Path) -> bool:
         for label, points in series.items():
             ax.plot([p[key] / scale for p in points], [100 * p["knn_top1"] for p in points],
                     label=label, **_line_style(len(points)))
-        ax.axhline(100 * CHANCE["cifar10"], color="black", linestyle=":", linewidth=1,
-                   label="chance level" if key == "epochs" else None)
+        if chance is not None:
+            ax.axhline(100 * chance, color="black", linestyle=":", linewidth=1,
+                       label="chance level" if key == "epochs" else None)
         ax.set_xlabel(name)
-        ax.set_ylabel("kNN top-1 on CIFAR-10 test images (%)")
+        ax.set_ylabel(f"kNN top-1 on {where} test images (%)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].set_title("kNN accuracy by epoch", fontsize="medium")
@@ -122,13 +129,14 @@ def plot_knn_accuracy(results: list[RunResult], path: Path) -> bool:
 
 def plot_probe_accuracy(results: list[RunResult], path: Path) -> bool:
     """Linear-probe top-1 per run, trained against random-init backbone, one panel per dataset."""
-    datasets = [d for d in DATASET_NAMES if any(d in r.probes for r in results)]
+    datasets = [d for d in DATASET_TITLES if any(d in r.probes for r in results)]
     if not datasets:
         return False
     fig = Figure(figsize=(6 * len(datasets), 5.5))
     axes = fig.subplots(1, len(datasets), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         runs = [r for r in results if dataset in r.probes]
+        chance = 1 / runs[0].probes[dataset]["num_classes"]
         x = range(len(runs))
         for offset, key, name, style in (
                 (-0.2, dataset, "pretrained with VICReg", {}),
@@ -140,14 +148,13 @@ def plot_probe_accuracy(results: list[RunResult], path: Path) -> bool:
             bars = ax.bar([i + offset for i, _ in measured], [h for _, h in measured],
                           width=0.4, label=name, **style)
             ax.bar_label(bars, fmt="%.1f", fontsize="small")
-        ax.axhline(100 * CHANCE[dataset], color="black", linestyle=":", linewidth=1,
+        ax.axhline(100 * chance, color="black", linestyle=":", linewidth=1,
                    label="chance level")
         ax.set_xticks(list(x), [r.label for r in runs], rotation=20, ha="right",
                       fontsize="small")
         ax.set_ylabel("test top-1 accuracy (%)")
         ax.set_ylim(0, 108)
-        ax.set_title(f"{DATASET_NAMES[dataset]} linear probe "
-                     f"(chance {100 * CHANCE[dataset]:.1f}%)")
+        ax.set_title(f"{DATASET_TITLES[dataset]} linear probe (chance {100 * chance:.1f}%)")
     _legend_below(fig, axes[0][0], 1)
     fig.savefig(path, dpi=120)
     return True

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from shared.cli import format_value
 from shared.config import RUN, Config, make_config
+from shared.data import TITLES, dataset_key
 from shared.errors import UserError
 from shared.runio import (
     CONFIG_FILE,
@@ -28,7 +29,8 @@ from shared.runio import (
     run_framework,
 )
 
-DATASET_NAMES = {"cifar10": "CIFAR-10", "gtsrb": "GTSRB"}
+# How tables and figures name each dataset key (shared.data.dataset_key), in column order.
+DATASET_TITLES = {**TITLES, "folder": "folder"}
 SWEEP_FILE = "sweep.json"
 RUNS_DIR = "runs"
 FAILURE_FILE = "failure.json"
@@ -89,14 +91,14 @@ def load_run(run_dir: Path, label: str, planned_config: dict | None = None,
     summary = read_json(run_dir / SUMMARY_FILE)
     failure = read_json(run_dir / FAILURE_FILE)
     probes = {}
-    for dataset in ("cifar10", "gtsrb"):
+    for dataset in DATASET_TITLES:
         for random_init, key in ((False, dataset), (True, f"{dataset}_random_init")):
             result = read_json(probe_result_path(run_dir, dataset, random_init))
             if result is not None:
                 probes[key] = result
     if failure:
         status = "failed"
-    elif summary is not None and "cifar10" in probes:
+    elif summary is not None and any(key in probes for key in DATASET_TITLES):
         status = "done"
     else:
         status = "incomplete" if has_config else "pending"
@@ -121,7 +123,16 @@ def differing_settings(results: list[RunResult]) -> list[str]:
     return (["framework"] if len(frameworks) > 1 else []) + varying
 
 
+# The probe columns every table has; the other datasets' appear when some run has them.
 PROBE_COLUMNS = ("cifar10", "cifar10_random_init", "gtsrb", "gtsrb_random_init")
+
+
+def probe_columns(results: list[RunResult]) -> list[str]:
+    """The probe keys a table of `results` shows: PROBE_COLUMNS, and every other dataset's (with
+    its random init) that some run has a probe of, in DATASET_TITLES order."""
+    keys = [key for dataset in DATASET_TITLES for key in (dataset, f"{dataset}_random_init")]
+    return [key for key in keys if key in PROBE_COLUMNS
+            or any(key.removesuffix("_random_init") in r.probes for r in results)]
 
 
 def trained_epochs(result: RunResult) -> float | None:
@@ -131,7 +142,7 @@ def trained_epochs(result: RunResult) -> float | None:
 
 
 def stale_probe(result: RunResult, key: str) -> float | None:
-    """The epoch a probe of the trained backbone (key "cifar10" or "gtsrb") measured, when it
+    """The epoch a probe of the trained backbone (key "cifar10", "gtsrb", ...) measured, when it
     is not the epoch the run has trained to (the run went on after it); else None."""
     probe, trained = result.probes.get(key), trained_epochs(result)
     measured = (probe or {}).get("checkpoint_epoch")
@@ -145,16 +156,18 @@ def monitor_points(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r.get("kind") == "knn"]
 
 
-def result_row(result: RunResult, settings: list[str]) -> dict:
-    """One table row of raw values (None where the run has no such number); a probe's epoch is
-    given beside its top-1 when it is not the epoch the run trained to."""
+def result_row(result: RunResult, settings: list[str],
+               probe_keys: list[str] | tuple[str, ...] = PROBE_COLUMNS) -> dict:
+    """One table row of raw values (None where the run has no such number), with the probes of
+    `probe_keys` (probe_columns); a probe's epoch is given beside its top-1 when it is not the
+    epoch the run trained to."""
     final = (result.summary or {}).get("final") or {}
     row = {"run": result.label, "status": result.status}
     for name in settings:
         row[name] = result.framework if name == "framework" else (result.config or {}).get(name)
     row["trained_epochs"] = trained_epochs(result)
     row.update({f"final_{term}": final.get(term) for term in TERMS})
-    for key in PROBE_COLUMNS:
+    for key in probe_keys:
         row[f"{key}_top1"] = result.probes[key]["top1"] if key in result.probes else None
         if not key.endswith("random_init"):
             row[f"{key}_stale_epoch"] = stale_probe(result, key)
@@ -169,7 +182,7 @@ def result_row(result: RunResult, settings: list[str]) -> dict:
 def results_csv(results: list[RunResult]) -> str:
     """The results table as CSV: raw values, accuracies as fractions, empty where missing."""
     settings = differing_settings(results)
-    rows = [result_row(r, settings) for r in results]
+    rows = [result_row(r, settings, probe_columns(results)) for r in results]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["run"],
                             lineterminator="\n")
@@ -195,16 +208,17 @@ def _cell(column: str, value) -> str:
 MD_HEADERS = {"trained_epochs": "epochs trained", "final_loss": "loss",
               "final_invariance": "invariance",
               "final_variance": "variance", "final_covariance": "covariance",
-              "final_embedding_std": "embedding std", "cifar10_top1": "CIFAR-10 top-1",
-              "cifar10_random_init_top1": "CIFAR-10 random init", "gtsrb_top1": "GTSRB top-1",
-              "gtsrb_random_init_top1": "GTSRB random init", "knn_last_top1": "kNN top-1 (last)",
-              "knn_best_top1": "kNN top-1 (best)", "train_time_s": "train time"}
+              "final_embedding_std": "embedding std", "knn_last_top1": "kNN top-1 (last)",
+              "knn_best_top1": "kNN top-1 (best)", "train_time_s": "train time",
+              **{f"{key}_top1": f"{title} top-1" for key, title in DATASET_TITLES.items()},
+              **{f"{key}_random_init_top1": f"{title} random init"
+                 for key, title in DATASET_TITLES.items()}}
 
 
 def results_markdown_table(results: list[RunResult]) -> str:
     """The results table in Markdown: losses are the last epoch's means of the unweighted terms."""
     settings = differing_settings(results)
-    rows = [result_row(r, settings) for r in results]
+    rows = [result_row(r, settings, probe_columns(results)) for r in results]
     if not rows:
         return "(no runs)\n"
     unused = [c for c in ("error", "knn_last_top1", "knn_best_top1")
@@ -237,8 +251,9 @@ def accuracy_note(run_dir: Path, datasets: tuple[str, ...]) -> str:
     """"CIFAR-10 top-1 62.00% (random init 41.00%), ..." from a finished run's probe files."""
     notes = []
     for dataset in datasets:
-        trained = read_json(probe_result_path(run_dir, dataset, random_init=False))["top1"]
-        baseline = read_json(probe_result_path(run_dir, dataset, random_init=True))["top1"]
-        notes.append(f"{DATASET_NAMES[dataset]} top-1 {100 * trained:.2f}% "
+        key = dataset_key(dataset)
+        trained = read_json(probe_result_path(run_dir, key, random_init=False))["top1"]
+        baseline = read_json(probe_result_path(run_dir, key, random_init=True))["top1"]
+        notes.append(f"{DATASET_TITLES[key]} top-1 {100 * trained:.2f}% "
                      f"(random init {100 * baseline:.2f}%)")
     return ", ".join(notes)

@@ -42,7 +42,7 @@ from shared.config import (
     make_config,
     settings_with_role,
 )
-from shared.data import gtsrb_available
+from shared.data import dataset_key, probe_datasets
 from shared.errors import Interrupted, UserError
 from shared.results import (
     FAILURE_FILE,
@@ -219,15 +219,16 @@ def next_step(job: Job) -> Step | None:
         # a start that stopped before its first checkpoint is started again by the same command
         return Step("train", summary, train_command(job, resume=False))
     for dataset in job.datasets:
-        path = probe_result_path(run_dir, dataset, random_init=False)
+        path = probe_result_path(run_dir, dataset_key(dataset), random_init=False)
         if not path.exists():
             return Step(f"probe {dataset}", path, probe_command(job, dataset, random_init=False))
     for dataset in job.datasets:
-        path = probe_result_path(run_dir, dataset, random_init=True)
+        path = probe_result_path(run_dir, dataset_key(dataset), random_init=True)
         if path.exists():
             continue
         donor = next((p for d in job.baseline_donors
-                      if (p := probe_result_path(d, dataset, random_init=True)).exists()), None)
+                      if (p := probe_result_path(d, dataset_key(dataset),
+                                                 random_init=True)).exists()), None)
         if donor is not None:
             return Step(f"random-init {dataset} baseline shared with {donor.parent.name}", path,
                         copy_from=donor)
@@ -252,10 +253,11 @@ def plan_jobs(plan: Plan, sweep_dir: Path, data_dir: str) -> list[Job]:
     jobs = []
     for name, overrides in plan.runs:
         cfg = configs[name]
-        with_gtsrb = gtsrb_available(cfg.data_dir, cfg.download)
-        datasets = ("cifar10", "gtsrb") if with_gtsrb else ("cifar10",)
+        datasets = tuple(probe_datasets(cfg.dataset, cfg.data_dir, cfg.download))
+        # a folder's probe files are all named "folder", so only a run of the same dataset donates
         donors = tuple(run_dir[other] for other, _ in plan.runs
-                       if other != name and keys[other] == keys[name])
+                       if other != name and keys[other] == keys[name]
+                       and configs[other].dataset == cfg.dataset)
         jobs.append(Job(name, run_dir[name], plan.framework, plan.preset, overrides, data_dir,
                         datasets, donors))
     return jobs
@@ -342,7 +344,7 @@ def run_sweep(plan: Plan, sweep_dir: Path, data_dir: str, launch: Launcher = run
     echo(f"sweep {sweep_dir}: {plural(len(jobs), 'run')} ({plan.framework}, preset {plan.preset}); "
          f"{finished} finished, {len(todo)} to run")
     if jobs and "gtsrb" not in jobs[0].datasets:
-        echo(f"note: no {Path(data_dir) / 'gtsrb'}, so runs probe CIFAR-10 only")
+        echo(f"note: no {Path(data_dir) / 'gtsrb'}, so runs probe their own dataset only")
     write_results(sweep_dir)
     failed, started = [], time.monotonic()
     for index, job in enumerate(todo, start=1):

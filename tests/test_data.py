@@ -62,7 +62,7 @@ def pil_resized(image: np.ndarray) -> np.ndarray:
 # ---- names, splits, data dir ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, split, bad, expected", [
-    ("imagenet", "train", "'imagenet'", "cifar10, gtsrb"),
+    ("imagenet", "train", "'imagenet'", "cifar10, cifar100, stl10, gtsrb or folder:PATH"),
     ("cifar10", "val", "'val'", "train, test"),
     ("gtsrb", "training", "'training'", "train, test"),
 ])

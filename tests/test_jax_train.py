@@ -20,7 +20,7 @@ STEP_KEYS = {"kind", "epoch", "step", "lr", "pairs_per_s", "images_per_s", "loss
              "variance", "covariance", "embedding_std"}
 SUMMARY_KEYS = {"framework", "device", "precision", "epochs", "steps", "train_images",
                 "train_time_s", "pairs_per_s", "final", "knn_top1", "probe"}
-PROBE_KEYS = {"framework", "dataset", "top1", "per_class_top1", "num_train", "num_test",
+PROBE_KEYS = {"framework", "dataset", "source", "top1", "per_class_top1", "num_train", "num_test",
               "num_classes", "feature_dim", "random_init", "checkpoint_epoch", "protocol",
               "settings", "time_s"}
 

@@ -10,8 +10,9 @@ import pytest
 from jax_impl import probe as jax_probe
 from jax_impl import train as jax_train
 from shared import loop
+from shared.config import make_config
 from shared.errors import UserError
-from shared.monitor import MonitorData, is_point, missing_classes_note
+from shared.monitor import MonitorData, is_point, monitor_note
 from shared.tensorboard import read_scalars
 from tests import references
 from torch_impl import probe as torch_probe
@@ -117,12 +118,13 @@ def test_knn_refuses_k_beyond_the_bank_and_a_bad_temperature(framework, k, tempe
 
 def test_test_images_that_miss_classes_are_named():
     images = np.zeros((4, 32, 32, 3), np.uint8)
-    sorted_split = MonitorData(images, np.arange(4), images, np.array([0, 0, 1, 1]))
-    assert missing_classes_note(sorted_split).startswith(
+    cfg = make_config({})
+    sorted_split = MonitorData(images, np.arange(4), images, np.array([0, 0, 1, 1]), 10)
+    assert monitor_note(cfg, sorted_split).startswith(
         "note: the kNN monitor's 4 test images hold 2 of 10 classes")
     every_class = MonitorData(images, np.arange(4), np.zeros((10, 32, 32, 3), np.uint8),
-                              np.arange(10))
-    assert missing_classes_note(every_class) == ""
+                              np.arange(10), 10)
+    assert monitor_note(cfg, every_class) == ""
 
 
 # ---- where a run measures --------------------------------------------------------------------

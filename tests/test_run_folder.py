@@ -395,7 +395,7 @@ def test_the_data_the_probes_need_is_checked_before_training(broken, message, ti
     assert not run.exists()
     if broken == "test_batch":  # the kNN monitor classifies test images too
         assert torch_train.main(smoke(data, run, "--no-probe")) == 2
-        assert last_line(capsys).startswith("error: the kNN monitor needs CIFAR-10's test "
+        assert last_line(capsys).startswith("error: the kNN monitor needs CIFAR-10's labelled "
                                             "images (--monitor-every 0 turns it off): "
                                             + message.format(data=data))
         assert not run.exists()

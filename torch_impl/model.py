@@ -1,7 +1,9 @@
-"""ResNet backbones with the CIFAR stem, the VICReg expander, and the two put together.
+"""ResNet backbones with a CIFAR or ImageNet stem, the VICReg expander, and the two put together.
 
 With width 64 the backbone's parameter names and shapes are torchvision's `resnet18/34/50` (minus
-`fc`), except the stem: a 3x3 stride-1 convolution without max-pool, as is usual for 32x32 inputs.
+`fc`). The stem follows the image size (shared.archs.stem_for): "cifar", a 3x3 stride-1
+convolution without max-pool, as is usual for 32x32 inputs, or "imagenet", torchvision's 7x7
+stride-2 convolution and 3x3 stride-2 max-pool.
 Initialisation is PyTorch's module default (kaiming-uniform for convs and linears, BN weight 1 and
 bias 0); jax_impl.model reproduces the same distributions.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.archs import BLOCKS, EXPANSION, check_arch
+from shared.archs import BLOCKS, EXPANSION, check_arch, check_stem
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -66,17 +68,22 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet: [N, 3, H, W] float -> pooled features [N, feature_dim] (512 or 2048 at
-    width 64)."""
+    """ResNet: [N, 3, H, W] float -> pooled features [N, feature_dim] (512 or 2048 at width 64).
+    stem: "cifar" or "imagenet" (the module docstring)."""
 
-    def __init__(self, arch: str = "resnet18", width: int = 64):
+    def __init__(self, arch: str = "resnet18", width: int = 64, stem: str = "cifar"):
         super().__init__()
         check_arch(arch)
+        check_stem(stem)
         kind, depths = BLOCKS[arch]
         block = BasicBlock if kind == "basic" else Bottleneck
-        self.conv1 = _conv3x3(3, width)
+        if stem == "cifar":
+            self.conv1 = _conv3x3(3, width)
+        else:
+            self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         cin = width
         for stage, depth in enumerate(depths):
             planes = width * 2 ** stage
@@ -92,7 +99,7 @@ class ResNet(nn.Module):
         # convolution with its channels_last kernels, which corrupt memory or hang for fewer than
         # 8 channels on AVX2 CPUs (runtime.memory_format keeps narrow networks contiguous).
         x = x.contiguous(memory_format=layout_of(self.conv1.weight))
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(x.mean(dim=(2, 3)), 1)
 
@@ -120,9 +127,9 @@ class Expander(nn.Sequential):
 class VICReg(nn.Module):
     """Backbone + expander: images [N, 3, H, W] -> embeddings [N, dims[-1]] (the loss's input)."""
 
-    def __init__(self, arch: str, width: int, mlp_dims: list[int]):
+    def __init__(self, arch: str, width: int, mlp_dims: list[int], stem: str = "cifar"):
         super().__init__()
-        self.backbone = ResNet(arch, width)
+        self.backbone = ResNet(arch, width, stem)
         self.projector = Expander(self.backbone.feature_dim, mlp_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,12 +142,13 @@ def backbone_of(model: VICReg) -> ResNet:
     return model.backbone
 
 
-def build_model(arch: str, width: int, mlp_dims: list[int]) -> VICReg:
-    """The VICReg network, float32 on the CPU (UserError for an unknown arch); its weights are
-    drawn by init_variables. The global random generator is left as it was."""
+def build_model(arch: str, width: int, mlp_dims: list[int], stem: str = "cifar") -> VICReg:
+    """The VICReg network with `stem` ("cifar" or "imagenet"), float32 on the CPU (UserError for
+    an unknown arch); its weights are drawn by init_variables. The global random generator is left
+    as it was."""
     check_arch(arch)
     with torch.random.fork_rng(devices=[]):
-        return VICReg(arch, width, mlp_dims)
+        return VICReg(arch, width, mlp_dims, stem)
 
 
 def init_variables(model: nn.Module, seed: int) -> nn.Module:

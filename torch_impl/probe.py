@@ -44,7 +44,7 @@ from torch_impl.runtime import (
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images: np.ndarray, cfg: Config, desc: str,
                      batch_size: int = 500) -> np.ndarray:
-    """uint8 [N, 32, 32, 3] -> float32 features [N, F] of the backbone in eval mode (a backbone
+    """uint8 [N, S, S, 3] -> float32 features [N, F] of the backbone in eval mode (a backbone
     in training, as the kNN monitor finds it, is put back in train mode after)."""
     device = next(backbone.parameters()).device
     dtype = compute_dtype(cfg.precision, device)
@@ -121,7 +121,8 @@ def backbone_to_probe(cfg: Config, run_dir: Path,
                       random_init: bool) -> tuple[nn.Module, float | None]:
     """The backbone a probe measures: the run's trained one, or (random_init) one freshly drawn
     from cfg.seed; and the epochs it trained (runio.trained_epochs; None at random init)."""
-    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims()), cfg.seed)
+    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem()),
+                           cfg.seed)
     epoch = None
     if not random_init:
         path = run_dir / CHECKPOINT_FILE

@@ -39,7 +39,7 @@ def step_loss(model: nn.Module, x_a: torch.Tensor, x_b: torch.Tensor, cfg: Confi
     then the loss in float32 (or wider) over the global batch: in a data-parallel job every
     process gathers all processes' embeddings.
 
-    x_a, x_b: float [B, 3, 32, 32]. Returns (loss, terms incl. loss and embedding_std).
+    x_a, x_b: float [B, 3, S, S]. Returns (loss, terms incl. loss and embedding_std).
     """
     with autocast(x_a.device, dtype):
         z_a, z_b = model(x_a), model(x_b)
@@ -75,7 +75,7 @@ def make_train_step(cfg: Config, augment: AugmentParams | None = None, *, dtype:
     torch.compile with --compile.
 
     With `augment`, the views are computed here, on the device (torch_impl.augment):
-    step(state, images, index, view_a, view_b, lr), images uint8 [N, 32, 32, 3] on the device,
+    step(state, images, index, view_a, view_b, lr), images uint8 [N, S, S, 3] on the device,
     index int64 [B], view_a/b the views' device_params; with compile_views through torch.compile,
     which fuses their few hundred small element-wise kernels into a few.
     """
@@ -99,7 +99,8 @@ def make_train_step(cfg: Config, augment: AugmentParams | None = None, *, dtype:
 def initial_state(cfg: Config, *, device: torch.device, world: World) -> TrainState:
     """Fresh weights drawn from cfg.seed on `device` (channels_last from width 8), with BatchNorm
     over the global batch in a data-parallel job with --sync-bn, and a fresh optimizer state."""
-    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims()), cfg.seed)
+    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem()),
+                           cfg.seed)
     model = model.to(device, memory_format=memory_format(cfg.width))
     if world.size > 1 and cfg.sync_bn:
         model = sync_batch_norm(model, device)

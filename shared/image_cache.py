@@ -1,0 +1,215 @@
+"""Images decoded once into a uint8 cache that every later run memory-maps.
+
+A cache is three files beside each other under a data directory's `vicreg_cache/`:
+
+    NAME.images.npy   uint8 [N, S, S, 3] (NHWC, RGB), read with np.load(mmap_mode="r")
+    NAME.labels.npy   int64 [N]
+    NAME.json         the fingerprint of the source, the image size, the count and the files
+                      skipped as unreadable; written last, so a cache without it is unfinished
+
+A cache whose fingerprint differs from its source's (a file added, removed or touched) is decoded
+again. Decoding writes one image at a time into the memory-mapped file, so a folder of 100,000
+images is never held in memory whole, and only one file is open at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from shared.errors import UserError
+
+CACHE_DIR = "vicreg_cache"
+# Bump when decoding or resizing changes, so that caches made before are decoded again.
+CACHE_VERSION = 1
+# What torchvision's ImageFolder reads (datasets.folder.IMG_EXTENSIONS).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Images decoded per task of the decoding threads (Pillow releases the GIL while it decodes).
+_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a cache is made from: `count` images, `read(i)` the i-th as uint8 [S, S, 3] (raising
+    OSError or ValueError when it cannot be read), `label(i)` its class (int), `name(i)` how an
+    error names it, and `fingerprint`, which changes whenever the images do."""
+
+    count: int
+    read: Callable[[int], np.ndarray]
+    label: Callable[[int], int]
+    name: Callable[[int], str]
+    fingerprint: str
+
+
+def files_fingerprint(paths: Iterable[str], *extra: object) -> str:
+    """sha256 of each file's path, size and modification time, and of `extra` (the image size,
+    the cache version): it changes when a file is added, removed, replaced or touched."""
+    digest = hashlib.sha256(repr(extra).encode())
+    for path in paths:
+        st = os.stat(path)
+        digest.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def read_image(path: str, size: int) -> np.ndarray:
+    """One image file as uint8 [size, size, 3] RGB: grayscale, palette and RGBA images converted,
+    the largest centred square cropped and resized bilinearly (Pillow antialiases a shrink).
+    OSError or ValueError when the file cannot be decoded."""
+    from PIL import Image  # lazy: only folders and resized datasets need Pillow
+
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+    return square(rgb, size)
+
+
+def square(image, size: int) -> np.ndarray:
+    """A PIL image's largest centred square (offsets rounded as torchvision's center_crop rounds
+    them) resized bilinearly to size x size: uint8 [size, size, 3]."""
+    from PIL import Image
+
+    width, height = image.size
+    side = min(width, height)
+    left, top = round((width - side) / 2), round((height - side) / 2)
+    if (width, height) != (side, side):
+        image = image.crop((left, top, left + side, top + side))
+    if side != size:
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def cached(cache_dir: Path, name: str, source: Source, size: int, bad_images: str,
+           description: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of `source` at `size` pixels: (uint8 [N, size, size, 3] memory-mapped,
+    int64 [N]), decoded into cache_dir/name.* on the first call (with a progress bar) and read from
+    there while the fingerprint holds.
+
+    An unreadable image is skipped and named in one line on stderr (bad_images "skip"), or a
+    UserError ("error"). No readable image at all is a UserError.
+    """
+    stored = _read_cache(cache_dir, name, source.fingerprint, size)
+    if stored is not None:
+        return stored
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return _decode(cache_dir, name, source, size, bad_images, description)
+    except OSError as e:
+        raise UserError(f"cannot write the image cache in {cache_dir} ({e.strerror or e}); "
+                        "point --data-dir at a folder you can write to") from e
+
+
+def _paths(cache_dir: Path, name: str) -> dict[str, Path]:
+    return {part: cache_dir / f"{name}.{part}" for part in ("images.npy", "labels.npy", "json")}
+
+
+def _read_cache(cache_dir: Path, name: str, fingerprint: str,
+                size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached arrays when cache_dir/name.json says they were made from `fingerprint` at
+    `size`; None for a missing, stale, unfinished or damaged cache, which is then made again."""
+    paths = _paths(cache_dir, name)
+    try:
+        meta = json.loads(paths["json"].read_text())
+        if meta.get("fingerprint") != fingerprint or meta.get("size") != size:
+            return None
+        images = np.load(paths["images.npy"], mmap_mode="r")
+        labels = np.load(paths["labels.npy"])
+    except (OSError, ValueError, AttributeError):
+        return None
+    if (images.dtype != np.uint8 or images.shape != (meta.get("count"), size, size, 3)
+            or labels.dtype != np.int64 or labels.shape != (len(images),)):
+        return None
+    return images, labels
+
+
+def _decode(cache_dir: Path, name: str, source: Source, size: int, bad_images: str,
+            description: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image of `source` into the cache files (temporary names, then renamed, the
+    json last) and return them as _read_cache does."""
+    paths = _paths(cache_dir, name)
+    tmp = {part: path.with_name(f".{path.name}.{os.getpid()}.tmp") for part, path in paths.items()}
+    try:
+        images = np.lib.format.open_memmap(tmp["images.npy"], mode="w+", dtype=np.uint8,
+                                           shape=(source.count, size, size, 3))
+        labels = np.empty(source.count, np.int64)
+        kept, bad = _fill(images, labels, source, size, bad_images, description)
+        if kept == 0:
+            raise UserError(f"none of the {source.count} images of {description} could be read "
+                            f"(first: {bad[0]})")
+        if kept < source.count:
+            images = _truncated(images, kept, tmp["images.npy"])
+        images.flush()
+        del images
+        with open(tmp["labels.npy"], "wb") as f:  # a path would get ".npy" appended
+            np.save(f, labels[:kept])
+        tmp["json"].write_text(json.dumps({
+            "fingerprint": source.fingerprint, "size": size, "count": kept,
+            "version": CACHE_VERSION, "skipped": bad}, indent=1))
+        for part in ("images.npy", "labels.npy", "json"):
+            os.replace(tmp[part], paths[part])
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable image(s) of {description}: "
+              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} (all are listed in "
+              f"{paths['json']}; --bad-images error refuses them)", file=sys.stderr, flush=True)
+    stored = _read_cache(cache_dir, name, source.fingerprint, size)
+    assert stored is not None, "a cache just written reads back"
+    return stored
+
+
+def _fill(images: np.ndarray, labels: np.ndarray, source: Source, size: int, bad_images: str,
+          description: str) -> tuple[int, list[str]]:
+    """Write the readable images of `source` in order into images[:kept] (labels alike); returns
+    kept and the names of the unreadable ones."""
+    def read_chunk(start: int) -> list[np.ndarray | str]:
+        out = []
+        for i in range(start, min(start + _CHUNK, source.count)):
+            try:
+                out.append(source.read(i))
+            except (OSError, ValueError, SyntaxError) as e:  # Pillow raises all three
+                out.append(f"{source.name(i)} ({' '.join(str(e).split()) or type(e).__name__})")
+        return out
+
+    kept, bad = 0, []
+    threads = max(1, min(8, os.cpu_count() or 1))
+    with (ThreadPoolExecutor(threads) as pool,
+          tqdm(total=source.count, desc=f"decoding {description}", unit="img",
+               file=sys.stderr, leave=False) as bar):
+        starts = range(0, source.count, _CHUNK)
+        for start, chunk in zip(starts, pool.map(read_chunk, starts)):
+            for i, image in enumerate(chunk, start):
+                if isinstance(image, str):
+                    if bad_images == "error":
+                        raise UserError(f"cannot read {image}; fix or remove it, or pass "
+                                        "--bad-images skip to leave such files out")
+                    bad.append(image)
+                    continue
+                images[kept] = image
+                labels[kept] = source.label(i)
+                kept += 1
+            bar.update(len(chunk))
+    return kept, bad
+
+
+def _truncated(images: np.ndarray, kept: int, path: Path) -> np.ndarray:
+    """The first `kept` rows of a memory-mapped .npy, rewritten as a file of its own at `path`."""
+    part = path.with_name(path.name + ".part")
+    try:
+        out = np.lib.format.open_memmap(part, mode="w+", dtype=np.uint8,
+                                        shape=(kept, *images.shape[1:]))
+        for start in range(0, kept, 4096):
+            out[start:start + 4096] = images[start:min(start + 4096, kept)]
+        out.flush()
+        del images
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,119 @@
+"""A folder of your own images as a dataset (`--dataset folder:PATH`).
+
+Pretraining reads every image under PATH, in any tree, labels unused; when PATH has a `train/`
+subfolder, it reads `train/` (and `unlabeled/` beside it, when there is one, as STL-10 is laid
+out), so that a test split is never trained on. A probe, or the kNN monitor, needs the layout
+torchvision's ImageFolder reads:
+
+    PATH/train/<class>/**/*.jpg|png|...     one subfolder per class; nested folders belong to it
+    PATH/test/<class>/...  (or PATH/val/)   the same classes (or some of them)
+
+Classes are numbered in the sorted order of train/'s subfolder names, and files are listed in
+ImageFolder's order, so a folder gives the same dataset on every machine, and as torchvision
+reads it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.config import FOLDER_PREFIX
+from shared.errors import UserError
+from shared.image_cache import IMAGE_EXTENSIONS
+
+TEST_FOLDERS = ("test", "val")
+UNLABELED_FOLDER = "unlabeled"
+LAYOUT = "PATH/train/<class>/... and PATH/test/<class>/... (or val/)"
+
+
+@dataclass(frozen=True)
+class LabelledFiles:
+    """Image files with their class: paths [N] (sorted), labels [N] (indices into classes)."""
+
+    paths: list[str]
+    labels: list[int]
+    classes: tuple[str, ...]
+
+
+def folder_root(dataset: str) -> Path:
+    """PATH of "folder:PATH"."""
+    return Path(dataset[len(FOLDER_PREFIX):])
+
+
+def image_files(top: Path) -> list[str]:
+    """Every image file under `top` (IMAGE_EXTENSIONS, any case) in torchvision's make_dataset
+    order: folders in sorted order, each one's files sorted; links followed."""
+    return [os.path.join(d, f) for d, _, names in sorted(os.walk(top, followlinks=True))
+            for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def check_folder(root: Path) -> None:
+    """UserError unless `root` is an existing folder."""
+    if not root.exists():
+        raise UserError(f"folder {root} does not exist (--dataset folder:PATH takes a folder of "
+                        "images)")
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder (--dataset folder:PATH takes a folder of images)")
+
+
+def pretraining_files(root: Path) -> list[str]:
+    """The images a folder pretrains on: train/ (and unlabeled/) when there is a train/, else every
+    image under root; UserError when there is none."""
+    check_folder(root)
+    tops = ([root / "train", *([root / UNLABELED_FOLDER] if (root / UNLABELED_FOLDER).is_dir()
+                               else [])] if (root / "train").is_dir() else [root])
+    paths = [p for top in tops for p in image_files(top)]
+    if not paths:
+        where = " and ".join(str(t) for t in tops)
+        raise UserError(f"no images in {where} (looked for {', '.join(IMAGE_EXTENSIONS)} files "
+                        "in every subfolder)")
+    return paths
+
+
+def has_classes(root: Path) -> bool:
+    """Whether `root` is laid out for a probe: a train/ and a test/ (or val/) folder."""
+    return (root / "train").is_dir() and any((root / t).is_dir() for t in TEST_FOLDERS)
+
+
+def split_dir(root: Path, split: str) -> Path:
+    """The folder of a probe split ("train" or "test"; test is test/, else val/), UserError when
+    the folder is not laid out for a probe."""
+    check_folder(root)
+    if not has_classes(root):
+        raise UserError(f"{root} is not laid out for a probe: it needs {LAYOUT}, one subfolder "
+                        "per class")
+    if split == "train":
+        return root / "train"
+    return next(root / t for t in TEST_FOLDERS if (root / t).is_dir())
+
+
+def class_names(root: Path) -> tuple[str, ...]:
+    """The classes of a labelled folder: the sorted names of train/'s subfolders that hold images
+    (UserError when there are none)."""
+    train = split_dir(root, "train")
+    names = tuple(sorted(d.name for d in train.iterdir() if d.is_dir() and image_files(d)))
+    if not names:
+        raise UserError(f"{train} has no class subfolders with images (a probe needs {LAYOUT})")
+    return names
+
+
+def labelled_files(root: Path, split: str) -> LabelledFiles:
+    """The images of a probe split with their classes (those of train/). A test class that train/
+    lacks, or a split without images, is a UserError."""
+    classes = class_names(root)
+    top = split_dir(root, split)
+    index = {name: i for i, name in enumerate(classes)}
+    found = sorted(d.name for d in top.iterdir() if d.is_dir() and image_files(d))
+    unknown = [name for name in found if name not in index]
+    if unknown:
+        raise UserError(f"{top} has classes that {root / 'train'} lacks: {', '.join(unknown[:5])}; "
+                        "a probe's test classes must be among its training classes")
+    paths, labels = [], []
+    for name in found:
+        files = image_files(top / name)
+        paths += files
+        labels += [index[name]] * len(files)
+    if not paths:
+        raise UserError(f"no images in the class subfolders of {top} (a probe needs {LAYOUT})")
+    return LabelledFiles(paths, labels, classes)

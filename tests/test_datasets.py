@@ -1,0 +1,368 @@
+"""CIFAR-100, STL-10 and folders of images (shared.data, shared.image_folder, shared.image_cache):
+each written here in its real on-disk format and read back against torchvision's own readers or
+Pillow; the cache; every bad input a user can give; and short runs of both trainers on them."""
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jax_impl import probe as jax_probe
+from jax_impl import train as jax_train
+from shared import data
+from shared.archs import stem_for
+from shared.config import make_config
+from shared.data import load_split, num_classes, pretraining_split, probe_datasets
+from shared.errors import UserError
+from torch_impl import probe as torch_probe
+from torch_impl import train as torch_train
+
+TRAINERS = {"torch": torch_train, "jax": jax_train}
+PROBES = {"torch": torch_probe, "jax": jax_probe}
+
+
+def write_cifar100(root: Path, splits: dict) -> None:
+    """root/cifar-100-python/{train,test,meta} as the python version of CIFAR-100 holds them;
+    splits: name -> (images uint8 [N, 32, 32, 3], fine labels int [N])."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split, (images, labels) in splits.items():
+        rows = np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), 3072))
+        with open(folder / split, "wb") as f:
+            pickle.dump({b"filenames": [f"{i}.png".encode() for i in range(len(images))],
+                         b"batch_label": split.encode(), b"fine_labels": [int(y) for y in labels],
+                         b"coarse_labels": [int(y) // 5 for y in labels], b"data": rows}, f,
+                        protocol=2)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f)
+
+
+def write_stl10(root: Path, parts: dict) -> None:
+    """root/stl10_binary/ as STL-10's binary version holds it: X files of 3 planes of 96x96 stored
+    column-major, y files of labels 1..10; parts: name -> (images uint8 [N, 96, 96, 3], labels
+    int [N] in 0..9, or None for unlabeled)."""
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    for part, (images, labels) in parts.items():
+        images.transpose(0, 3, 2, 1).tofile(folder / f"{part}_X.bin")
+        if labels is not None:
+            (np.asarray(labels) + 1).astype(np.uint8).tofile(folder / f"{part}_y.bin")
+
+
+def with_integrity(monkeypatch, cls):
+    """torchvision's reader `cls`, its md5 check of the real release turned off."""
+    monkeypatch.setattr(cls, "_check_integrity", lambda self: True)
+    return cls
+
+
+@pytest.fixture
+def cifar100_dir(tmp_path, make_images):
+    rng = np.random.default_rng(1)
+    splits = {split: (make_images(labels, rng), labels)
+              for split, labels in (("train", rng.permutation(np.arange(200) % 100)),
+                                    ("test", rng.permutation(np.arange(100))))}
+    write_cifar100(tmp_path, splits)
+    return tmp_path, splits
+
+
+@pytest.fixture
+def stl10_dir(tmp_path, make_images):
+    rng = np.random.default_rng(2)
+    parts = {"train": np.arange(20) % 10, "test": np.arange(10), "unlabeled": None}
+    write_stl10(tmp_path, {
+        part: (make_images(labels if labels is not None else np.zeros(12, int), rng, (96, 96)),
+               labels) for part, labels in parts.items()})
+    return tmp_path
+
+
+def test_cifar100_returns_the_written_pixels_and_fine_labels(cifar100_dir):
+    root, written = cifar100_dir
+    for split, (images, labels) in written.items():
+        got_images, got_labels = load_split("cifar100", root, split)
+        assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
+    assert num_classes("cifar100") == 100
+
+
+def test_cifar100_labels_out_of_range_are_refused(tmp_path, make_images):
+    rng = np.random.default_rng(0)
+    write_cifar100(tmp_path, {"train": (make_images([0, 1], rng), [0, 100]),
+                              "test": (make_images([0], rng), [0])})
+    with pytest.raises(UserError, match=r"labels are not integers in 0\.\.99"):
+        load_split("cifar100", tmp_path, "train")
+
+
+def test_stl10_equals_torchvisions_reader(stl10_dir, monkeypatch):
+    from torchvision.datasets import STL10
+
+    reader = with_integrity(monkeypatch, STL10)
+    for split in ("train", "test"):
+        images, labels = load_split("stl10", stl10_dir, split)
+        theirs = reader(str(stl10_dir), split=split)
+        assert images.shape[1:] == (96, 96, 3)
+        assert np.array_equal(images, theirs.data.transpose(0, 2, 3, 1))
+        assert np.array_equal(labels, theirs.labels)
+    images, labels = pretraining_split("stl10", stl10_dir)
+    theirs = reader(str(stl10_dir), split="train+unlabeled")
+    assert np.array_equal(images, theirs.data.transpose(0, 2, 3, 1))
+    assert np.array_equal(labels, theirs.labels) and (labels[20:] == -1).all()
+    assert isinstance(images, np.memmap)  # read from the cache, not held in memory
+
+
+def test_stl10_at_32_pixels_is_pillows_bilinear_resize(stl10_dir):
+    images, _ = load_split("stl10", stl10_dir, "test", image_size=32)
+    full, _ = load_split("stl10", stl10_dir, "test")
+    want = np.stack([np.asarray(Image.fromarray(np.asarray(x)).resize((32, 32),
+                                                                      Image.Resampling.BILINEAR))
+                     for x in full])
+    assert np.array_equal(images, want)
+
+
+def test_cifar10_resized_is_cached_and_cifar10_at_32_is_unchanged(tiny_data, tmp_path):
+    images, labels = load_split("cifar10", tiny_data.root, "test")
+    assert np.array_equal(images, tiny_data.cifar10["test"][0])  # no cache, no copy, no resize
+    big, big_labels = load_split("cifar10", tiny_data.root, "test", image_size=40)
+    want = np.stack([np.asarray(Image.fromarray(x).resize((40, 40), Image.Resampling.BILINEAR))
+                     for x in tiny_data.cifar10["test"][0]])
+    assert np.array_equal(big, want) and np.array_equal(big_labels, labels)
+    assert (tiny_data.root / "vicreg_cache" / "cifar10-test-40px.json").is_file()
+
+
+# ---- folders -------------------------------------------------------------------------------------
+
+def save(path: Path, image: Image.Image) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+@pytest.fixture
+def photo_folder(tmp_path, make_images):
+    """A folder laid out for a probe: train/ with classes "cat" and "dog" (dog's images partly in a
+    nested folder), test/ with both; PNG and JPEG files, a 40x30 image, a grayscale, a palette and
+    an RGBA image, and one file that is not an image at all."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "photos"
+    pixels = make_images(np.arange(16) % 2, rng)
+    for i in range(6):
+        save(root / "train" / "cat" / f"{i}.png", Image.fromarray(pixels[i]))
+        where = root / "train" / "dog" / ("deep/er" if i % 2 else "")
+        save(where / f"{i}.jpg", Image.fromarray(pixels[6 + i]))
+    for i in range(2):
+        save(root / "test" / "cat" / f"t{i}.png", Image.fromarray(pixels[12 + i]))
+        save(root / "test" / "dog" / f"t{i}.png", Image.fromarray(pixels[14 + i]))
+    wide = make_images([0], rng, (40, 30))[0]
+    save(root / "train" / "cat" / "wide.png", Image.fromarray(wide))
+    save(root / "train" / "cat" / "gray.png", Image.fromarray(np.full((32, 32), 77, np.uint8)))
+    save(root / "train" / "cat" / "palette.png",
+         Image.fromarray(pixels[0]).convert("P", palette=Image.Palette.ADAPTIVE, colors=8))
+    rgba = np.dstack([pixels[1], np.full((32, 32), 10, np.uint8)])
+    save(root / "train" / "cat" / "rgba.png", Image.fromarray(rgba, "RGBA"))
+    (root / "train" / "cat" / "broken.jpg").write_bytes(b"this is not a JPEG")
+    return root
+
+
+def expected_pixels(path: Path, size: int = 32) -> np.ndarray:
+    """Pillow's RGB decode of `path`, its centred square cropped (torchvision's center_crop) and
+    resized bilinearly to size x size."""
+    from torchvision.transforms.v2.functional import center_crop
+
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+    side = min(rgb.size)
+    return np.asarray(center_crop(rgb, [side, side]).resize((size, size),
+                                                            Image.Resampling.BILINEAR))
+
+
+def test_a_folders_probe_splits_are_imagefolders(photo_folder, tmp_path, capsys):
+    from torchvision.datasets import ImageFolder
+
+    name = f"folder:{photo_folder}"
+    images, labels = load_split(name, tmp_path / "data", "train")
+    theirs = ImageFolder(str(photo_folder / "train"),
+                         is_valid_file=lambda p: not p.endswith("broken.jpg"))
+    assert theirs.classes == ["cat", "dog"] and num_classes(name) == 2
+    assert labels.tolist() == [y for _, y in theirs.samples]
+    for image, (path, _) in zip(images, theirs.samples):
+        assert np.array_equal(image, expected_pixels(Path(path))), path
+    assert "broken.jpg" in capsys.readouterr().err
+    test_images, test_labels = load_split(name, tmp_path / "data", "test")
+    assert test_labels.tolist() == [0, 0, 1, 1] and test_images.shape == (4, 32, 32, 3)
+
+
+def test_grayscale_palette_and_rgba_images_become_rgb(photo_folder, tmp_path):
+    images, _ = load_split(f"folder:{photo_folder}", tmp_path, "train")
+    paths = data.labelled_files(photo_folder, "train").paths
+    at = {Path(p).name: i for i, p in enumerate(p for p in paths if "broken" not in p)}
+    assert (images[at["gray.png"]] == 77).all()
+    with Image.open(photo_folder / "train" / "cat" / "rgba.png") as im:
+        assert np.array_equal(images[at["rgba.png"]], np.asarray(im)[..., :3])
+    with Image.open(photo_folder / "train" / "cat" / "palette.png") as im:
+        assert np.array_equal(images[at["palette.png"]], np.asarray(im.convert("RGB")))
+
+
+def test_an_unreadable_file_is_named_or_refused(photo_folder, tmp_path, capsys):
+    name = f"folder:{photo_folder}"
+    with pytest.raises(UserError, match=r"cannot read .*broken\.jpg.*--bad-images skip"):
+        pretraining_split(name, tmp_path, bad_images="error")
+    images, labels = pretraining_split(name, tmp_path)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("warning: skipped 1 unreadable image(s)") and "broken.jpg" in line
+    assert len(images) == 16 and (labels == 0).all()  # train/ only: cat 10 readable, dog 6
+    meta = json.loads(next((tmp_path / "vicreg_cache").glob("*pretrain*.json")).read_text())
+    assert meta["count"] == 16 and "broken.jpg" in meta["skipped"][0]
+
+
+def test_a_plain_tree_pretrains_on_every_image_in_it(tmp_path, make_images):
+    rng = np.random.default_rng(4)
+    pixels = make_images(np.arange(5), rng)
+    for i, where in enumerate(["a", "a/b", "a/b/c", "", "d"]):
+        save(tmp_path / "tree" / where / f"{i}.PNG", Image.fromarray(pixels[i]))
+    (tmp_path / "tree" / "notes.txt").write_text("not an image")
+    images, _ = pretraining_split(f"folder:{tmp_path / 'tree'}", tmp_path / "data")
+    order = [3, 0, 1, 2, 4]  # make_dataset's: folders sorted ("", a, a/b, a/b/c, d)
+    assert np.array_equal(images, pixels[order])
+    assert not data.is_labelled(f"folder:{tmp_path / 'tree'}")
+
+
+def test_the_cache_is_read_until_the_folder_changes(photo_folder, tmp_path, monkeypatch):
+    name = f"folder:{photo_folder}"
+    first, _ = pretraining_split(name, tmp_path)
+    with monkeypatch.context() as patched:
+        patched.setattr(data, "read_image", lambda *a: pytest.fail("decoded again"))
+        again, _ = pretraining_split(name, tmp_path)
+        assert np.array_equal(first, again)
+    changed = photo_folder / "train" / "cat" / "0.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(changed)
+    os.utime(changed, ns=(1, 1))
+    images, _ = pretraining_split(name, tmp_path)
+    assert len(images) == 16 and (images[0] == 0).all()
+    save(photo_folder / "train" / "cat" / "new.png", Image.fromarray(np.full((32, 32, 3), 9,
+                                                                             np.uint8)))
+    assert len(pretraining_split(name, tmp_path)[0]) == 17
+
+
+def test_a_folder_at_96_pixels(photo_folder, tmp_path):
+    images, _ = load_split(f"folder:{photo_folder}", tmp_path, "test", image_size=96)
+    assert np.array_equal(images[0], expected_pixels(photo_folder / "test" / "cat" / "t0.png", 96))
+
+
+def test_what_a_run_probes(photo_folder, tiny_data_dir, tmp_path):
+    assert probe_datasets("cifar10", tiny_data_dir, False) == ["cifar10", "gtsrb"]
+    assert probe_datasets("gtsrb", tiny_data_dir, False) == ["gtsrb"]
+    assert probe_datasets(f"folder:{photo_folder}", tmp_path, False) == [f"folder:{photo_folder}"]
+    (tmp_path / "plain").mkdir()
+    assert probe_datasets(f"folder:{tmp_path / 'plain'}", tiny_data_dir, False) == ["gtsrb"]
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda root: None, "does not exist"),
+    (lambda root: root.mkdir(), "no images in"),
+    (lambda root: (root / "train" / "cat").mkdir(parents=True), "no images in"),
+])
+def test_a_missing_or_empty_folder_is_refused(tmp_path, make, says):
+    make(tmp_path / "photos")
+    with pytest.raises(UserError, match=says):
+        pretraining_split(f"folder:{tmp_path / 'photos'}", tmp_path)
+
+
+def test_a_probe_needs_class_folders(tmp_path, photo_folder):
+    (tmp_path / "flat").mkdir()
+    save(tmp_path / "flat" / "a.png", Image.new("RGB", (32, 32)))
+    with pytest.raises(UserError, match="not laid out for a probe: it needs PATH/train/<class>"):
+        load_split(f"folder:{tmp_path / 'flat'}", tmp_path, "train")
+    save(photo_folder / "test" / "bird" / "b.png", Image.new("RGB", (32, 32)))
+    with pytest.raises(UserError, match="has classes that .* lacks: bird"):
+        load_split(f"folder:{photo_folder}", tmp_path, "test")
+
+
+def test_val_stands_in_for_test(photo_folder, tmp_path):
+    (photo_folder / "test").rename(photo_folder / "val")
+    assert load_split(f"folder:{photo_folder}", tmp_path, "test")[1].tolist() == [0, 0, 1, 1]
+
+
+# ---- settings ------------------------------------------------------------------------------------
+
+def test_image_size_and_stem_follow_the_dataset(tmp_path):
+    assert make_config({}).image_size == 32 and make_config({}).stem() == "cifar"
+    stl = make_config({"dataset": "stl10"})
+    assert stl.image_size == 96 and stl.stem() == "imagenet"
+    assert make_config({"dataset": "stl10", "image_size": 64}).stem() == "cifar"
+    assert [stem_for(s) for s in (8, 32, 64, 65, 96, 224)] == ["cifar"] * 3 + ["imagenet"] * 3
+    folder = make_config({"dataset": "folder:photos"})
+    assert folder.image_size == 32 and folder.dataset == f"folder:{Path.cwd() / 'photos'}"
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+@pytest.mark.parametrize("flags, says", [
+    (["--dataset", "imagenet"], "--dataset imagenet: expected one of cifar10, cifar100, stl10"),
+    (["--dataset", "folder:"], "--dataset folder:: expected one of"),
+    (["--image-size", "0"], "--image-size 0: must lie in [8, 1024]"),
+    (["--image-size", "8", "--blur-kernel", "17"], "--blur-kernel 17: must be smaller than twice"),
+    (["--dataset", "folder:MISSING"], "does not exist"),
+    (["--dataset", "folder:EMPTY"], "no images in"),
+    (["--dataset", "folder:FLAT", "--monitor-every", "0", "--no-probe", "--bad-images",
+      "error"], "cannot read"),
+])
+def test_bad_dataset_flags_are_one_line_and_write_nothing(framework, flags, says, tmp_path,
+                                                          capsys):
+    (tmp_path / "EMPTY").mkdir()
+    save(tmp_path / "FLAT" / "a.png", Image.new("RGB", (32, 32)))
+    (tmp_path / "FLAT" / "b.png").write_bytes(b"broken")
+    flags = [f.replace("folder:", f"folder:{tmp_path}/") if f != "folder:" else f for f in flags]
+    run = tmp_path / "run"
+    code = TRAINERS[framework].main(["--preset", "smoke", "--data-dir", str(tmp_path / "data"),
+                                     "--out", str(run), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and says in err[-1] and "Traceback" not in "\n".join(err)
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_a_probe_of_a_folder_without_classes_is_refused(framework, tiny_data_dir, tmp_path,
+                                                        capsys):
+    run = tmp_path / "run"
+    assert TRAINERS[framework].main(["--preset", "smoke", "--width", "4", "--no-probe",
+                                     "--data-dir", str(tiny_data_dir), "--out", str(run)]) == 0
+    (tmp_path / "flat").mkdir()
+    save(tmp_path / "flat" / "a.png", Image.new("RGB", (32, 32)))
+    before = sorted(p.name for p in run.iterdir())
+    assert PROBES[framework].main(["--run", str(run), "--dataset",
+                                   f"folder:{tmp_path / 'flat'}"]) == 2
+    assert "not laid out for a probe" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert PROBES[framework].main(["--run", str(run), "--dataset", "imagenet"]) == 2
+    assert "--dataset 'imagenet': expected one of" in capsys.readouterr().err
+
+
+# ---- runs ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_a_run_on_a_folder_probes_and_monitors_it(framework, photo_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert TRAINERS[framework].main([
+        "--preset", "smoke", "--width", "4", "--subset", "0", "--batch-size", "8",
+        "--dataset", f"folder:{photo_folder}", "--monitor-bank", "16", "--monitor-test", "4",
+        "--monitor-k", "3", "--probe-subset", "0", "--data-dir", str(tmp_path / "data"),
+        "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["probe"]) == {"folder"} and summary["train_images"] == 16
+    probe = json.loads((run / "probe_folder.json").read_text())
+    assert probe["source"] == f"folder:{photo_folder}" and probe["num_classes"] == 2
+    assert probe["num_test"] == 4 and 0 <= summary["knn_top1"] <= 1
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_a_run_on_stl10_at_96_pixels_uses_the_imagenet_stem(framework, stl10_dir, tmp_path):
+    run = tmp_path / "run"
+    assert TRAINERS[framework].main([
+        "--preset", "smoke", "--width", "4", "--subset", "0", "--dataset", "stl10",
+        "--monitor-bank", "20", "--monitor-test", "10", "--monitor-k", "5",
+        "--data-dir", str(stl10_dir), "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"] == "stl10" and config["image_size"] == 96
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_images"] == 32 and set(summary["probe"]) == {"stl10"}
+    assert json.loads((run / "probe_stl10.json").read_text())["num_train"] == 20
