@@ -172,6 +172,20 @@ def test_whole_views_equal_the_numpy_pipeline(pipeline):
                   torch_view.permute(0, 2, 3, 1), jax_views(params)(images, JA.device_params(p)))
 
 
+@pytest.mark.parametrize("source, size", [(96, 96), (32, 48)],
+                         ids=["96px images to 96px views", "32px images to 48px views"])
+def test_views_of_any_size_equal_the_numpy_pipeline(source, size):
+    params = dataclasses.replace(PIPELINES["every op on every image"], size=size)
+    images = np.repeat(np.repeat(pixels(13), source // 32, axis=1), source // 32, axis=2)
+    reference = A.make_views(images, params, seed=3, epoch=0, step=0)
+    drawn = A.draw_views(N, source, source, params, seed=3, epoch=0, step=0)
+    for view, ref, p in zip("ab", reference, drawn):
+        assert ref.shape == (N, size, size, 3)
+        torch_view = TA.apply_view(on_torch(images), TA.device_params(p, device="cpu"), params)
+        check(f"{source}px to {size}px view {view}", ref, torch_view.permute(0, 2, 3, 1),
+              jax_views(params)(images, JA.device_params(p)))
+
+
 def test_a_process_applying_its_rows_gets_its_rows_of_the_batch():
     params = PIPELINES["every op on every image"]
     images = pixels(12)
