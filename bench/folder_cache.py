@@ -2,7 +2,7 @@
 cache again, and the pretraining views made from the memory-mapped cache against the same images
 held in memory (the array path every named dataset takes).
 
-    python bench/folder_cache.py [--folder PATH] [--steps 200] [--rounds 3]
+    python bench/folder_cache.py [--folder PATH] [--image-size 32] [--steps 200] [--rounds 3]
 
 PATH defaults to GTSRB's training images ($VICREG_DATA_DIR/gtsrb/GTSRB/Training: 39,209 .ppm files
 in 43 class folders). The views are the `cpu` preset's (batch 128, the loader's automatic thread
@@ -28,9 +28,9 @@ from shared.loader import epoch_batches  # noqa: E402
 
 
 def views_per_second(images: np.ndarray, steps: int, epoch: int) -> float:
-    """Pairs of views per second the loader makes from `images` over `steps` batches of the cpu
-    preset."""
-    cfg = make_config({"preset": "cpu"})
+    """Pairs of views per second the loader makes from `images` (uint8 [N, S, S, 3]) over `steps`
+    batches of the cpu preset, at S pixels."""
+    cfg = make_config({"preset": "cpu", "image_size": images.shape[1]})
     started = time.perf_counter()
     batches = epoch_batches(images, view_params(cfg), batch_size=cfg.batch_size, seed=0,
                             epoch=epoch, end_step=steps, workers=cfg.loader_workers())
@@ -43,16 +43,18 @@ def main() -> None:
     parser.add_argument("--folder", default=str(default_data_dir() / "gtsrb/GTSRB/Training"))
     parser.add_argument("--steps", type=int, default=200, help="batches per timing")
     parser.add_argument("--rounds", type=int, default=3, help="timings of each source")
+    parser.add_argument("--image-size", type=int, default=32,
+                        help="the side the images are resized to (and the views' size)")
     args = parser.parse_args()
     if not Path(args.folder).is_dir():
         sys.exit(f"error: no folder {args.folder} (pass --folder or set VICREG_DATA_DIR)")
     name = f"folder:{os.path.abspath(args.folder)}"
     with tempfile.TemporaryDirectory() as cache_home:
         started = time.perf_counter()
-        images, _ = pretraining_split(name, cache_home)
+        images, _ = pretraining_split(name, cache_home, image_size=args.image_size)
         decode_s = time.perf_counter() - started
         started = time.perf_counter()
-        images, _ = pretraining_split(name, cache_home)
+        images, _ = pretraining_split(name, cache_home, image_size=args.image_size)
         reload_s = time.perf_counter() - started
         in_memory = np.array(images)
         mapped = np.ascontiguousarray(images)  # as the trainer takes it: no copy
@@ -60,7 +62,8 @@ def main() -> None:
         for round_ in range(args.rounds):  # alternated, so that drift hits both alike
             rates["cache (memory-mapped)"].append(views_per_second(mapped, args.steps, round_))
             rates["array in memory"].append(views_per_second(in_memory, args.steps, round_))
-    print(f"{len(images):,} images of {args.folder}, {os.cpu_count()} CPU cores\n")
+    print(f"{len(images):,} images of {args.folder} at {args.image_size}x{args.image_size}, "
+          f"{os.cpu_count()} CPU cores\n")
     print("| step | seconds |\n|---|---:|")
     print(f"| decode into the cache | {decode_s:.1f} |")
     print(f"| read the cache again | {reload_s:.2f} |\n")

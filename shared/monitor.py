@@ -30,19 +30,22 @@ from shared.linear_probe import Features, KnnClassifier
 @dataclass(frozen=True)
 class MonitorData:
     """The monitor's images: the bank uint8 [N, S, S, 3] with labels int [N], the test images
-    [M, S, S, 3] with labels [M], and how many classes the labels count."""
+    [M, S, S, 3] with labels [M], how many classes the labels count, and the k neighbours that
+    vote (--monitor-k, at most N)."""
 
     bank: np.ndarray
     bank_labels: np.ndarray
     test: np.ndarray
     test_labels: np.ndarray
     classes: int
+    k: int
 
 
 def monitor_data(cfg: Config) -> MonitorData | None:
     """The monitor's images for cfg (None when --monitor-every is 0, or the dataset has no
     labels): the first cfg.monitor_bank images of the dataset's labelled training split and the
-    first cfg.monitor_test of its test split. More than a split holds is a UserError."""
+    first cfg.monitor_test of its test split, each at most the whole split (a small dataset's
+    monitor takes all of it, and at most as many neighbours as its bank holds)."""
     if not cfg.monitor_every or not is_labelled(cfg.dataset):
         return None
     try:
@@ -53,15 +56,10 @@ def monitor_data(cfg: Config) -> MonitorData | None:
         raise UserError(f"the kNN monitor needs {dataset_title(cfg.dataset)}'s labelled images "
                         f"(--monitor-every 0 turns it off): {exc}") from None
     (images, labels), (test_images, test_labels) = splits["train"], splits["test"]
-    for flag, wanted, held, split in (("--monitor-bank", cfg.monitor_bank, len(images), "training"),
-                                      ("--monitor-test", cfg.monitor_test, len(test_images),
-                                       "test")):
-        if wanted > held:
-            raise UserError(f"{flag} {wanted} is larger than the {held} "
-                            f"{dataset_title(cfg.dataset)} {split} images; use at most that many")
-    return MonitorData(images[:cfg.monitor_bank], labels[:cfg.monitor_bank],
-                       test_images[:cfg.monitor_test], test_labels[:cfg.monitor_test],
-                       num_classes(cfg.dataset))
+    bank = min(cfg.monitor_bank, len(images))
+    return MonitorData(images[:bank], labels[:bank], test_images[:cfg.monitor_test],
+                       test_labels[:cfg.monitor_test], num_classes(cfg.dataset),
+                       min(cfg.monitor_k, bank))
 
 
 def monitor_note(cfg: Config, data: MonitorData | None) -> str:
@@ -72,12 +70,23 @@ def monitor_note(cfg: Config, data: MonitorData | None) -> str:
         return ("" if not cfg.monitor_every else
                 f"note: no kNN monitor: {cfg.dataset} has no labels (a folder needs train/<class>/ "
                 "and test/<class>/ for it)")
+    notes = []
+    title = dataset_title(cfg.dataset)
+    for flag, wanted, held, split in (("--monitor-bank", cfg.monitor_bank, len(data.bank),
+                                       "training"),
+                                      ("--monitor-test", cfg.monitor_test, len(data.test), "test")):
+        if wanted > held:
+            notes.append(f"it takes all {held} {title} {split} images ({flag} {wanted} asks for "
+                         "more)")
+    if data.k < cfg.monitor_k:
+        notes.append(f"{data.k} neighbours vote (--monitor-k {cfg.monitor_k} is more than its "
+                     "bank holds)")
     held = len(np.unique(data.test_labels))
-    if held == data.classes:
-        return ""
-    return (f"note: the kNN monitor's {len(data.test_labels)} test images hold {held} of "
-            f"{data.classes} classes (this test split is ordered by class); a larger "
-            "--monitor-test takes more of them")
+    if held < data.classes:
+        notes.append(f"its {len(data.test_labels)} test images hold {held} of {data.classes} "
+                     "classes (this test split is ordered by class); a larger --monitor-test "
+                     "takes more of them")
+    return "note: the kNN monitor: " + "; ".join(notes) if notes else ""
 
 
 def is_point(step: int, total: int, every_steps: float) -> bool:
@@ -92,6 +101,6 @@ def knn_top1(features: Features, knn_predict: KnnClassifier, data: MonitorData,
     `features`, classified by `knn_predict`."""
     bank = features(data.bank, "kNN bank features")
     test = features(data.test, "kNN test features")
-    predicted = knn_predict(bank, data.bank_labels, test, data.classes, cfg.monitor_k,
+    predicted = knn_predict(bank, data.bank_labels, test, data.classes, data.k,
                             cfg.monitor_temperature)
     return float(np.mean(predicted == data.test_labels))

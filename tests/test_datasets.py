@@ -366,3 +366,55 @@ def test_a_run_on_stl10_at_96_pixels_uses_the_imagenet_stem(framework, stl10_dir
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_images"] == 32 and set(summary["probe"]) == {"stl10"}
     assert json.loads((run / "probe_stl10.json").read_text())["num_train"] == 20
+
+
+def test_the_results_table_names_the_dataset_and_its_probe(tmp_path):
+    import dataclasses
+
+    from shared.results import RunResult, results_markdown_table
+
+    def run(label, dataset, probes):
+        config = dataclasses.asdict(make_config({"dataset": dataset}))
+        return RunResult(label, tmp_path / label, "done", "torch", config, {"epochs": 1.0},
+                         {key: {"top1": top1, "checkpoint_epoch": 1.0}
+                          for key, top1 in probes.items()}, None)
+
+    table = results_markdown_table([run("a", "cifar10", {"cifar10": 0.5, "gtsrb": 0.25}),
+                                    run("b", "folder:photos", {"folder": 0.75})])
+    header, _, first, second = table.strip().splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[:3] == ["run", "status", "dataset"] and "folder top-1" in columns
+    assert "folder random init" in columns and "CIFAR-100 top-1" not in columns
+    cells = [c.strip() for c in second.strip("|").split("|")]
+    assert cells[2] == f"folder:{Path.cwd() / 'photos'}"
+    assert cells[columns.index("folder top-1")] == "75.00%"
+    assert [c.strip() for c in first.strip("|").split("|")][columns.index("folder top-1")] == ""
+
+
+def test_download_fetches_cifar100_and_stl10_only_when_files_are_missing(monkeypatch, tmp_path,
+                                                                         make_images):
+    rng = np.random.default_rng(5)
+    calls = []
+
+    class FakeCIFAR100:
+        def __init__(self, root, train, download):
+            calls.append(("cifar100", train, download))
+            write_cifar100(Path(root), {"train": (make_images([3], rng), [3]),
+                                        "test": (make_images([7], rng), [7])})
+
+    class FakeSTL10:
+        def __init__(self, root, split, download):
+            calls.append(("stl10", split, download))
+            write_stl10(Path(root), {part: (make_images([1], rng, (96, 96)), labels)
+                                     for part, labels in (("train", [1]), ("test", [2]),
+                                                          ("unlabeled", None))})
+
+    monkeypatch.setattr("torchvision.datasets.CIFAR100", FakeCIFAR100)
+    monkeypatch.setattr("torchvision.datasets.STL10", FakeSTL10)
+    assert load_split("cifar100", tmp_path, "test", download=True)[1].tolist() == [7]
+    assert load_split("cifar100", tmp_path, "train", download=True)[1].tolist() == [3]
+    assert pretraining_split("stl10", tmp_path, download=True)[1].tolist() == [1, -1]
+    assert load_split("stl10", tmp_path, "test", download=True)[1].tolist() == [2]
+    assert calls == [("cifar100", True, True), ("stl10", "train+unlabeled", True)]
+    with pytest.raises(UserError, match="STL-10 not found: .*test_X.bin does not exist"):
+        load_split("stl10", tmp_path / "elsewhere", "test")
