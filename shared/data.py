@@ -359,11 +359,9 @@ def _load_stl10(data_dir: Path, parts: tuple[str, ...], size: int,
 
         with _cleaned_up_on_failure(data_dir, "STL-10", _STL10_LAYOUT):
             STL10(root=str(data_dir), split="train+unlabeled", download=True)
-    missing = next((p for p in needed if not p.is_file()), None)
+    missing = stl10_missing(data_dir, parts)
     if missing:
-        raise UserError(f"STL-10 not found: {missing} does not exist (expected under {data_dir}: "
-                        f"{_STL10_LAYOUT}, the binary version of STL-10); pass --download to "
-                        "fetch it")
+        raise missing
     pixels, labels = [], []
     for part in parts:
         x_path = folder / _STL10_FILES[part][0]
@@ -386,6 +384,17 @@ def _load_stl10(data_dir: Path, parts: tuple[str, ...], size: int,
                                       CACHE_VERSION, size, parts))
     return cached(data_dir / CACHE_DIR, f"stl10-{'+'.join(parts)}-{size}px", source, size,
                   "error", f"STL-10 {'+'.join(parts)}")
+
+
+def stl10_missing(data_dir: Path, parts: tuple[str, ...]) -> UserError | None:
+    """The error for the first file of STL-10's `parts` that is not there, or None."""
+    folder = data_dir / _STL10_DIR
+    missing = next((folder / f for part in parts for f in _STL10_FILES[part]
+                    if not (folder / f).is_file()), None)
+    if missing is None:
+        return None
+    return UserError(f"STL-10 not found: {missing} does not exist (expected under {data_dir}: "
+                     f"{_STL10_LAYOUT}, the binary version of STL-10); pass --download to fetch it")
 
 
 def _stl10_labels(folder: Path, part: str, count: int) -> np.ndarray:
@@ -483,11 +492,9 @@ def check_probe_data(datasets: list[str], data_dir, download: bool) -> None:
             if missing:
                 raise missing
         elif name == "stl10":
-            missing = next((data_dir / _STL10_DIR / f for f in _STL10_FILES["test"]
-                            if not (data_dir / _STL10_DIR / f).is_file()), None)
+            missing = stl10_missing(data_dir, ("test",))
             if missing:
-                raise UserError(f"STL-10 not found: {missing} does not exist (expected under "
-                                f"{data_dir}: {_STL10_LAYOUT}); pass --download to fetch it")
+                raise missing
         elif name == "gtsrb":
             _check_gtsrb_complete(data_dir / "gtsrb")
         else:

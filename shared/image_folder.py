@@ -45,7 +45,16 @@ def image_files(top: Path) -> list[str]:
     """Every image file under `top` (IMAGE_EXTENSIONS, any case) in torchvision's make_dataset
     order: folders in sorted order, each one's files sorted; links followed."""
     return [os.path.join(d, f) for d, _, names in sorted(os.walk(top, followlinks=True))
-            for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)]
+            for f in sorted(names) if _is_image(f)]
+
+
+def _holds_images(top: Path) -> bool:
+    """Whether there is an image file anywhere under `top`; stops at the first one."""
+    return any(_is_image(f) for _, _, names in os.walk(top, followlinks=True) for f in names)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def check_folder(root: Path) -> None:
@@ -92,7 +101,7 @@ def class_names(root: Path) -> tuple[str, ...]:
     """The classes of a labelled folder: the sorted names of train/'s subfolders that hold images
     (UserError when there are none)."""
     train = split_dir(root, "train")
-    names = tuple(sorted(d.name for d in train.iterdir() if d.is_dir() and image_files(d)))
+    names = tuple(sorted(d.name for d in train.iterdir() if d.is_dir() and _holds_images(d)))
     if not names:
         raise UserError(f"{train} has no class subfolders with images (a probe needs {LAYOUT})")
     return names
@@ -104,7 +113,7 @@ def labelled_files(root: Path, split: str) -> LabelledFiles:
     classes = class_names(root)
     top = split_dir(root, split)
     index = {name: i for i, name in enumerate(classes)}
-    found = sorted(d.name for d in top.iterdir() if d.is_dir() and image_files(d))
+    found = sorted(d.name for d in top.iterdir() if d.is_dir() and _holds_images(d))
     unknown = [name for name in found if name not in index]
     if unknown:
         raise UserError(f"{top} has classes that {root / 'train'} lacks: {', '.join(unknown[:5])}; "

@@ -104,12 +104,13 @@ def per_class_accuracy(predicted: np.ndarray, labels: np.ndarray,
             for c in range(num_classes)]
 
 
-def probe_record(*, framework: str, dataset: str, protocol: str, predicted: np.ndarray,
-                 num_train: int, test_labels: np.ndarray, feature_dim: int, cfg: Config,
+def probe_record(*, framework: str, dataset: str, classes: int, protocol: str,
+                 predicted: np.ndarray, num_train: int, test_labels: np.ndarray,
+                 feature_dim: int, cfg: Config,
                  random_init: bool, checkpoint_epoch: float | None, time_s: float) -> dict:
     """The probe_<dataset>[_knn].json content: top-1 (fraction), per-class top-1, counts, the
-    protocol and its settings; "dataset" is dataset_key(dataset), "source" the whole name."""
-    classes = num_classes(dataset)
+    protocol and its settings; "dataset" is dataset_key(dataset), "source" the whole name, and
+    `classes` how many classes it has."""
     settings = ({"epochs": cfg.probe_epochs, "lr": cfg.probe_lr, "wd": cfg.probe_wd,
                  "batch_size": cfg.probe_batch_size} if protocol == "linear" else
                 {"k": cfg.monitor_k, "temperature": cfg.monitor_temperature})
@@ -169,17 +170,18 @@ def probe(cfg: Config, run_dir: Path, dataset: str, *, framework: str, features:
     check_interrupted()
     f_test = features(x_test, f"{dataset} test features")
     check_interrupted()
+    classes = num_classes(dataset)
     if protocol == "knn":
-        predicted = knn_predict(f_train, y_train, f_test, num_classes(dataset), cfg.monitor_k,
+        predicted = knn_predict(f_train, y_train, f_test, classes, cfg.monitor_k,
                                 cfg.monitor_temperature)
     else:
-        logits = train_linear(f_train, y_train, f_test, num_classes(dataset), cfg)
+        logits = train_linear(f_train, y_train, f_test, classes, cfg)
         if not np.isfinite(logits).all():
             raise UserError(f"the {dataset} linear probe diverged (non-finite outputs) with "
                             f"--probe-lr {cfg.probe_lr}; try a lower one. Nothing was written")
         predicted = np.argmax(logits, axis=1)
     check_interrupted()
-    result = probe_record(framework=framework, dataset=dataset, protocol=protocol,
+    result = probe_record(framework=framework, dataset=dataset, classes=classes, protocol=protocol,
                           predicted=predicted, num_train=len(y_train), test_labels=y_test,
                           feature_dim=f_train.shape[1], cfg=cfg, random_init=random_init,
                           checkpoint_epoch=checkpoint_epoch, time_s=time.perf_counter() - started)
