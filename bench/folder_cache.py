@@ -22,9 +22,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.augment import view_params  # noqa: E402
-from shared.config import default_data_dir, make_config  # noqa: E402
+from shared.config import make_config  # noqa: E402
 from shared.data import pretraining_split  # noqa: E402
 from shared.loader import epoch_batches  # noqa: E402
+from shared.machine import default_data_dir  # noqa: E402
 
 
 def views_per_second(images: np.ndarray, steps: int, epoch: int) -> float:

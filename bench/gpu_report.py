@@ -11,7 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.runio import read_json, read_metrics  # noqa: E402
+from shared.records import EpochRecord, of_kind, read_records  # noqa: E402
+from shared.runio import read_json  # noqa: E402
 
 
 def table_lines(log: Path) -> list[str]:
@@ -24,9 +25,9 @@ def table_lines(log: Path) -> list[str]:
 
 
 def run_row(run: Path) -> str:
-    epochs = [r for r in read_metrics(run) if r.get("kind") == "epoch"]
+    epochs = of_kind(read_records(run), EpochRecord)
     summary = read_json(run / "summary.json") or {}
-    steady = [r["pairs_per_s"] for r in epochs[1:]]
+    steady = [r.pairs_per_s for r in epochs[1:]]
     rate = f"{sum(steady) / len(steady):,.0f}" if steady else "-"
     probe = summary.get("probe", {}).get("cifar10")
     minutes = f"{summary['train_time_s'] / 60:.1f}" if "train_time_s" in summary else "-"

@@ -32,11 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.augment import draw_views, make_views, view_params  # noqa: E402
+from shared.backend import World  # noqa: E402
 from shared.cli import plural  # noqa: E402
 from shared.config import PRESETS, Config, make_config  # noqa: E402
 from shared.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from shared.loader import epoch_batches  # noqa: E402
-from shared.loop import World  # noqa: E402
 from torch_impl import augment as torch_augment  # noqa: E402
 from torch_impl import step as torch_step  # noqa: E402
 from torch_impl.model import build_model, init_variables  # noqa: E402
@@ -103,8 +103,8 @@ def jax_step_rate(cfg: Config, bf16: bool, conv_impl: str | None, steps: int) ->
     from jax_impl.optim import build_optimizer as build_jax_optimizer
     from jax_impl.step import initial_state, make_train_step
 
-    model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(),
-                            jnp.bfloat16 if bf16 else jnp.float32, conv_impl)
+    model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(),
+                            dtype=jnp.bfloat16 if bf16 else jnp.float32, conv_impl=conv_impl)
     optimizer = build_jax_optimizer(cfg)
     step_fn = make_train_step(cfg, model=model, optimizer=optimizer)
     views = [jnp.asarray(v) for v in random_views(cfg, (32, 32, 3))]

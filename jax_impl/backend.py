@@ -1,8 +1,8 @@
-"""jax_impl's side of the training loop (shared.loop.Backend): the state, the step, the checkpoint,
-the devices and the backbone's features, in JAX.
+"""jax_impl's side of the training loop (shared.backend.Backend): the state, the step, the
+checkpoint, the devices and the backbone's features, in JAX.
 
 The twin of torch_impl.backend: the same class name, methods and signatures (tests/test_twins.py
-checks them against shared.loop.Backend). The state is replicated over a mesh of every device
+checks them against shared.backend.Backend). The state is replicated over a mesh of every device
 the job has and each batch sharded over it (jax_impl.distributed).
 """
 from __future__ import annotations
@@ -32,18 +32,15 @@ from jax_impl.probe import features_of, knn_predict, train_linear
 from jax_impl.runtime import compute_dtype, device_name, pick_device, precision_name
 from jax_impl.step import TrainState, initial_state, make_train_step, network, resumed_state
 from shared.augment import AugmentParams
+from shared.backend import Features, World, augments_on_device
 from shared.config import Config
 from shared.errors import UserError
-from shared.linear_probe import Features
 from shared.loader import DrawnBatch, ViewBatch
-from shared.loop import World, augments_on_device
 
 
 class Backend:
-    """shared.loop.Backend for one process of a (perhaps multi-process) JAX job over every device
+    """shared.backend.Backend for one process of a (perhaps multi-process) JAX job over every device
     the job has."""
-
-    framework = "jax"
 
     def __init__(self, cfg: Config, world: World, images: np.ndarray, augment: AugmentParams,
                  device: jax.Device):

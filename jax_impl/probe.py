@@ -28,7 +28,7 @@ from jax_impl.model import (
     torch_uniform,
 )
 from jax_impl.optim import set_lr
-from jax_impl.runtime import compute_dtype, pick_device
+from jax_impl.runtime import compute_dtype, pick_device, use_compilation_cache
 from shared.cli import command_exit
 from shared.config import Config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
@@ -165,6 +165,7 @@ def backbone_to_probe(cfg: Config, run_dir: Path,
 
 def main(argv: list[str] | None = None) -> int:
     def load(cfg: Config, run_dir: Path, random_init: bool) -> tuple[Features, float | None]:
+        use_compilation_cache(cfg.jax_cache)
         (backbone, variables), epoch = backbone_to_probe(cfg, run_dir, random_init)
         return features_of(backbone, variables), epoch
 

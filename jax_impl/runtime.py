@@ -1,4 +1,5 @@
-"""Device and precision for jax_impl: the GPU when jax sees one, bf16 compute where it is fast."""
+"""Device and precision for jax_impl: the GPU when jax sees one, bf16 compute where it is fast;
+and the persistent compilation cache, so that XLA compiles a program once per machine."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from shared.errors import UserError
+from shared.machine import JAX_CACHE_BYTES, JAX_CACHE_ENV, jax_cache_dir
 
 # CPU flags that make bf16 matmuls and convolutions native (torch asks oneDNN the same question).
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -55,3 +57,24 @@ def compute_dtype(precision: str, device: jax.Device) -> jnp.dtype:
 def precision_name(dtype: jnp.dtype) -> str:
     """"bf16" or "fp32", as summary.json and the start-up line report it."""
     return "bf16" if jnp.dtype(dtype) == jnp.bfloat16 else "fp32"
+
+
+def use_compilation_cache(enabled: bool) -> str | None:
+    """Point XLA's persistent compilation cache at shared.machine.jax_cache_dir() (--jax-cache),
+    before anything is compiled, unless `enabled` is False, the folder is off, or a folder was
+    chosen already (JAX_COMPILATION_CACHE_DIR, or an earlier call); returns the folder in use.
+    A folder that cannot be made leaves the cache off, with a warning."""
+    if jax.config.jax_compilation_cache_dir or not enabled:
+        return jax.config.jax_compilation_cache_dir
+    folder = jax_cache_dir()
+    if folder is None:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"warning: no compilation cache: cannot create {folder} ({exc.strerror or exc}); "
+              f"set {JAX_CACHE_ENV} to a folder you can write to, or to off", flush=True)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_compilation_cache_max_size", JAX_CACHE_BYTES)
+    return str(folder)

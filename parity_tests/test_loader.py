@@ -1,28 +1,32 @@
 """Group 8, a plumbing test: both trainers hand their steps byte-identical batches for the same
 (seed, epoch, step).
 
-Each backend runs shared.loop's epoch loop as in training, with its compiled step replaced by a
-recorder of what it is handed (the steps themselves are compared in test_training.py). The
-reference, shared.loader.batch_at, runs the same loader code, so this checks the way from the
-loader to each framework's step (threads, order, layout, dtype), not the augmentation itself
-(tests/test_augment.py checks that against torchvision).
+Each backend runs shared.loop's fit as in training, from a checkpoint at epoch 1 to the end of
+epoch 2, with its compiled step replaced by a recorder of what it is handed (the steps themselves
+are compared in test_training.py). The reference, shared.loader.batch_at, runs the same loader
+code, so this checks the way from the loader to each framework's step (threads, order, layout,
+dtype), not the augmentation itself (tests/test_augment.py checks that against torchvision).
 """
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from tqdm import tqdm
 
 from jax_impl.backend import Backend as JaxBackend
 from shared.augment import view_params
+from shared.backend import World
 from shared.config import make_config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
+from shared.epoch_log import Sinks
 from shared.loader import batch_at
-from shared.loop import Session, World, train_epoch
-from shared.runio import TERMS, MetricsLog
+from shared.loop import Trainer, fit
+from shared.records import TERMS, MetricsLog
+from shared.run_folder import Progress
+from shared.schedule import Plan
 from torch_impl.backend import Backend as TorchBackend
 
 
@@ -58,9 +62,11 @@ def consumed(framework, cfg, images, run_dir, epoch) -> list[tuple[np.ndarray, n
     backend = backend_class(cfg, World(), images, augment, device)
     seen = []
     backend.step_fn = recorder(seen)
-    session = Session(cfg, images, augment, World(), backend, MetricsLog(run_dir))
-    with tqdm(disable=True) as bar:
-        train_epoch(session, backend.initial_state(), epoch, bar)
+    trainer = Trainer(cfg, framework, backend, World(), images, augment, None,
+                      Sinks(MetricsLog(run_dir)), time.perf_counter, time.perf_counter())
+    per_epoch = trainer.steps_per_epoch
+    fit(trainer, backend.initial_state(), Progress(epoch=epoch), Plan(epoch + 1, per_epoch),
+        None)
     return seen
 
 

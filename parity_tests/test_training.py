@@ -23,7 +23,7 @@ from shared.augment import view_params
 from shared.config import make_config
 from shared.data import CIFAR10_MEAN, CIFAR10_STD
 from shared.loader import epoch_batches, steps_per_epoch
-from shared.schedule import lr_at
+from shared.schedule import Plan, lr_at
 from torch_impl.optim import build_optimizer as torch_build_optimizer
 from torch_impl.step import TrainState as TorchTrainState
 from torch_impl.step import train_step as torch_train_step
@@ -236,7 +236,7 @@ def test_optimizer_step_updates_params_and_state_alike(optimizer, phase, parity)
     cfg = config(optimizer)
     per_epoch = steps_per_epoch(NUM_IMAGES, BATCH)
     first = WARMUP_STEP if phase == "warmup" else COSINE_STEP
-    lrs = [lr_at(first + i, per_epoch, cfg) for i in range(2)]
+    lrs = [lr_at(first + i, Plan(cfg.epochs, per_epoch), cfg) for i in range(2)]
     warmup_steps = cfg.warmup_epochs * per_epoch
     assert (lrs[1] < cfg.peak_lr()) if phase == "warmup" else (first >= warmup_steps)
     runs = Runs(optimizer, seed=21)
@@ -266,7 +266,7 @@ def test_twenty_training_steps_on_the_loader_batches_stay_together(optimizer, pa
         for batch in epoch_batches(images, params, batch_size=cfg.batch_size, seed=cfg.seed,
                                    epoch=epoch, workers=2):
             step = epoch * per_epoch + batch.step
-            lr = lr_at(step, per_epoch, cfg)
+            lr = lr_at(step, Plan(cfg.epochs, per_epoch), cfg)
             lr_sum += lr
             terms = runs.step(batch.view_a, batch.view_b, lr)
             label = f"{optimizer} step {step + 1}"

@@ -36,7 +36,7 @@ from shared.errors import (
     kept_interrupts,
     resources_as_user_errors,
 )
-from shared.runio import CHECKPOINT_FILES, check_resumable, load_run_config
+from shared.runio import CHECKPOINT_FILES, check_resumable, load_run_config, tool_command
 
 
 class UserErrorParser(argparse.ArgumentParser):
@@ -136,7 +136,7 @@ def _add_setting_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, def
 def build_train_parser(framework: str) -> argparse.ArgumentParser:
     """The pretraining command line shared by torch_impl.train and jax_impl.train."""
     parser = UserErrorParser(
-        prog=f"python -m {framework}_impl.train",
+        prog=tool_command(framework, "train"),
         description="Pretrain a ResNet with VICReg on CIFAR-10 (or --dataset cifar100, stl10, "
                     "gtsrb, folder:PATH), then measure a linear probe on it and on GTSRB. "
                     "Defaults are solo-learn's CIFAR recipe (ResNet-18, "
@@ -178,7 +178,7 @@ def parse_train_args(argv: list[str] | None, framework: str) -> tuple[Config, bo
 def build_probe_parser(framework: str) -> argparse.ArgumentParser:
     """The linear-probe command line shared by torch_impl.probe and jax_impl.probe."""
     parser = UserErrorParser(
-        prog=f"python -m {framework}_impl.probe",
+        prog=tool_command(framework, "probe"),
         description="Probe a run's frozen backbone: extract its features (eval-mode BN) of the "
                     "un-augmented train and test images once, then train a linear classifier on "
                     "them (SGD, cosine) or, with --protocol knn, classify the test images by "
@@ -201,7 +201,7 @@ def build_probe_parser(framework: str) -> argparse.ArgumentParser:
     defaults = Config()
     for f in fields(Config):
         if f.metadata["role"] == PROBE or f.name in ("data_dir", "download", "precision",
-                                                     "bad_images"):
+                                                     "bad_images", "jax_cache"):
             _add_setting_flag(parser, f, getattr(defaults, f.name), "the run's setting")
     return parser
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -22,6 +21,7 @@ from pathlib import Path
 from shared.archs import BLOCKS, stem_for
 from shared.errors import UserError
 from shared.loss_inputs import LOSS_VARIANTS, RENAMED_VARIANTS
+from shared.machine import JAX_CACHE_ENV, auto_workers, default_data_dir, jax_cache_dir
 
 ARCHS = tuple(BLOCKS)
 OPTIMIZERS = ("lars", "adam")
@@ -274,6 +274,13 @@ class Config:
     compile: bool = setting(False, "torch.compile the forward pass and loss of the train step "
                             "(on a GPU the views computed there are always compiled); jax always "
                             "jit-compiles", RUN)
+    jax_cache: bool = setting(True, "jax_impl: keep what XLA compiles (the step, the features, "
+                              "the probe) in a persistent compilation cache on this machine, so "
+                              "that a later run of the same shapes starts without compiling; "
+                              f"env {JAX_CACHE_ENV} names another folder, or off (jax's own "
+                              "JAX_COMPILATION_CACHE_DIR wins); torch_impl ignores it", RUN,
+                              default_text="on, in "
+                              f"{jax_cache_dir() or f'no folder: {JAX_CACHE_ENV} is off'}")
     log_every: int = setting(20, "write a metrics.jsonl line every this many steps", RUN,
                              check=POSITIVE)
     tensorboard: bool = setting(False, "also write the curves as TensorBoard events into "
@@ -470,17 +477,6 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"--warmup-epochs {cfg.warmup_epochs:g} is longer than the run "
                         f"(--epochs {cfg.epochs:g}); the warmup must end within it")
     return cfg
-
-
-def default_data_dir() -> Path:
-    """$VICREG_DATA_DIR if set and non-empty, else ./data."""
-    return Path(os.environ.get("VICREG_DATA_DIR") or "data").expanduser()
-
-
-def auto_workers() -> int:
-    """Augmentation threads when --workers is 0: half the cores, 1 to 8 (numpy releases the GIL
-    inside its array operations, so threads scale while the trainer keeps the other cores)."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def default_out(framework: str, preset: str) -> str:

@@ -9,7 +9,12 @@ A cache is three files beside each other under a data directory's `vicreg_cache/
 
 A cache whose fingerprint differs from its source's (a file added, removed or touched) is decoded
 again. Decoding writes one image at a time into the memory-mapped file, so a folder of 100,000
-images is never held in memory whole, and only one file is open at a time.
+images is never held in memory whole, and only one file is open at a time. Where the cache cannot
+be written (a read-only data directory), the images are decoded into memory instead, with a
+warning, every time.
+
+Every dataset that is decoded (GTSRB, STL-10, folders, any dataset at another size) goes through
+`cached`: one format, one reader, one writer.
 """
 from __future__ import annotations
 
@@ -39,14 +44,13 @@ _CHUNK = 256
 @dataclass(frozen=True)
 class Source:
     """What a cache is made from: `count` images, `read(i)` the i-th as uint8 [S, S, 3] (raising
-    OSError or ValueError when it cannot be read), `label(i)` its class (int), `name(i)` how an
-    error names it, and `fingerprint`, which changes whenever the images do."""
+    OSError or ValueError when it cannot be read), `label(i)` its class (int) and `name(i)` how an
+    error names it."""
 
     count: int
     read: Callable[[int], np.ndarray]
     label: Callable[[int], int]
     name: Callable[[int], str]
-    fingerprint: str
 
 
 def files_fingerprint(paths: Iterable[str], *extra: object) -> str:
@@ -85,24 +89,50 @@ def square(image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def cached(cache_dir: Path, name: str, source: Source, size: int, bad_images: str,
-           description: str) -> tuple[np.ndarray, np.ndarray]:
-    """The images and labels of `source` at `size` pixels: (uint8 [N, size, size, 3] memory-mapped,
-    int64 [N]), decoded into cache_dir/name.* on the first call (with a progress bar) and read from
-    there while the fingerprint holds.
+# What an error for an unreadable image tells a user to do, unless the dataset says otherwise.
+FIX_BAD_IMAGE = "fix or remove it, or pass --bad-images skip to leave such files out"
+
+
+def cached(cache_dir: Path, name: str, fingerprint: str, source: Callable[[], Source], size: int,
+           bad_images: str, description: str,
+           fix: str = FIX_BAD_IMAGE) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of `source()` at `size` pixels: (uint8 [N, size, size, 3]
+    memory-mapped, int64 [N]), decoded into cache_dir/name.* on the first call (with a progress
+    bar) and read from there while `fingerprint` (which changes whenever the images do) holds;
+    `source` is called only to decode.
 
     An unreadable image is skipped and named in one line on stderr (bad_images "skip"), or a
-    UserError ("error"). No readable image at all is a UserError.
+    UserError ("error") that says what to do (`fix`). No readable image at all is a UserError.
     """
-    stored = _read_cache(cache_dir, name, source.fingerprint, size)
+    stored = _read_cache(cache_dir, name, fingerprint, size)
     if stored is not None:
         return stored
+    images = source()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        return _decode(cache_dir, name, source, size, bad_images, description)
+        return _decode(cache_dir, name, fingerprint, images, size, bad_images, description, fix)
     except OSError as e:
-        raise UserError(f"cannot write the image cache in {cache_dir} ({e.strerror or e}); "
-                        "point --data-dir at a folder you can write to") from e
+        print(f"warning: cannot write the image cache {_paths(cache_dir, name)['json']} "
+              f"({e.strerror or e}); decoding {description} into memory, again next time "
+              "(point --data-dir at a folder you can write to)", file=sys.stderr, flush=True)
+    return _decode_in_memory(images, size, bad_images, description, fix)
+
+
+def resize_array(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3], as a folder's images are resized (square)."""
+    from PIL import Image
+
+    return square(Image.fromarray(image), size)
+
+
+def resized(cache_dir: Path, name: str, images: np.ndarray, labels: np.ndarray, size: int,
+            fingerprint: str, description: str) -> tuple[np.ndarray, np.ndarray]:
+    """`images` (uint8 [N, H, W, 3], labels int [N]) resized to size x size (resize_array),
+    cached as `name`."""
+    def source() -> Source:
+        return Source(len(images), lambda i: resize_array(images[i], size),
+                      lambda i: int(labels[i]), lambda i: f"{description} image {i}")
+    return cached(cache_dir, f"{name}-{size}px", fingerprint, source, size, "error", description)
 
 
 def _paths(cache_dir: Path, name: str) -> dict[str, Path]:
@@ -128,8 +158,8 @@ def _read_cache(cache_dir: Path, name: str, fingerprint: str,
     return images, labels
 
 
-def _decode(cache_dir: Path, name: str, source: Source, size: int, bad_images: str,
-            description: str) -> tuple[np.ndarray, np.ndarray]:
+def _decode(cache_dir: Path, name: str, fingerprint: str, source: Source, size: int,
+            bad_images: str, description: str, fix: str) -> tuple[np.ndarray, np.ndarray]:
     """Decode every image of `source` into the cache files (temporary names, then renamed, the
     json last) and return them as _read_cache does."""
     paths = _paths(cache_dir, name)
@@ -138,7 +168,7 @@ def _decode(cache_dir: Path, name: str, source: Source, size: int, bad_images: s
         images = np.lib.format.open_memmap(tmp["images.npy"], mode="w+", dtype=np.uint8,
                                            shape=(source.count, size, size, 3))
         labels = np.empty(source.count, np.int64)
-        kept, bad = _fill(images, labels, source, size, bad_images, description)
+        kept, bad = _fill(images, labels, source, size, bad_images, description, fix)
         if kept == 0:
             raise UserError(f"none of the {source.count} images of {description} could be read "
                             f"(first: {bad[0]})")
@@ -149,24 +179,41 @@ def _decode(cache_dir: Path, name: str, source: Source, size: int, bad_images: s
         with open(tmp["labels.npy"], "wb") as f:  # a path would get ".npy" appended
             np.save(f, labels[:kept])
         tmp["json"].write_text(json.dumps({
-            "fingerprint": source.fingerprint, "size": size, "count": kept,
+            "fingerprint": fingerprint, "size": size, "count": kept,
             "version": CACHE_VERSION, "skipped": bad}, indent=1))
         for part in ("images.npy", "labels.npy", "json"):
             os.replace(tmp[part], paths[part])
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
-    if bad:
-        print(f"warning: skipped {len(bad)} unreadable image(s) of {description}: "
-              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} (all are listed in "
-              f"{paths['json']}; --bad-images error refuses them)", file=sys.stderr, flush=True)
-    stored = _read_cache(cache_dir, name, source.fingerprint, size)
+    _warn_skipped(bad, description, f"all are listed in {paths['json']}; ")
+    stored = _read_cache(cache_dir, name, fingerprint, size)
     assert stored is not None, "a cache just written reads back"
     return stored
 
 
+def _decode_in_memory(source: Source, size: int, bad_images: str, description: str,
+                      fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays _decode writes, decoded into memory (uint8 [N, size, size, 3], int64 [N])."""
+    images = np.empty((source.count, size, size, 3), np.uint8)
+    labels = np.empty(source.count, np.int64)
+    kept, bad = _fill(images, labels, source, size, bad_images, description, fix)
+    if kept == 0:
+        raise UserError(f"none of the {source.count} images of {description} could be read "
+                        f"(first: {bad[0]})")
+    _warn_skipped(bad, description, "")
+    return images[:kept], labels[:kept]
+
+
+def _warn_skipped(bad: list[str], description: str, listed: str) -> None:
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable image(s) of {description}: "
+              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} ({listed}--bad-images "
+              "error refuses them)", file=sys.stderr, flush=True)
+
+
 def _fill(images: np.ndarray, labels: np.ndarray, source: Source, size: int, bad_images: str,
-          description: str) -> tuple[int, list[str]]:
+          description: str, fix: str) -> tuple[int, list[str]]:
     """Write the readable images of `source` in order into images[:kept] (labels alike); returns
     kept and the names of the unreadable ones."""
     def read_chunk(start: int) -> list[np.ndarray | str]:
@@ -188,8 +235,8 @@ def _fill(images: np.ndarray, labels: np.ndarray, source: Source, size: int, bad
             for i, image in enumerate(chunk, start):
                 if isinstance(image, str):
                     if bad_images == "error":
-                        raise UserError(f"cannot read {image}; fix or remove it, or pass "
-                                        "--bad-images skip to leave such files out")
+                        raise UserError(f"cannot read {image}: corrupt, missing or not an "
+                                        f"image; {fix}")
                     bad.append(image)
                     continue
                 images[kept] = image

@@ -10,17 +10,28 @@ torchvision's ImageFolder reads:
 
 Classes are numbered in the sorted order of train/'s subfolder names, and files are listed in
 ImageFolder's order, so a folder gives the same dataset on every machine, and as torchvision
-reads it.
+reads it. The images are decoded once, at the size asked for, into the image cache under the data
+directory (shared.image_cache), named by the folder's location.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.config import FOLDER_PREFIX
 from shared.errors import UserError
-from shared.image_cache import IMAGE_EXTENSIONS
+from shared.image_cache import (
+    CACHE_DIR,
+    CACHE_VERSION,
+    IMAGE_EXTENSIONS,
+    Source,
+    cached,
+    files_fingerprint,
+    read_image,
+)
+from shared.reader import Arrays, Reader
 
 TEST_FOLDERS = ("test", "val")
 UNLABELED_FOLDER = "unlabeled"
@@ -126,3 +137,42 @@ def labelled_files(root: Path, split: str) -> LabelledFiles:
     if not paths:
         raise UserError(f"no images in the class subfolders of {top} (a probe needs {LAYOUT})")
     return LabelledFiles(paths, labels, classes)
+
+
+def load_files(data_dir: Path, root: Path, part: str, paths: list[str], labels: list[int],
+               size: int, bad_images: str) -> Arrays:
+    """The images `paths` of folder `root` (with `labels`) decoded into the cache under
+    DATA_DIR/vicreg_cache/, named by the folder's location, `part` and `size`."""
+    root = root.resolve()
+    where = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    fingerprint = files_fingerprint(paths, CACHE_VERSION, size,
+                                    hashlib.sha256(repr(labels).encode()).hexdigest())
+
+    def source() -> Source:
+        return Source(len(paths), lambda i: read_image(paths[i], size), lambda i: labels[i],
+                      lambda i: paths[i])
+
+    return cached(Path(data_dir) / CACHE_DIR,
+                  f"folder-{root.name or 'root'}-{where}-{part}-{size}px", fingerprint, source,
+                  size, bad_images, f"{root} ({part})")
+
+
+def reader(root: Path) -> Reader:
+    """The Reader of folder `root`: labelled splits from train/ and test/ (labelled_files), the
+    pretraining images labelled 0 (pretraining_files)."""
+    def split(data_dir, name, size, download, bad_images):
+        files = labelled_files(root, name)
+        return load_files(data_dir, root, name, files.paths, files.labels, size, bad_images)
+
+    def pretraining(data_dir, size, download, bad_images):
+        paths = pretraining_files(root)
+        return load_files(data_dir, root, "pretrain", paths, [0] * len(paths), size, bad_images)
+
+    def probe_missing(data_dir) -> UserError | None:
+        try:
+            labelled_files(root, "test")
+        except UserError as exc:
+            return exc
+        return None
+
+    return Reader(split, pretraining, probe_missing)

@@ -1,23 +1,28 @@
-"""The framework-neutral half of the linear-probe protocol, so both probes train on the same thing.
+"""The framework-neutral half of the probes, so both frameworks' probes measure the same thing.
 
-Protocol: features of the frozen backbone (eval-mode BN) for un-augmented, normalised train and
-test images, extracted once; features standardised with the train split's mean and std; a linear
-classifier trained with SGD (momentum 0.9, cosine learning rate per step) on shuffled mini-batches;
-top-1 on the test split.
+Both protocols start from features of the frozen backbone (eval-mode BN) for un-augmented,
+normalised train and test images, extracted once, and report top-1 on the test split:
+  - linear (LINEAR): features standardised with the train split's mean and std; a linear
+    classifier trained with SGD (momentum 0.9, cosine learning rate per step) on shuffled
+    mini-batches;
+  - knn (KNN): each test image takes the label a weighted kNN among the train images gives it.
 
-Each framework's probe module supplies two functions, a feature extractor and a classifier trainer;
-everything else (which images, the checks, the result file, the command line) is here.
+Each framework's probe module supplies the feature extractor and the classifiers (a linear
+trainer, the weighted kNN); everything else (which images, the checks, the result file, the command
+line) is here.
 """
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from shared.augment_ops import normalize, to_float01
+from shared.backend import Features, KnnClassifier, LinearTrainer
 from shared.cli import cli_main, parse_probe_args
 from shared.config import Config
 from shared.data import dataset_key, load_split, num_classes, probe_datasets, stratified_subset
@@ -28,29 +33,13 @@ from shared.runio import (
     read_json,
     refuse_stale_checkpoint,
     run_folder_lock,
+    tool_command,
     write_json,
 )
 
-# features(images uint8 [N, S, S, 3], description for the progress bar) -> float32 [N, F]
-Features = Callable[[np.ndarray, str], np.ndarray]
-# train_linear(train features [N, F], train labels [N], test features [M, F], classes, cfg)
-#   -> test logits float32 [M, classes]
-LinearTrainer = Callable[[np.ndarray, np.ndarray, np.ndarray, int, Config], np.ndarray]
-# knn_predict(bank features [N, F], bank labels int [N], query features [M, F], classes, k,
-#   temperature) -> predicted labels int64 [M]
-KnnClassifier = Callable[[np.ndarray, np.ndarray, np.ndarray, int, int, float], np.ndarray]
 # Salt of the probe's shuffling stream, so that it never coincides with the pretraining loader's
 # streams drawn from the same seed (shared.loader).
 _SHUFFLE_SALT = 0xB0B
-
-PROTOCOL = "frozen backbone (eval BN), un-augmented images at the run's size normalised as in " \
-           "pretraining, features standardised on train, linear classifier, SGD momentum 0.9, " \
-           "cosine lr"
-
-
-KNN_PROTOCOL = ("frozen backbone (eval BN), un-augmented images at the run's size normalised as in "
-                "pretraining, weighted kNN: cosine similarity of L2-normalised features, the k "
-                "most similar bank images vote exp(similarity / T) for their label")
 
 
 def check_knn(k: int, temperature: float, bank_size: int) -> None:
@@ -61,6 +50,66 @@ def check_knn(k: int, temperature: float, bank_size: int) -> None:
                         f"of at least 1; the bank holds {bank_size}")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise UserError(f"the kNN temperature must be a positive number, got {temperature}")
+
+
+@dataclass(frozen=True)
+class Classifiers:
+    """A framework's classifiers on features: the linear probe's trainer and the weighted kNN
+    (None where a probe does not use it)."""
+
+    train_linear: LinearTrainer | None
+    knn_predict: KnnClassifier | None
+
+
+def _linear_predict(classifiers: Classifiers, f_train: np.ndarray, y_train: np.ndarray,
+                    f_test: np.ndarray, classes: int, cfg: Config, dataset: str) -> np.ndarray:
+    """Labels int64 [M] of the linear classifier trained on f_train; UserError if it diverged."""
+    logits = classifiers.train_linear(f_train, y_train, f_test, classes, cfg)
+    if not np.isfinite(logits).all():
+        raise UserError(f"the {dataset} linear probe diverged (non-finite outputs) with "
+                        f"--probe-lr {cfg.probe_lr}; try a lower one. Nothing was written")
+    return np.argmax(logits, axis=1)
+
+
+def _knn_predict(classifiers: Classifiers, f_train: np.ndarray, y_train: np.ndarray,
+                 f_test: np.ndarray, classes: int, cfg: Config, dataset: str) -> np.ndarray:
+    """Labels int64 [M] of the weighted kNN with f_train as the bank."""
+    return classifiers.knn_predict(f_train, y_train, f_test, classes, cfg.monitor_k,
+                                   cfg.monitor_temperature)
+
+
+@dataclass(frozen=True)
+class ProbeProtocol:
+    """How a probe classifies the frozen features: its name (--protocol, and the result file's
+    suffix after the linear one's), what the result file says of it, its settings, the check of
+    those settings against the training split's size, and the prediction; `in_summary`: its
+    top-1 is the run's summary.json probe result."""
+
+    name: str
+    label: str
+    description: str
+    settings: Callable[[Config], dict]
+    check: Callable[[Config, int], None]
+    predict: Callable[..., np.ndarray]
+    in_summary: bool
+
+
+LINEAR = ProbeProtocol(
+    "linear", "linear probe",
+    "frozen backbone (eval BN), un-augmented images at the run's size normalised as in "
+    "pretraining, features standardised on train, linear classifier, SGD momentum 0.9, cosine lr",
+    lambda cfg: {"epochs": cfg.probe_epochs, "lr": cfg.probe_lr, "wd": cfg.probe_wd,
+                 "batch_size": cfg.probe_batch_size},
+    lambda cfg, bank_size: None, _linear_predict, in_summary=True)
+KNN = ProbeProtocol(
+    "knn", "kNN probe",
+    "frozen backbone (eval BN), un-augmented images at the run's size normalised as in "
+    "pretraining, weighted kNN: cosine similarity of L2-normalised features, the k most similar "
+    "bank images vote exp(similarity / T) for their label",
+    lambda cfg: {"k": cfg.monitor_k, "temperature": cfg.monitor_temperature},
+    lambda cfg, bank_size: check_knn(cfg.monitor_k, cfg.monitor_temperature, bank_size),
+    _knn_predict, in_summary=False)
+PROTOCOLS = {protocol.name: protocol for protocol in (LINEAR, KNN)}
 
 
 def normalize_images(images: np.ndarray, mean, std) -> np.ndarray:
@@ -104,16 +153,13 @@ def per_class_accuracy(predicted: np.ndarray, labels: np.ndarray,
             for c in range(num_classes)]
 
 
-def probe_record(*, framework: str, dataset: str, classes: int, protocol: str,
+def probe_record(*, framework: str, dataset: str, classes: int, protocol: ProbeProtocol,
                  predicted: np.ndarray, num_train: int, test_labels: np.ndarray,
                  feature_dim: int, cfg: Config,
                  random_init: bool, checkpoint_epoch: float | None, time_s: float) -> dict:
     """The probe_<dataset>[_knn].json content: top-1 (fraction), per-class top-1, counts, the
     protocol and its settings; "dataset" is dataset_key(dataset), "source" the whole name, and
     `classes` how many classes it has."""
-    settings = ({"epochs": cfg.probe_epochs, "lr": cfg.probe_lr, "wd": cfg.probe_wd,
-                 "batch_size": cfg.probe_batch_size} if protocol == "linear" else
-                {"k": cfg.monitor_k, "temperature": cfg.monitor_temperature})
     return {
         "framework": framework, "dataset": dataset_key(dataset), "source": dataset,
         "top1": accuracy(predicted, test_labels),
@@ -121,22 +167,22 @@ def probe_record(*, framework: str, dataset: str, classes: int, protocol: str,
         "num_train": int(num_train), "num_test": int(len(test_labels)),
         "num_classes": classes, "feature_dim": int(feature_dim),
         "random_init": random_init, "checkpoint_epoch": checkpoint_epoch,
-        "protocol": PROTOCOL if protocol == "linear" else KNN_PROTOCOL,
+        "protocol": protocol.description,
         "settings": {"arch": cfg.arch, "width": cfg.width, "image_size": cfg.image_size,
-                     **settings,
+                     **protocol.settings(cfg),
                      "subset": cfg.probe_subset, "seed": cfg.seed,
                      "normalisation": "CIFAR-10 mean/std (as in pretraining)"},
         "time_s": time_s,
     }
 
 
-def report_probe(result: dict, run_dir: Path, cfg: Config, protocol: str) -> None:
+def report_probe(result: dict, run_dir: Path, cfg: Config, protocol: ProbeProtocol) -> None:
     """Write probe_<dataset>[_random_init][_knn][_<framework>].json and print the one-line
     result."""
     write_json(probe_result_path(run_dir, result["dataset"], result["random_init"],
-                                 result["framework"], protocol), result)
-    kind = "linear probe" if protocol == "linear" else "kNN probe"
-    label = f"{result['dataset']} {kind}{' (random init)' if result['random_init'] else ''}"
+                                 result["framework"], protocol.name), result)
+    baseline = " (random init)" if result["random_init"] else ""
+    label = f"{result['dataset']} {protocol.label}{baseline}"
     print(f"{label}: top-1 {100 * result['top1']:.2f}% ({result['num_train']} train / "
           f"{result['num_test']} test images, {cfg.arch} width {cfg.width})", flush=True)
 
@@ -152,34 +198,24 @@ def probe_split(cfg: Config, dataset: str, split: str) -> tuple[np.ndarray, np.n
 
 
 def probe(cfg: Config, run_dir: Path, dataset: str, *, framework: str, features: Features,
-          train_linear: LinearTrainer, random_init: bool, checkpoint_epoch: float | None,
-          protocol: str = "linear", knn_predict: KnnClassifier | None = None) -> dict:
-    """Run a protocol on `dataset`, write its result file (see report_probe) and return it:
-    "linear" (a classifier trained by train_linear) or "knn" (knn_predict with the training
-    split as the bank, cfg.monitor_k neighbours at temperature cfg.monitor_temperature).
+          classifiers: Classifiers, random_init: bool, checkpoint_epoch: float | None,
+          protocol: ProbeProtocol = LINEAR) -> dict:
+    """Run `protocol` on `dataset` with the backbone's `features` and the framework's
+    `classifiers`, write its result file (see report_probe) and return it.
 
-    A classifier that diverges (non-finite logits, say from a too large --probe-lr) is a
+    A classifier that fails (a linear one that diverges, say from a too large --probe-lr) is a
     UserError, and nothing is written: a probe never replaces a result with a broken one.
     """
     started = time.perf_counter()
     x_train, y_train = probe_split(cfg, dataset, "train")
     x_test, y_test = probe_split(cfg, dataset, "test")
-    if protocol == "knn":
-        check_knn(cfg.monitor_k, cfg.monitor_temperature, len(x_train))
+    protocol.check(cfg, len(x_train))
     f_train = features(x_train, f"{dataset} train features")
     check_interrupted()
     f_test = features(x_test, f"{dataset} test features")
     check_interrupted()
     classes = num_classes(dataset)
-    if protocol == "knn":
-        predicted = knn_predict(f_train, y_train, f_test, classes, cfg.monitor_k,
-                                cfg.monitor_temperature)
-    else:
-        logits = train_linear(f_train, y_train, f_test, classes, cfg)
-        if not np.isfinite(logits).all():
-            raise UserError(f"the {dataset} linear probe diverged (non-finite outputs) with "
-                            f"--probe-lr {cfg.probe_lr}; try a lower one. Nothing was written")
-        predicted = np.argmax(logits, axis=1)
+    predicted = protocol.predict(classifiers, f_train, y_train, f_test, classes, cfg, dataset)
     check_interrupted()
     result = probe_record(framework=framework, dataset=dataset, classes=classes, protocol=protocol,
                           predicted=predicted, num_train=len(y_train), test_labels=y_test,
@@ -190,18 +226,21 @@ def probe(cfg: Config, run_dir: Path, dataset: str, *, framework: str, features:
 
 
 def probe_after_training(cfg: Config, run_dir: Path, *, framework: str, features: Features,
-                         train_linear: LinearTrainer) -> dict:
-    """The probes that end a training run, {dataset key: top-1}: the run's dataset when it has
-    labels, and GTSRB when its data is there (shared.data.probe_datasets)."""
+                         train_linear: LinearTrainer, checkpoint_epoch: float) -> dict:
+    """The linear probes that end a training run of `checkpoint_epoch` epochs, {dataset key:
+    top-1}: the run's dataset when it has labels, and GTSRB when its data is there
+    (shared.data.probe_datasets)."""
     datasets = probe_datasets(cfg.dataset, cfg.data_dir, cfg.download)
     if "gtsrb" not in datasets and cfg.dataset != "gtsrb":
         print(f"GTSRB probe skipped: no {Path(cfg.data_dir) / 'gtsrb'} (pass --download)")
     if cfg.dataset not in datasets:
         print(f"{cfg.dataset} probe skipped: it has no labels (a folder needs train/<class>/ and "
               "test/<class>/ for a probe)")
+    classifiers = Classifiers(train_linear, None)
     return {dataset_key(dataset): probe(cfg, run_dir, dataset, framework=framework,
-                                        features=features, train_linear=train_linear,
-                                        random_init=False, checkpoint_epoch=cfg.epochs)["top1"]
+                                        features=features, classifiers=classifiers,
+                                        random_init=False,
+                                        checkpoint_epoch=checkpoint_epoch)["top1"]
             for dataset in datasets}
 
 
@@ -226,18 +265,20 @@ def probe_main(argv: list[str] | None, framework: str,
     def body():
         cfg, args = parse_probe_args(argv, framework)
         run_dir = Path(args.run)
-        with run_folder_lock(run_dir, f"python -m {framework}_impl.probe"):
+        protocol = PROTOCOLS[args.protocol]
+        with run_folder_lock(run_dir, tool_command(framework, "probe")):
             try:
                 if not args.random_init:
                     refuse_stale_checkpoint(run_dir, framework)
                 features, epoch = load(cfg, run_dir, args.random_init)
                 result = probe(cfg, run_dir, args.dataset, framework=framework,
-                               features=features, train_linear=train_linear,
+                               features=features,
+                               classifiers=Classifiers(train_linear, knn_predict),
                                random_init=args.random_init, checkpoint_epoch=epoch,
-                               protocol=args.protocol, knn_predict=knn_predict)
+                               protocol=protocol)
             except KeyboardInterrupt:
                 raise Interrupted("the probe stopped; nothing was written") from None
-            if not args.random_init and args.protocol == "linear":
+            if not args.random_init and protocol.in_summary:
                 update_summary(run_dir, result)
 
     return cli_main(body)

@@ -11,20 +11,23 @@ and its run no monitor:
     s_j = <q / |q|, b_j / |b_j|>,   votes(c) = sum over the k largest s_j with label c of
     exp(s_j / T),   prediction = argmax_c votes(c),   knn_top1 = mean(prediction == label).
 
-The loop (shared.loop) calls it, so both frameworks measure alike; each point is a "knn" record in
-metrics.jsonl.
+The loop (shared.loop) calls its Monitor after every step, so both frameworks measure alike; each
+point is a KnnRecord in metrics.jsonl.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from shared.backend import Backend, Features, KnnClassifier
 from shared.config import Config
 from shared.data import dataset_title, is_labelled, load_split, num_classes
 from shared.errors import UserError
-from shared.linear_probe import Features, KnnClassifier
+from shared.records import KnnRecord
 
 
 @dataclass(frozen=True)
@@ -104,3 +107,37 @@ def knn_top1(features: Features, knn_predict: KnnClassifier, data: MonitorData,
     predicted = knn_predict(bank, data.bank_labels, test, data.classes, data.k,
                             cfg.monitor_temperature)
     return float(np.mean(predicted == data.test_labels))
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """The kNN monitor of one training run: its images, a point every `every_steps` steps of
+    `steps_per_epoch` (and at the end), timed on `clock` (a time budget counts the points)."""
+
+    data: MonitorData
+    cfg: Config
+    steps_per_epoch: int
+    clock: Callable[[], float]
+
+    @property
+    def every_steps(self) -> float:
+        """The steps between two points."""
+        return self.cfg.monitor_every * self.steps_per_epoch
+
+    def due(self, step: int, total: int) -> bool:
+        """Whether a point falls once `step` of the run's `total` steps are trained."""
+        return is_point(step, total, self.every_steps)
+
+    def measure(self, backend: Backend, state: Any) -> tuple[float, float]:
+        """The top-1 for the backbone of `state`, and the seconds it took."""
+        started = self.clock()
+        top1 = knn_top1(backend.features(state), backend.knn_predict, self.data, self.cfg)
+        return top1, self.clock() - started
+
+    def point(self, backend: Backend, state: Any, step: int, epoch: int,
+              train_time_s: float) -> KnnRecord:
+        """The point once `step` steps are trained (in 0-based `epoch`), `train_time_s` training
+        seconds into the run."""
+        top1, seconds = self.measure(backend, state)
+        return KnnRecord(epoch=epoch, step=step, epochs=step / self.steps_per_epoch,
+                         knn_top1=top1, train_time_s=train_time_s, seconds=seconds)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from shared.cli import UserErrorParser, cli_main, format_value, plural, setting_flags
 from shared.config import Config, make_config
-from shared.data import GTSRB_CLASS_NAMES
 from shared.errors import UserError
+from shared.gtsrb import GTSRB_CLASS_NAMES
 from shared.report_figures import FIGURES, write_figures
 from shared.report_pdf import write_pdf
 from shared.results import (
@@ -32,7 +32,7 @@ from shared.results import (
     read_sweep_file,
     results_markdown_table,
 )
-from shared.runio import CONFIG_FILE, atomic_write_bytes, writable_folder
+from shared.runio import CONFIG_FILE, atomic_write_bytes, tool_command, writable_folder
 
 TRANSFER_EXAMPLES = 5
 # The report's text, with $placeholders for what the runs decide.
@@ -179,7 +179,7 @@ def train_command_line(result: RunResult) -> str:
     changed = {k: v for k, v in cfg.items()
                if k not in ("out", "preset") and v != preset.get(k)}
     framework = result.framework or "<torch|jax>"
-    return " ".join([f"python -m {framework}_impl.train --preset {cfg['preset']} "
+    return " ".join([f"{tool_command(framework, 'train')} --preset {cfg['preset']} "
                      f"--out {result.run_dir}", *setting_flags(changed)])
 
 
@@ -197,7 +197,7 @@ def commands_section(sources: Sources, report_command: str) -> str:
         for dataset in DATASET_TITLES:
             baseline = r.probes.get(f"{dataset}_random_init")
             if baseline is not None:
-                lines.append(f"    python -m {framework}_impl.probe --run {r.run_dir} "
+                lines.append(f"    {tool_command(framework, 'probe')} --run {r.run_dir} "
                              f"--dataset {baseline.get('source', dataset)} --random-init")
     lines += ["", "This report:", "", f"    {report_command}", ""]
     return "\n".join(lines)

@@ -10,8 +10,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from shared.data import NUM_CLASSES, dataset_key
+from shared.records import StepRecord, of_kind, read_records
 from shared.results import DATASET_TITLES, RunResult, monitor_points
-from shared.runio import read_metrics
 
 LOSS_PANELS = (("loss", "total loss (weighted sum)"),
                ("invariance", "invariance: MSE between the two views"),
@@ -22,9 +22,9 @@ FIGURES = ("loss_curves", "embedding_std", "knn_accuracy", "probe_accuracy")
 
 def step_series(run_dir: Path, key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of `key` in the run's logged step windows, non-finite values dropped."""
-    records = [r for r in read_metrics(run_dir)
-               if r.get("kind") == "step" and r.get(key) is not None]
-    return [r["step"] for r in records], [r[key] for r in records]
+    records = [r for r in of_kind(read_records(run_dir), StepRecord)
+               if getattr(r, key) is not None]
+    return [r.step for r in records], [getattr(r, key) for r in records]
 
 
 def log_scale_helps(values: list[float]) -> bool:
@@ -111,7 +111,7 @@ def plot_knn_accuracy(results: list[RunResult], path: Path) -> bool:
     for ax, (key, scale, name) in zip(axes, (("epochs", 1, "epochs trained"),
                                              ("train_time_s", 60, "training time (minutes)"))):
         for label, points in series.items():
-            ax.plot([p[key] / scale for p in points], [100 * p["knn_top1"] for p in points],
+            ax.plot([getattr(p, key) / scale for p in points], [100 * p.knn_top1 for p in points],
                     label=label, **_line_style(len(points)))
         if chance is not None:
             ax.axhline(100 * chance, color="black", linestyle=":", linewidth=1,

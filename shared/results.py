@@ -18,14 +18,13 @@ from shared.cli import format_value
 from shared.config import RUN, Config, make_config
 from shared.data import TITLES, dataset_key
 from shared.errors import UserError
+from shared.records import TERMS, KnnRecord, of_kind, read_records
 from shared.runio import (
     CONFIG_FILE,
     SUMMARY_FILE,
-    TERMS,
     load_run_config,
     probe_result_path,
     read_json,
-    read_metrics,
     run_framework,
 )
 
@@ -151,9 +150,9 @@ def stale_probe(result: RunResult, key: str) -> float | None:
     return float(measured)
 
 
-def monitor_points(run_dir: Path) -> list[dict]:
-    """The kNN monitor's points in the run's metrics.jsonl ("knn" records), oldest first."""
-    return [r for r in read_metrics(run_dir) if r.get("kind") == "knn"]
+def monitor_points(run_dir: Path) -> list[KnnRecord]:
+    """The kNN monitor's points in the run's metrics.jsonl, oldest first."""
+    return of_kind(read_records(run_dir), KnnRecord)
 
 
 def result_row(result: RunResult, settings: list[str],
@@ -171,7 +170,7 @@ def result_row(result: RunResult, settings: list[str],
         row[f"{key}_top1"] = result.probes[key]["top1"] if key in result.probes else None
         if not key.endswith("random_init"):
             row[f"{key}_stale_epoch"] = stale_probe(result, key)
-    points = [p["knn_top1"] for p in monitor_points(result.run_dir)]
+    points = [p.knn_top1 for p in monitor_points(result.run_dir)]
     row["knn_last_top1"] = points[-1] if points else None
     row["knn_best_top1"] = max(points) if points else None
     row["train_time_s"] = (result.summary or {}).get("train_time_s")

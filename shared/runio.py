@@ -1,5 +1,7 @@
-"""The run folder both trainers write: config.json, metrics.jsonl, summary.json, probe_*.json (and
-log.txt, the output of the commands a sweep runs in it), what they hold, and its lock.
+"""The run folder both trainers write: config.json, metrics.jsonl (shared.records), summary.json,
+probe_*.json (and log.txt, the output of the commands a sweep runs in it), the checkpoints and
+checkpoints.json, how they are written and read, and the folder's lock. A training run's life in
+its folder (made, started, continued, cleaned up) is shared.run_folder's.
 
 Files are replaced atomically (temp file in the same folder, then rename), so an interrupted run
 never leaves a half-written file behind, and they get the permissions the umask gives any other
@@ -12,7 +14,6 @@ import contextlib
 import errno
 import fcntl
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -23,17 +24,24 @@ from shared.config import BACKBONE, PRETRAINING, Config, flag, make_config, sett
 from shared.errors import UserError
 
 CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_STEPS_FILE = "checkpoints.json"
 LOCK_FILE = ".lock"
 FRAMEWORKS = ("torch", "jax")
 CHECKPOINT_FILES = {"torch": "checkpoint.pt", "jax": "checkpoint.msgpack"}
-# The loss terms every step and epoch record of metrics.jsonl holds (means over its steps).
-TERMS = ("loss", "invariance", "variance", "covariance", "embedding_std")
 FRAMEWORK_NAMES = {"torch": "PyTorch", "jax": "JAX"}
 # How interop.convert names each framework's checkpoint format (--to).
 CONVERT_TARGETS = {"torch": "torch", "jax": "flax"}
+
+
+def tool_module(framework: str, tool: str) -> str:
+    """The module of one of a framework's commands: ("torch", "train") -> "torch_impl.train"."""
+    return f"{framework}_impl.{tool}"
+
+
+def tool_command(framework: str, tool: str) -> str:
+    """How messages name one of a framework's commands: "python -m torch_impl.train"."""
+    return f"python -m {tool_module(framework, tool)}"
 
 
 def convert_command(run_dir: Path, framework: str, force: bool = False) -> str:
@@ -197,61 +205,6 @@ def run_folder_lock(folder: Path, command: str) -> Iterator[None]:
         os.close(fd)
 
 
-class MetricsLog:
-    """Appends one JSON object a line to metrics.jsonl; `truncate` rolls back to a checkpoint."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / METRICS_FILE
-
-    def size(self) -> int:
-        return self.path.stat().st_size if self.path.exists() else 0
-
-    def truncate(self, size: int) -> None:
-        """Drop lines written after the checkpoint that is being resumed (its size in bytes)."""
-        if self.path.exists():
-            with open(self.path, "r+b") as f:
-                f.truncate(size)
-
-    def write(self, record: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean, sort_keys=True) + "\n")
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of RUN_DIR/metrics.jsonl. A last line without its newline is one being written
-    (or cut off by a kill) and is left out; any other line that is not a JSON object is a
-    UserError naming the file and the line."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-    lines = text.split("\n")
-    records = []
-    for number, line in enumerate(lines[:-1], start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number} is not a JSON record ({exc.msg}): {line[:60]!r}; "
-                            "delete that line to read the rest") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{number} is not a JSON object: {line[:60]!r}")
-        records.append(record)
-    return records
-
-
-def last_record(records: list[dict], kind: str) -> dict:
-    """The last of metrics.jsonl's `records` of `kind` ("epoch", "plan", "knn", ...); {} when
-    there is none."""
-    return next((r for r in reversed(records) if r.get("kind") == kind), {})
-
-
 def run_framework(run_dir: Path, default: str | None = "torch") -> str | None:
     """The framework that trained the run: summary.json's, else the one whose checkpoint is the
     only one there, else `default`."""
@@ -269,8 +222,8 @@ def probe_result_path(run_dir: Path, dataset: str, random_init: bool,
     its own, probe_<dataset>[_random_init][_knn]_<framework>.json, so neither replaces the other;
     where the folder does not tell which framework trained it, the first to write the plain name
     owns it."""
-    knn = "_knn" if protocol == "knn" else ""
-    stem = Path(run_dir) / f"probe_{dataset}{'_random_init' if random_init else ''}{knn}"
+    suffix = "" if protocol == "linear" else f"_{protocol}"
+    stem = Path(run_dir) / f"probe_{dataset}{'_random_init' if random_init else ''}{suffix}"
     plain = stem.with_name(stem.name + ".json")
     if framework is None:
         return plain
@@ -279,44 +232,6 @@ def probe_result_path(run_dir: Path, dataset: str, random_init: bool,
         existing = read_json(plain)
         owner = existing.get("framework", framework) if isinstance(existing, dict) else framework
     return plain if owner == framework else stem.with_name(f"{stem.name}_{framework}.json")
-
-
-def start_run_dir(run_dir: Path, config_json: str, resume: bool, framework: str) -> bool:
-    """Make RUN_DIR ready for training (the caller holds its lock): True when it holds a checkpoint
-    of `framework` to continue from, False when training starts from scratch, after writing
-    config.json.
-
-    A folder whose earlier attempt stopped before its first checkpoint (a crash, a kill, a NaN
-    in the first epoch) holds no training, so the same command, or --resume, starts it again. A
-    folder with a checkpoint, a summary or a probe result is never overwritten.
-    """
-    run_dir = Path(run_dir)
-    checkpoint = run_dir / CHECKPOINT_FILES[framework]
-    if resume and checkpoint.is_file():
-        return True
-    others = [name for fw, name in CHECKPOINT_FILES.items()
-              if fw != framework and (run_dir / name).exists()]
-    trained = others or checkpoint.exists() or (run_dir / SUMMARY_FILE).exists() or any(
-        run_dir.glob("probe_*.json"))
-    if trained:
-        if resume and others:
-            other = next(fw for fw, name in CHECKPOINT_FILES.items() if name == others[0])
-            raise UserError(f"{run_dir} holds a {other} checkpoint ({others[0]}), not a "
-                            f"{framework} one; convert it with: "
-                            f"{convert_command(run_dir, framework)}")
-        if resume:
-            raise UserError(f"cannot resume {run_dir}: it holds no {checkpoint.name}")
-        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
-                        "another --out")
-    if resume and not (run_dir / CONFIG_FILE).is_file():
-        raise UserError(f"cannot resume: no run in {run_dir} (no {CONFIG_FILE}); start it "
-                        "without --resume")
-    if (run_dir / CONFIG_FILE).is_file():
-        print(f"note: {run_dir} holds a run that stopped before its first checkpoint; starting "
-              "it again", flush=True)
-    MetricsLog(run_dir).truncate(0)
-    atomic_write_bytes(run_dir / CONFIG_FILE, (config_json + "\n").encode())
-    return False
 
 
 def load_run_config(run_dir: Path) -> Config:

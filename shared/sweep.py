@@ -64,6 +64,7 @@ from shared.runio import (
     probe_result_path,
     read_json,
     run_folder_lock,
+    tool_module,
     write_json,
 )
 
@@ -198,13 +199,13 @@ class Step:
 def train_command(job: Job, resume: bool) -> tuple[str, ...]:
     """The trainer's command line for a fresh start, or to continue from the checkpoint."""
     settings = ["--resume"] if resume else ["--preset", job.preset, *setting_flags(job.overrides)]
-    return (sys.executable, "-m", f"{job.framework}_impl.train", *settings,
+    return (sys.executable, "-m", tool_module(job.framework, "train"), *settings,
             "--out", str(job.run_dir), "--data-dir", job.data_dir)
 
 
 def probe_command(job: Job, dataset: str, random_init: bool) -> tuple[str, ...]:
     """The probe's command line on the run's backbone, or (random_init) an untrained one."""
-    return (sys.executable, "-m", f"{job.framework}_impl.probe", "--run", str(job.run_dir),
+    return (sys.executable, "-m", tool_module(job.framework, "probe"), "--run", str(job.run_dir),
             "--dataset", dataset, *(["--random-init"] if random_init else []),
             "--data-dir", job.data_dir)
 

@@ -5,9 +5,10 @@
     tensorboard --logdir runs/cpu/tensorboard
 
 Every step line of metrics.jsonl becomes scalars at its global step (the loss, its three
-unweighted terms, the embedding std, the learning rate, pairs/s), and the probe results that end a
-run become `probe/<dataset>_top1` at the last step. One framework-neutral writer serves both
-trainers (tensorboard's own event-file writer, no torch or TensorFlow needed).
+unweighted terms, the embedding std, the learning rate, pairs/s), every kNN monitor point
+`knn_top1`, and the probe results that end a run become `probe/<dataset>_top1` at the last step.
+One framework-neutral writer serves both trainers (tensorboard's own event-file writer, no torch
+or TensorFlow needed).
 
 A resumed run starts a new event file with a session-start record at the checkpoint's step:
 TensorBoard then drops what the interrupted attempt had logged after that step, so the curves
@@ -19,9 +20,10 @@ import time
 from pathlib import Path
 
 from shared.errors import UserError
+from shared.records import TERMS, KnnRecord, Record, StepRecord
 
 FOLDER = "tensorboard"
-SCALARS = ("loss", "invariance", "variance", "covariance", "embedding_std", "lr", "pairs_per_s")
+SCALARS = (*TERMS, "lr", "pairs_per_s")
 INSTALL = 'pip install -e ".[tensorboard]"'
 
 
@@ -61,10 +63,13 @@ class EventLog:
             self._writer.add_event(Event(wall_time=time.time(), step=step,
                                          summary=Summary(value=entries)))
 
-    def write(self, record: dict) -> None:
-        """A metrics.jsonl record: step records become the curves; epoch records are left out."""
-        if record.get("kind") == "step":
-            self.scalars(record["step"], {tag: record.get(tag) for tag in SCALARS})
+    def write(self, record: Record) -> None:
+        """A metrics.jsonl record: step records become the curves, kNN points `knn_top1`; epoch
+        and plan records are left out."""
+        if type(record) is StepRecord:
+            self.scalars(record.step, {tag: getattr(record, tag) for tag in SCALARS})
+        elif type(record) is KnnRecord:
+            self.scalars(record.step, {"knn_top1": record.knn_top1})
 
     def flush(self) -> None:
         self._writer.flush()

@@ -5,13 +5,15 @@ import json
 import pytest
 
 from jax_impl import train as jax_train
+from jax_impl.backend import Backend as JaxBackend
 from parity_tests.tolerances import AUGMENTED_TRAINING
-from shared import loop
+from shared.backend import augments_on_device
 from shared.config import make_config
-from shared.loop import augments_on_device
 from torch_impl import train as torch_train
+from torch_impl.backend import Backend as TorchBackend
 
 TRAINERS = {"torch": torch_train, "jax": jax_train}
+BACKENDS = {"torch": TorchBackend, "jax": JaxBackend}
 
 
 def gentle(data_dir, out, *extra):
@@ -44,16 +46,17 @@ def test_a_run_on_device_views_resumes_exactly(framework, tiny_data_dir, tmp_pat
     trainer = TRAINERS[framework]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert trainer.main(gentle(tiny_data_dir, straight, "--augment-on", "device")) == 0
-    real_epoch = loop.train_epoch
+    backend = BACKENDS[framework]
+    real_step = backend.train_step
 
-    def stop_in_epoch_two(s, state, epoch, bar):
-        if epoch == 1:
+    def stop_in_epoch_two(self, state, batch, lr):
+        if batch.epoch == 1:
             raise KeyboardInterrupt
-        return real_epoch(s, state, epoch, bar)
+        return real_step(self, state, batch, lr)
 
-    monkeypatch.setattr(loop, "train_epoch", stop_in_epoch_two)
+    monkeypatch.setattr(backend, "train_step", stop_in_epoch_two)
     assert trainer.main(gentle(tiny_data_dir, resumed, "--augment-on", "device")) == 130
-    monkeypatch.setattr(loop, "train_epoch", real_epoch)
+    monkeypatch.setattr(backend, "train_step", real_step)
     assert trainer.main(["--resume", "--out", str(resumed)]) == 0
     assert losses(straight) == losses(resumed)
 

@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared import data
-from shared.config import default_data_dir
+from shared import gtsrb
 from shared.data import (
     NUM_CLASSES,
-    dataset_summary,
     load_split,
     stratified_subset,
 )
 from shared.errors import UserError
+from shared.machine import default_data_dir
 
 
 def user_error(fn, *args, **kwargs) -> str:
@@ -247,7 +246,7 @@ def test_gtsrb_equals_pil_resize_of_written_images(tiny_data, split):
 def test_gtsrb_cache_is_used_and_invalidated(monkeypatch, small_gtsrb, make_images):
     root, written = small_gtsrb
     first = load_split("gtsrb", root, "train")
-    assert (root / "gtsrb" / "vicreg_cache_train_32x32.npz").is_file()
+    assert (root / "vicreg_cache" / "gtsrb-train-32px.json").is_file()
 
     def no_torchvision(*args, **kwargs):
         raise AssertionError("the cache should have been used")
@@ -279,12 +278,13 @@ def test_gtsrb_cache_notices_a_replaced_image(small_gtsrb, make_images):
 
 def test_gtsrb_corrupt_cache_is_rebuilt(small_gtsrb):
     root, written = small_gtsrb
-    cache = root / "gtsrb" / "vicreg_cache_test_32x32.npz"
-    cache.write_bytes(b"not a zip file")
+    load_split("gtsrb", root, "test")
+    cache = root / "vicreg_cache" / "gtsrb-test-32px.images.npy"
+    cache.write_bytes(b"not an npy file")
     images, labels = load_split("gtsrb", root, "test")
     np.testing.assert_array_equal(images, np.stack([pil_resized(im) for im in written["test"][0]]))
-    with np.load(cache) as z:
-        np.testing.assert_array_equal(z["labels"], labels)
+    np.testing.assert_array_equal(np.load(cache), images)
+    np.testing.assert_array_equal(np.load(cache.with_name("gtsrb-test-32px.labels.npy")), labels)
 
 
 def test_gtsrb_unwritable_cache_warns_and_loads(monkeypatch, capsys, small_gtsrb):
@@ -293,12 +293,16 @@ def test_gtsrb_unwritable_cache_warns_and_loads(monkeypatch, capsys, small_gtsrb
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(data.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(np.lib.format, "open_memmap", read_only)
     images, labels = load_split("gtsrb", root, "train")
     np.testing.assert_array_equal(labels, written["train"][1])
+    np.testing.assert_array_equal(images, np.stack([pil_resized(im)
+                                                    for im in written["train"][0]]))
     err = capsys.readouterr().err
-    assert "warning" in err and "vicreg_cache_train_32x32.npz" in err and "Permission denied" in err
+    assert ("warning: cannot write the image cache" in err and "gtsrb-train-32px.json" in err
+            and "Permission denied" in err)
     assert sorted(p.name for p in (root / "gtsrb").iterdir()) == ["GT-final_test.csv", "GTSRB"]
+    assert not any((root / "vicreg_cache").iterdir())  # nothing half-written is left
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -348,11 +352,6 @@ def test_gtsrb_download_failure_is_a_user_error(monkeypatch, tmp_path):
     monkeypatch.setattr("torchvision.datasets.GTSRB", offline)
     message = user_error(load_split, "gtsrb", tmp_path, "test", download=True)
     assert "downloading GTSRB test" in message and "name resolution" in message
-
-
-def test_dataset_summary(tiny_data_dir):
-    assert dataset_summary("cifar10", tiny_data_dir) == (
-        f"cifar10 in {tiny_data_dir}: train 200, test 100 images of 32x32 RGB, 10 classes")
 
 
 # ---- stratified_subset ---------------------------------------------------------------------------
@@ -431,7 +430,7 @@ def test_real_gtsrb_counts_and_cached_reload(real_data_dir, monkeypatch):
         assert images.shape == (n, 32, 32, 3) and images.dtype == np.uint8
         assert np.unique(labels).tolist() == list(range(43))
         with monkeypatch.context() as patched:  # a second load reads the cache, decodes nothing
-            patched.setattr(data, "_decode_gtsrb", lambda *a: pytest.fail("decoded again"))
+            patched.setattr(gtsrb, "_samples", lambda *a: pytest.fail("decoded again"))
             again, _ = load_split("gtsrb", real_data_dir, split)
         assert sha256(again) == sha256(images)
 

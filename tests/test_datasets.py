@@ -12,7 +12,7 @@ from PIL import Image
 
 from jax_impl import probe as jax_probe
 from jax_impl import train as jax_train
-from shared import data
+from shared import data, image_folder
 from shared.archs import stem_for
 from shared.config import make_config
 from shared.data import load_split, num_classes, pretraining_split, probe_datasets
@@ -194,7 +194,7 @@ def test_a_folders_probe_splits_are_imagefolders(photo_folder, tmp_path, capsys)
 
 def test_grayscale_palette_and_rgba_images_become_rgb(photo_folder, tmp_path):
     images, _ = load_split(f"folder:{photo_folder}", tmp_path, "train")
-    paths = data.labelled_files(photo_folder, "train").paths
+    paths = image_folder.labelled_files(photo_folder, "train").paths
     at = {Path(p).name: i for i, p in enumerate(p for p in paths if "broken" not in p)}
     assert (images[at["gray.png"]] == 77).all()
     with Image.open(photo_folder / "train" / "cat" / "rgba.png") as im:
@@ -231,7 +231,7 @@ def test_the_cache_is_read_until_the_folder_changes(photo_folder, tmp_path, monk
     name = f"folder:{photo_folder}"
     first, _ = pretraining_split(name, tmp_path)
     with monkeypatch.context() as patched:
-        patched.setattr(data, "read_image", lambda *a: pytest.fail("decoded again"))
+        patched.setattr(image_folder, "read_image", lambda *a: pytest.fail("decoded again"))
         again, _ = pretraining_split(name, tmp_path)
         assert np.array_equal(first, again)
     changed = photo_folder / "train" / "cat" / "0.png"

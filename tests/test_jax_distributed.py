@@ -120,16 +120,16 @@ class Interrupted(Exception):
 def train_until_epoch_one(args: list[str]) -> None:
     """jax_impl.train with `args`, dying (every process) once epoch 0's checkpoint is written."""
     from jax_impl import train as jax_train
-    from shared import loop
+    from jax_impl.backend import Backend as JaxBackend
 
-    real_epoch = loop.train_epoch
+    real_step = JaxBackend.train_step
 
-    def epoch_then_crash(s, state, epoch, bar):
-        if epoch == 1:
+    def epoch_then_crash(self, state, batch, lr):
+        if batch.epoch == 1:
             raise Interrupted
-        return real_epoch(s, state, epoch, bar)
+        return real_step(self, state, batch, lr)
 
-    loop.train_epoch = epoch_then_crash
+    JaxBackend.train_step = epoch_then_crash
     try:
         jax_train.main(args)
     except Interrupted:

@@ -10,11 +10,11 @@ from flax.traverse_util import flatten_dict
 
 from jax_impl import probe as jax_probe
 from jax_impl import train as jax_train
+from jax_impl.backend import Backend as JaxBackend
 from jax_impl.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from jax_impl.model import build_model, variable_shapes
-from shared import loop
 from shared.config import make_config
-from shared.runio import TERMS
+from shared.records import TERMS
 
 STEP_KEYS = {"kind", "epoch", "step", "lr", "pairs_per_s", "images_per_s", "loss", "invariance",
              "variance", "covariance", "embedding_std"}
@@ -93,10 +93,11 @@ def test_smoke_train_then_probe_writes_the_run_folder(tiny_data_dir, tmp_path, c
     assert "cifar10 linear probe (random init): top-1" in capsys.readouterr().out
 
 
-def nan_lr_at(global_step, lr_at):
-    """Wrap optim.lr_at so that the update of `global_step` uses lr = NaN: the weights diverge."""
-    return lambda step, per_epoch, cfg: (float("nan") if step == global_step
-                                         else lr_at(step, per_epoch, cfg))
+def nan_lr_at(epoch, step, train_step):
+    """Wrap Backend.train_step so that the update of (epoch, step in epoch) uses lr = NaN: the
+    weights diverge."""
+    return lambda self, state, batch, lr: train_step(
+        self, state, batch, float("nan") if (batch.epoch, batch.step) == (epoch, step) else lr)
 
 
 def test_divergence_stops_and_resume_continues_exactly(tiny_data_dir, tmp_path, monkeypatch,
@@ -105,7 +106,7 @@ def test_divergence_stops_and_resume_continues_exactly(tiny_data_dir, tmp_path, 
     assert jax_train.main(smoke(tiny_data_dir, reference, "--epochs", "2", "--no-probe")) == 0
 
     # The update of epoch 1 step 1 (global step 5) makes every weight NaN; step 2's loss shows it.
-    monkeypatch.setattr(loop, "lr_at", nan_lr_at(5, loop.lr_at))
+    monkeypatch.setattr(JaxBackend, "train_step", nan_lr_at(1, 1, JaxBackend.train_step))
     assert jax_train.main(smoke(tiny_data_dir, run, "--epochs", "2", "--no-probe")) == 2
     assert "loss became nan at step 7 (epoch 2); stopped" in error_line(capsys)
     kept = load_checkpoint(run / CHECKPOINT_FILE)

@@ -9,7 +9,6 @@ import pytest
 
 from jax_impl import probe as jax_probe
 from jax_impl import train as jax_train
-from shared import loop
 from shared.config import make_config
 from shared.errors import UserError
 from shared.monitor import MonitorData, is_point, monitor_note
@@ -17,6 +16,7 @@ from shared.tensorboard import read_scalars
 from tests import references
 from torch_impl import probe as torch_probe
 from torch_impl import train as torch_train
+from torch_impl.backend import Backend as TorchBackend
 
 TRAINERS = {"torch": torch_train, "jax": jax_train}
 PROBES = {"torch": torch_probe, "jax": jax_probe}
@@ -224,19 +224,18 @@ def test_the_knn_probe_of_gtsrb_and_of_a_converted_run_has_its_own_file(tiny_dat
 
 def test_a_resumed_run_neither_repeats_nor_loses_a_point(tiny_data_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real_epoch = loop.train_epoch
+    real_save = TorchBackend.save_checkpoint
 
-    def stop_late_in_epoch_two(session, state, epoch, bar):
-        if epoch == 1:
-            real_epoch(session, state, epoch, bar)  # measures at steps 6 and 8...
+    def stop_late_in_epoch_two(self, path, state, progress):
+        if progress["epoch"] == 2:  # epoch 2 has trained: it measures at steps 6 and 8...
             raise KeyboardInterrupt  # ...and dies before epoch 2's checkpoint
-        return real_epoch(session, state, epoch, bar)
+        real_save(self, path, state, progress)
 
-    monkeypatch.setattr(loop, "train_epoch", stop_late_in_epoch_two)
+    monkeypatch.setattr(TorchBackend, "save_checkpoint", stop_late_in_epoch_two)
     flags = smoke(tiny_data_dir, run, "--epochs", "3", "--no-probe", "--monitor-every", "0.5")
     assert torch_train.main(flags) == 130
     assert [p["step"] for p in records(run, "knn")] == [2, 4, 6, 8]
-    monkeypatch.setattr(loop, "train_epoch", real_epoch)
+    monkeypatch.setattr(TorchBackend, "save_checkpoint", real_save)
     assert torch_train.main(["--resume", "--out", str(run)]) == 0
     assert [p["step"] for p in records(run, "knn")] == [2, 4, 6, 8, 10, 12]
 
@@ -260,32 +259,6 @@ def test_the_points_are_tensorboard_scalars(tiny_data_dir, tmp_path):
     assert scalars["knn_top1"] == [(p["step"], pytest.approx(p["knn_top1"]))
                                    for p in records(run, "knn")]
     assert [step for step, _ in scalars["knn_top1"]] == [4, 8]
-
-
-def test_a_budgeted_run_with_slow_points_still_ends_on_time(tiny_data_dir, tmp_path,
-                                                            monkeypatch):
-    """Steps of 12.3 ms and points of 60 ms on the budget's clock, a point every epoch (4
-    steps). The plan's own point (60 ms) leaves 0.97 - 0.06 s, of which the last point keeps
-    0.06 s; each step costs 12.3 ms + 60 / 4 ms: 31 steps (7.75 epochs). The run, its points
-    included, ends within the budget."""
-    from tests.test_run_folder import steps_take
-    clock = steps_take(monkeypatch, "torch", 0.0123)
-    real_top1 = loop.knn_top1
-
-    def slow_top1(*args):
-        clock.now += 0.06
-        return real_top1(*args)
-
-    monkeypatch.setattr(loop, "knn_top1", slow_top1)
-    run = tmp_path / "run"
-    assert torch_train.main(smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50",
-                                  "--no-probe", "--warmup-epochs", "0")) == 0
-    plans = records(run, "plan")
-    assert plans[0]["epochs"] == 7.75
-    assert 0.85 <= clock.now <= 1.0
-    points, last_step = records(run, "knn"), records(run, "step")[-1]["step"]
-    assert [p["step"] for p in points] == [*range(4, last_step, 4), last_step]
-    assert all(p["seconds"] == pytest.approx(0.06) for p in points)
 
 
 @pytest.mark.parametrize("flags,says", [

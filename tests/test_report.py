@@ -9,7 +9,7 @@ from PIL import Image
 
 from shared import report, report_figures
 from shared.config import make_config
-from shared.data import GTSRB_CLASS_NAMES
+from shared.gtsrb import GTSRB_CLASS_NAMES
 from shared.results import format_duration
 
 FIGURES = ("loss_curves", "embedding_std", "knn_accuracy", "probe_accuracy")

@@ -1,6 +1,5 @@
 """A run folder through both trainers is always resumable or restartable, a finished one is never
 damaged, one process writes it at a time, and every failure a user can cause is one line."""
-import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +11,6 @@ import pytest
 
 from jax_impl import train as jax_train
 from jax_impl.backend import Backend as JaxBackend
-from shared import loop
 from shared import report as report_cli
 from shared import sweep as sweep_cli
 from torch_impl import probe as torch_probe
@@ -97,13 +95,13 @@ def test_a_run_that_dies_in_its_first_epoch_starts_again(framework, again, tiny_
                                                          tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     trainer = TRAINERS[framework]
-    real_lr_at = loop.lr_at
-    monkeypatch.setattr(loop, "lr_at", lambda step, *a: math_nan() if step == 1 else
-                        real_lr_at(step, *a))
+    backend, real_step = BACKENDS[framework], BACKENDS[framework].train_step
+    monkeypatch.setattr(backend, "train_step", lambda self, state, batch, lr: real_step(
+        self, state, batch, math_nan() if (batch.epoch, batch.step) == (0, 1) else lr))
     assert trainer.main(smoke(tiny_data_dir, run, "--no-probe")) == 2
     assert "loss became nan" in last_line(capsys)
     assert not (run / CHECKPOINTS[framework]).exists()
-    monkeypatch.setattr(loop, "lr_at", real_lr_at)
+    monkeypatch.setattr(backend, "train_step", real_step)
     command = ["--resume", "--out", str(run)] if again else smoke(tiny_data_dir, run, "--no-probe")
     assert trainer.main(command) == 0
     assert "stopped before its first checkpoint; starting it again" in capsys.readouterr().out
@@ -155,14 +153,14 @@ def test_a_second_writer_of_a_folder_exits_2_naming_the_holder(held, tiny_data_d
 def test_ctrl_c_is_one_line_exit_130_that_says_how_to_go_on(after_checkpoint, tiny_data_dir,
                                                             tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    real_epoch = loop.train_epoch
+    real_step = TorchBackend.train_step
 
-    def interrupted_epoch(s, state, epoch, bar):
-        if epoch == (1 if after_checkpoint else 0):
+    def interrupted_step(self, state, batch, lr):
+        if batch.epoch == (1 if after_checkpoint else 0):
             raise KeyboardInterrupt
-        return real_epoch(s, state, epoch, bar)
+        return real_step(self, state, batch, lr)
 
-    monkeypatch.setattr(loop, "train_epoch", interrupted_epoch)
+    monkeypatch.setattr(TorchBackend, "train_step", interrupted_step)
     assert torch_train.main(smoke(tiny_data_dir, run, "--epochs", "2")) == 130
     line = last_line(capsys)
     if after_checkpoint:
@@ -230,138 +228,6 @@ def test_the_smoke_preset_probes_a_small_stratified_subset(tiny_data_dir, tmp_pa
     assert len(per_class) == 10  # every class is in the test subset
     gtsrb = json.loads((run / "probe_gtsrb.json").read_text())
     assert (gtsrb["num_train"], gtsrb["num_test"]) == (50, 43)  # 43 test images: all of them
-
-
-class FakeClock:
-    """The time budget's clock in a test: it moves only by what each training step is said to
-    take, so a plan is a function of the flags alone."""
-
-    def __init__(self, step_seconds: float):
-        self.now, self.step_seconds = 0.0, step_seconds
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def steps_take(monkeypatch, framework: str, seconds: float, measured: float | None = None):
-    """Make every training step of `framework` take `seconds` on the budget's clock, and the
-    step rate measured before a budgeted run `measured` seconds a step (default: the same)."""
-    backend = BACKENDS[framework]
-    clock, real_step = FakeClock(seconds), backend.train_step
-
-    def timed_step(self, state, batch, lr):
-        clock.now += clock.step_seconds
-        return real_step(self, state, batch, lr)
-
-    monkeypatch.setattr(backend, "train_step", timed_step)
-    monkeypatch.setattr(loop, "clock", clock)
-    monkeypatch.setattr(loop, "measure_step_seconds", lambda session, state: measured or seconds)
-    return clock
-
-
-def records(run, kind: str) -> list[dict]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r["kind"] == kind]
-
-
-@pytest.mark.parametrize("framework", TRAINERS)
-def test_a_time_budget_fixes_the_length_and_a_resume_with_the_same_flags_keeps_it(
-        framework, tiny_data_dir, tmp_path, monkeypatch, capsys):
-    from shared.runio import load_run_config
-    from shared.schedule import lr_at
-    trainer = TRAINERS[framework]
-    run = tmp_path / "run"
-    # 12.3 ms a step, 4 steps an epoch: 0.97 x 1 s fills 78 steps, 19.5 epochs (of 50 allowed)
-    steps_take(monkeypatch, framework, 0.0123)
-    real_epoch = loop.train_epoch
-
-    def stop_in_epoch_three(s, state, epoch, bar):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_epoch(s, state, epoch, bar)
-
-    monkeypatch.setattr(loop, "train_epoch", stop_in_epoch_three)
-    flags = smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50", "--no-probe",
-                  "--log-every", "4", "--warmup-epochs", "2")
-    assert trainer.main(flags) == 130
-    assert "x 19.5 epochs (what fits the 1s time budget at 1301 pairs/s" in \
-        capsys.readouterr().out
-    cfg = load_run_config(run)
-    assert (cfg.epochs, cfg.time_budget) == (50, "1s")  # config.json keeps the flags
-    assert [r["epochs"] for r in records(run, "plan")] == [19.5]
-    monkeypatch.setattr(loop, "train_epoch", real_epoch)
-    monkeypatch.setattr(loop, "measure_step_seconds",
-                        lambda session, state: pytest.fail("measured again"))
-    assert trainer.main([*flags, "--resume"]) == 0
-    steps = records(run, "step")
-    assert [r["step"] for r in steps] == [4 * e for e in range(1, 20)] + [78]
-    # the warmup-cosine over 78 steps, before and after the resume
-    plan = dataclasses.replace(cfg, epochs=19.5)
-    assert [r["lr"] for r in steps] == [lr_at(r["step"] - 1, 4, plan) for r in steps]
-    assert [r["epochs"] for r in records(run, "plan")] == [19.5]
-    assert json.loads((run / "summary.json").read_text())["epochs"] == 19.5
-
-
-@pytest.mark.parametrize("measured,actual,planned", [(0.0123, 0.05, [19.5, 4.75]),
-                                                     (0.05, 0.0123, [4.75, 19.5])])
-def test_a_budgeted_run_plans_again_when_its_steps_take_another_time(
-        measured, actual, planned, tiny_data_dir, tmp_path, monkeypatch):
-    """Timed at `measured` s a step, trained at `actual`: the run is planned again once a tenth
-    of the budget has shown the rate, and still ends within its budget."""
-    run = tmp_path / "run"
-    clock = steps_take(monkeypatch, "torch", actual, measured)
-    assert torch_train.main(smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50",
-                                  "--no-probe", "--log-every", "4", "--warmup-epochs", "0")) == 0
-    plans = records(run, "plan")
-    assert [r["epochs"] for r in plans] == planned
-    assert plans[1]["seconds_per_step"] == pytest.approx(actual)
-    last = records(run, "step")[-1]["step"]
-    assert last == 4 * planned[-1] and 0.9 <= clock.now <= 1.0  # 97% of it, give or take a step
-
-
-def test_a_budget_the_start_up_uses_up_is_one_line_and_leaves_nothing(tiny_data_dir, tmp_path,
-                                                                       monkeypatch, capsys):
-    run = tmp_path / "run"
-    clock = steps_take(monkeypatch, "torch", 2.0)
-    clock.now = 0.0
-    assert torch_train.main(smoke(tiny_data_dir, run, "--time-budget", "1s")) == 2
-    assert last_line(capsys).startswith("error: the 1s time budget is used up before training "
-                                        "starts")
-    assert not run.exists()
-
-
-def test_timing_a_run_shorter_than_the_timing_ends(tiny_data_dir, tmp_path):
-    """The step rate is timed over more steps than this run has (4): the timing goes on into
-    the epochs after it, and the run ends."""
-    run = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "torch_impl.train",
-                             *smoke(tiny_data_dir, run, "--time-budget", "20s", "--epochs", "1",
-                                    "--no-probe")],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "timing the training step: 2 warm-up steps (they compile), then 1 s or more" in \
-        result.stdout
-    assert json.loads((run / "summary.json").read_text())["steps"] == 4
-
-
-@pytest.mark.parametrize("framework", TRAINERS)
-def test_the_probes_after_a_time_budgeted_run_record_the_epochs_it_trained(
-        framework, tiny_data_dir, tmp_path, monkeypatch):
-    trainer = TRAINERS[framework]
-    run = tmp_path / "run"
-    steps_take(monkeypatch, framework, 0.0123)  # 19.5 epochs, as above
-    assert trainer.main(smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50")) == 0
-    for dataset in ("cifar10", "gtsrb"):
-        result = json.loads((run / f"probe_{dataset}.json").read_text())
-        assert result["checkpoint_epoch"] == 19.5  # not the 50 --epochs allowed
-
-
-@pytest.mark.parametrize("value", ["0", "abc", "-5m", "5x"])
-def test_a_bad_time_budget_is_one_line(value, tiny_data_dir, tmp_path, capsys):
-    assert torch_train.main(smoke(tiny_data_dir, tmp_path / "run", f"--time-budget={value}")) == 2
-    assert last_line(capsys) == (f"error: --time-budget {value}: expected a positive duration "
-                                 "like 90s, 15m, 2h or 1h30m")
-    assert not (tmp_path / "run").exists()
 
 
 def test_a_corrupt_metrics_line_is_refused_before_training(tiny_data_dir, tmp_path, capsys):
@@ -457,31 +323,16 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tiny_data_dir, tm
 
 def test_extending_a_run_says_how_the_schedule_moves(tiny_data_dir, tmp_path, capsys):
     from shared.runio import load_run_config
-    from shared.schedule import lr_at
+    from shared.schedule import Plan, lr_at
     run = tmp_path / "run"
     assert torch_train.main(smoke(tiny_data_dir, run, "--epochs", "2", "--no-probe")) == 0
     capsys.readouterr()
     assert torch_train.main(["--resume", "--out", str(run), "--epochs", "3"]) == 0
     cfg = load_run_config(run)
-    old = lr_at(8, 4, dataclasses.replace(cfg, epochs=2))
+    old = lr_at(8, Plan(2, 4), cfg)
     assert (f"note: extending 2 -> 3 epochs recomputes the warmup-cosine schedule over the longer "
             f"run: the learning rate at step 8 goes from {old:.3g} (the end of the old schedule) "
-            f"to {lr_at(8, 4, cfg):.3g}") in capsys.readouterr().out
-
-
-def test_a_longer_budget_on_resume_extends_a_finished_budgeted_run(tiny_data_dir, tmp_path,
-                                                                   monkeypatch):
-    run = tmp_path / "run"
-    steps_take(monkeypatch, "torch", 0.0123)
-    flags = smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50", "--no-probe",
-                  "--log-every", "4", "--warmup-epochs", "0")
-    assert torch_train.main(flags) == 0
-    assert json.loads((run / "summary.json").read_text())["epochs"] == 19.5
-    assert torch_train.main(["--resume", "--out", str(run), "--time-budget", "2s"]) == 0
-    summary = json.loads((run / "summary.json").read_text())
-    assert 19.5 < summary["epochs"] <= 50
-    assert json.loads((run / "config.json").read_text())["time_budget"] == "2s"
-    assert torch_train.main(["--resume", "--out", str(run), "--time-budget", "1s"]) == 2
+            f"to {lr_at(8, Plan(3, 4), cfg):.3g}") in capsys.readouterr().out
 
 
 def test_reprobing_updates_the_summary_and_the_report_flags_older_probes(tiny_data_dir, tmp_path,

@@ -1,4 +1,4 @@
-"""shared.runio: atomic writes, metrics log roll-back, run-folder protection, the lock."""
+"""shared.runio and shared.run_folder: atomic writes, run-folder protection, the lock."""
 import json
 import os
 import subprocess
@@ -8,14 +8,13 @@ import pytest
 
 from shared.config import make_config
 from shared.errors import UserError
+from shared.records import MetricsLog, StepRecord, read_records
+from shared.run_folder import start_run_dir
 from shared.runio import (
-    MetricsLog,
     atomic_write_bytes,
     make_folder,
     probe_result_path,
-    read_metrics,
     run_folder_lock,
-    start_run_dir,
 )
 
 
@@ -38,27 +37,6 @@ def test_atomic_writes_get_the_permissions_the_umask_gives(tmp_path, umask):
         os.umask(old)
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
-
-
-def test_metrics_log_appends_and_truncates_to_a_checkpoint(tmp_path):
-    log = MetricsLog(tmp_path)
-    log.write({"step": 1, "loss": 2.0})
-    mark = log.size()
-    log.write({"step": 2, "loss": float("nan")})
-    assert read_metrics(tmp_path)[1]["loss"] is None  # valid JSON, not NaN
-    log.truncate(mark)
-    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
-
-
-def test_a_corrupt_metrics_line_names_the_file_and_line(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
-    with pytest.raises(UserError, match=r"metrics.jsonl:2 is not a JSON record"):
-        read_metrics(tmp_path)
-
-
-def test_a_last_line_still_being_written_is_left_out(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')
-    assert read_metrics(tmp_path) == [{"step": 1}]
 
 
 def start(run_dir, resume, framework="torch", **settings):
@@ -84,11 +62,11 @@ def test_a_new_run_writes_its_config_and_a_trained_one_is_never_overwritten(tmp_
 def test_a_run_stopped_before_its_first_checkpoint_starts_again(tmp_path, capsys, resume):
     run = make_folder(tmp_path / "run", "run folder")
     start(run, resume=False, epochs=5)
-    MetricsLog(run).write({"step": 1})  # the attempt logged a step, then died
+    MetricsLog(run).write(StepRecord(epoch=0, step=1))  # the attempt logged a step, then died
     assert start(run, resume=resume, epochs=7) is False
     assert "stopped before its first checkpoint; starting it again" in capsys.readouterr().out
     assert json.loads((run / "config.json").read_text())["epochs"] == 7
-    assert read_metrics(run) == []
+    assert read_records(run) == []
 
 
 @pytest.mark.parametrize("left", ["summary.json", "probe_cifar10.json", "checkpoint.msgpack"])

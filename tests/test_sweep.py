@@ -123,7 +123,8 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tiny_data_dir, tmp_path
     done = out / "runs" / "subset=32,probe_epochs=2"
     failure = read_json(failed / "failure.json")
     assert failure["step"] == "train" and failure["exit_code"] == 2
-    assert failure["error"].startswith("error: subset size 5 is smaller than the number of classes")
+    assert failure["error"].startswith("error: --batch-size 16 is larger than the 5 training "
+                                       "images")
     assert (done / "probe_gtsrb_random_init.json").exists()
     rows = {row["run"]: row for row in read_csv(out / "results.csv")}
     assert rows["subset=5,probe_epochs=2"]["status"] == "failed"

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from jax_impl import train as jax_train
-from shared import loop
 from shared.tensorboard import SCALARS, read_scalars
 from torch_impl import train as torch_train
+from torch_impl.backend import Backend as TorchBackend
 
 TRAINERS = {"torch": torch_train, "jax": jax_train}
 
@@ -41,17 +41,16 @@ def test_the_curves_and_the_probes_are_written_as_events(framework, tiny_data_di
 
 def test_a_resumed_run_shows_each_step_once(tiny_data_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real_epoch = loop.train_epoch
+    real_save = TorchBackend.save_checkpoint
 
-    def stop_late_in_epoch_two(session, state, epoch, bar):
-        if epoch == 1:
-            real_epoch(session, state, epoch, bar)  # logs steps 5-8 to TensorBoard...
+    def stop_late_in_epoch_two(self, path, state, progress):
+        if progress["epoch"] == 2:  # epoch 2 has trained: it logs steps 5-8 to TensorBoard...
             raise KeyboardInterrupt  # ...and dies before epoch 2's checkpoint
-        return real_epoch(session, state, epoch, bar)
+        real_save(self, path, state, progress)
 
-    monkeypatch.setattr(loop, "train_epoch", stop_late_in_epoch_two)
+    monkeypatch.setattr(TorchBackend, "save_checkpoint", stop_late_in_epoch_two)
     assert torch_train.main(smoke(tiny_data_dir, run, "--epochs", "3", "--no-probe")) == 130
-    monkeypatch.setattr(loop, "train_epoch", real_epoch)
+    monkeypatch.setattr(TorchBackend, "save_checkpoint", real_save)
     assert torch_train.main(["--resume", "--out", str(run)]) == 0
     scalars = read_scalars(run)
     assert [step for step, _ in scalars["loss"]] == list(range(1, 13)) == logged_steps(run)

@@ -14,13 +14,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shared import loop
 from shared.augment import AugmentParams, view_params
 from shared.config import make_config
 from shared.errors import UserError
 from shared.loader import batch_at, epoch_batches, shard_rows, split_batch
 from torch_impl import probe as probe_cli
 from torch_impl import train as train_cli
+from torch_impl.backend import Backend as TorchBackend
 from torch_impl.checkpoint import load_checkpoint
 from torch_impl.distributed import (
     FullGatherLayer,
@@ -279,14 +279,14 @@ def interrupted_worker(rank: int, port: int, args: list[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    real_epoch = loop.train_epoch
+    real_step = TorchBackend.train_step
 
-    def epoch_then_crash(s, state, epoch, bar):
-        if epoch == 1:
+    def epoch_then_crash(self, state, batch, lr):
+        if batch.epoch == 1:
             raise Interrupted
-        return real_epoch(s, state, epoch, bar)
+        return real_step(self, state, batch, lr)
 
-    loop.train_epoch = epoch_then_crash
+    TorchBackend.train_step = epoch_then_crash
     with pytest.raises(Interrupted):
         train_cli.main(args)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shared.config import make_config
-from shared.schedule import lr_at
+from shared.schedule import Plan, lr_at
 from tests import references
 from torch_impl.model import VICReg
 from torch_impl.optim import LARS, build_optimizer
@@ -39,20 +39,23 @@ def test_warmup_cosine_schedule_by_hand():
     cfg = make_config({"epochs": 10, "warmup_epochs": 2.0, "batch_size": 512, "base_lr": 0.3})
     per_epoch = 100
     peak = 0.3 * 512 / 256
-    assert lr_at(0, per_epoch, cfg) == 0.0
-    assert lr_at(100, per_epoch, cfg) == pytest.approx(peak * 100 / 200)
-    assert lr_at(200, per_epoch, cfg) == pytest.approx(peak)
+    plan = Plan(cfg.epochs, per_epoch)
+    assert lr_at(0, plan, cfg) == 0.0
+    assert lr_at(100, plan, cfg) == pytest.approx(peak * 100 / 200)
+    assert lr_at(200, plan, cfg) == pytest.approx(peak)
     q = 0.5 * (1 + math.cos(math.pi * 400 / 800))
-    assert lr_at(600, per_epoch, cfg) == pytest.approx(peak * q + peak * 0.001 * (1 - q))
-    assert lr_at(1000, per_epoch, cfg) == pytest.approx(peak * 0.001)
+    assert lr_at(600, plan, cfg) == pytest.approx(peak * q + peak * 0.001 * (1 - q))
+    assert lr_at(1000, plan, cfg) == pytest.approx(peak * 0.001)
 
 
 def test_per_epoch_cosine_of_the_homework_preset():
     cfg = make_config({"preset": "homework"})
     assert cfg.peak_lr() == 2e-4
-    assert lr_at(0, 50, cfg) == pytest.approx(2e-4)
-    assert lr_at(49, 50, cfg) == pytest.approx(2e-4)  # constant within an epoch
-    assert lr_at(50 * 50, 50, cfg) == pytest.approx(2e-4 * 0.5 * (1 + math.cos(math.pi * 50 / 100)))
+    plan = Plan(cfg.epochs, 50)
+    assert lr_at(0, plan, cfg) == pytest.approx(2e-4)
+    assert lr_at(49, plan, cfg) == pytest.approx(2e-4)  # constant within an epoch
+    assert lr_at(50 * 50, plan, cfg) == pytest.approx(
+        2e-4 * 0.5 * (1 + math.cos(math.pi * 50 / 100)))
 
 
 def test_build_optimizer_picks_lars_or_adam():

@@ -219,8 +219,8 @@ def test_compiled_step_is_traced_once_whatever_the_learning_rate(monkeypatch):
     trace takes seconds on a GPU); dynamo's own eager backend keeps the test fast on a CPU."""
     import torch._dynamo
 
+    from shared.backend import World
     from shared.config import make_config
-    from shared.loop import World
 
     compile_for_real = torch.compile
     monkeypatch.setattr(torch, "compile",

@@ -1,6 +1,7 @@
-"""torch_impl and jax_impl alike by construction: both backends satisfy shared.loop.Backend with the
-same methods and parameters, the twins have the same modules and the same functions with the
-same parameters (or say why not), and neither implementation imports the other.
+"""torch_impl and jax_impl alike by construction: both backends satisfy shared.backend.Backend with
+the same methods and parameters, the twins have the same modules and the same functions with the
+same parameters (or say why not), neither implementation imports the other, only the two train.py
+import the loop, and no source file grows past MAX_LINES.
 
 Each check is a function that returns what it found wrong, so the tests can also show that it
 finds what a deliberately broken copy gets wrong.
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jax_impl import backend as jax_backend
-from shared import loop
+from shared import backend as protocol
 from torch_impl import backend as torch_backend
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +50,8 @@ ONE_SIDED = {
     "optim": {"LARS": "a torch.optim.Optimizer", "LarsState": "optax: a transformation and its "
               "state", "scale_by_lars": "ditto", "lars": "ditto", "adam_l2": "ditto"},
     "runtime": {"autocast": "torch computes in bf16 through autocast; flax through its dtype",
+                "use_compilation_cache": "XLA compiles every jitted program; torch's eager step "
+                                         "has nothing to keep (inductor caches its own)",
                 "memory_format": "torch's channels_last layout", "to_channels_last": "ditto"},
 }
 # Methods a framework calls itself, under its own names.
@@ -64,9 +67,9 @@ DIFFERENT_PARAMETERS = {
 
 
 def protocol_members() -> dict[str, inspect.Signature | None]:
-    """shared.loop.Backend's methods (name -> signature) and attributes (name -> None)."""
-    members = {name: None for name in loop.Backend.__annotations__}
-    for name, member in vars(loop.Backend).items():
+    """shared.backend.Backend's methods (name -> signature) and attributes (name -> None)."""
+    members = {name: None for name in protocol.Backend.__annotations__}
+    for name, member in vars(protocol.Backend).items():
         if inspect.isfunction(member) and not name.startswith("_"):
             members[name] = inspect.signature(member)
     return members
@@ -77,8 +80,9 @@ def parameters(signature: inspect.Signature) -> list[tuple[str, object]]:
 
 
 def protocol_problems(backend_class: type, instance: object) -> list[str]:
-    """How `backend_class` (and an instance, for its attributes) departs from shared.loop.Backend:
-    a missing member, or a method whose parameters are named or kinded otherwise."""
+    """How `backend_class` (and an instance, for its attributes) departs from
+    shared.backend.Backend: a missing member, or a method whose parameters are named or kinded
+    otherwise."""
     problems = []
     for name, signature in protocol_members().items():
         if signature is None:
@@ -188,6 +192,32 @@ def import_cycle(edges: dict[str, set[str]]) -> list[str]:
     return []
 
 
+# The modules that may import the training loop: the commands that run it.
+LOOP_IMPORTERS = {"torch_impl/train.py", "jax_impl/train.py"}
+# A file past this many lines holds more than one purpose (tests that mix topics included).
+MAX_LINES = 500
+
+
+def loop_importers(sources: dict[str, str]) -> list[str]:
+    """The files (name -> source) that import shared.loop and are not LOOP_IMPORTERS."""
+    found = []
+    for file, source in sorted(sources.items()):
+        for node in ast.walk(ast.parse(source)):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [f"{node.module}.{alias.name}" for alias in node.names]
+                     if isinstance(node, ast.ImportFrom) and node.module else [])
+            if any(name == "shared.loop" or name.startswith("shared.loop.") for name in names):
+                found.append(file)
+                break
+    return [file for file in found if file not in LOOP_IMPORTERS]
+
+
+def long_files(sources: dict[str, str]) -> list[str]:
+    """The files (name -> source) of more than MAX_LINES lines, with their length."""
+    lines = {file: source.count("\n") for file, source in sources.items()}
+    return [f"{file}: {count} lines" for file, count in sorted(lines.items()) if count > MAX_LINES]
+
+
 def package_sources(package: str) -> dict[str, str]:
     return {str(path.relative_to(REPO)): path.read_text()
             for path in sorted((REPO / package).rglob("*.py"))}
@@ -209,16 +239,15 @@ def backends(tmp_path):
     cfg = make_config({"preset": "smoke", "out": str(tmp_path)})
     images = np.zeros((64, 32, 32, 3), np.uint8)
     augment = view_params(cfg, CIFAR10_MEAN, CIFAR10_STD)
-    return {torch_backend.Backend: torch_backend.Backend(cfg, loop.World(), images, augment,
+    return {torch_backend.Backend: torch_backend.Backend(cfg, protocol.World(), images, augment,
                                                          torch.device("cpu")),
-            jax_backend.Backend: jax_backend.Backend(cfg, loop.World(), images, augment,
+            jax_backend.Backend: jax_backend.Backend(cfg, protocol.World(), images, augment,
                                                      jax.devices()[0])}
 
 
 def test_both_backends_satisfy_the_loops_protocol(tmp_path):
     for backend_class, instance in backends(tmp_path).items():
         assert protocol_problems(backend_class, instance) == []
-    assert torch_backend.Backend.framework == "torch" and jax_backend.Backend.framework == "jax"
     assert (inspect.signature(torch_backend.open_backend)
             == inspect.signature(jax_backend.open_backend))
 
@@ -239,8 +268,21 @@ def test_no_package_imports_what_lies_above_it(package):
 @pytest.mark.parametrize("package", PACKAGES)
 def test_the_modules_of_a_package_import_one_way(package):
     """No cycle inside a package either, lazy imports included (shared: config -> data -> loader
-    -> views -> run folder -> loop -> results -> report)."""
+    -> backend -> records -> run folder -> budget -> loop -> results -> report; docs/design.md
+    draws it)."""
     assert import_cycle(module_imports(package, package_sources(package))) == []
+
+
+def test_only_the_trainers_import_the_loop():
+    sources = {file: text for package in (*PACKAGES, "bench") for file, text
+               in package_sources(package).items()}
+    assert loop_importers(sources) == []
+
+
+def test_no_source_file_is_longer_than_its_purpose():
+    sources = {file: text for package in (*PACKAGES, "bench", "tests", "parity_tests")
+               for file, text in package_sources(package).items()}
+    assert long_files(sources) == []
 
 
 # ---- the checks find what a broken copy gets wrong -----------------------------------------------
@@ -279,6 +321,15 @@ def test_the_import_check_finds_a_lazy_import_of_the_other_twin():
         "torch_impl/api.py imports jax_impl"]
     assert import_problems("shared", {"shared/x.py": "import interop.api\n"}) == [
         "shared/x.py imports interop"]
+
+
+def test_the_loop_check_finds_an_import_of_the_loop_outside_the_trainers():
+    sources = {"torch_impl/train.py": "from shared.loop import run\n",
+               "torch_impl/backend.py": "def f():\n    from shared.loop import World\n",
+               "bench/x.py": "import shared.loop\n", "shared/data.py": "from shared import y\n"}
+    assert loop_importers(sources) == ["bench/x.py", "torch_impl/backend.py"]
+    assert long_files({"a.py": "x\n" * MAX_LINES, "b.py": "x\n" * (MAX_LINES + 1)}) == [
+        f"b.py: {MAX_LINES + 1} lines"]
 
 
 def test_the_cycle_check_finds_a_lazy_import_back():

@@ -1,8 +1,8 @@
-"""torch_impl's side of the training loop (shared.loop.Backend): the state, the step, the
+"""torch_impl's side of the training loop (shared.backend.Backend): the state, the step, the
 checkpoint, the device and the backbone's features, in PyTorch.
 
 The twin of jax_impl.backend: the same class name, methods and signatures (tests/test_twins.py
-checks them against shared.loop.Backend).
+checks them against shared.backend.Backend).
 """
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from shared.augment import AugmentParams
+from shared.backend import Features, World, augments_on_device
 from shared.config import Config
-from shared.linear_probe import Features
 from shared.loader import DrawnBatch, ViewBatch
-from shared.loop import World, augments_on_device
 from torch_impl import checkpoint
 from torch_impl.augment import device_params
 from torch_impl.distributed import broadcast_from_main, joined, on_main
@@ -29,9 +28,7 @@ from torch_impl.step import TrainState, initial_state, make_train_step, network,
 
 
 class Backend:
-    """shared.loop.Backend for one process of a (perhaps data-parallel) torch job on `device`."""
-
-    framework = "torch"
+    """shared.backend.Backend for one process of a (perhaps data-parallel) torch job on `device`."""
 
     def __init__(self, cfg: Config, world: World, images: np.ndarray, augment: AugmentParams,
                  device: torch.device):
@@ -66,8 +63,6 @@ class Backend:
 
     def train_step(self, state: TrainState, batch: ViewBatch | DrawnBatch,
                    lr: float) -> tuple[TrainState, dict]:
-        if not state.model.training:  # the features of a monitor or probe left it in eval mode
-            state.model.train()
         return self.step_fn(state, *self.step_inputs(batch), lr)
 
     def step_inputs(self, batch: ViewBatch | DrawnBatch) -> tuple:

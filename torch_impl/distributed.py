@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shared.backend import World
 from shared.errors import UserError
-from shared.loop import World
 from torch_impl.runtime import pick_device
 
 

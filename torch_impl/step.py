@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from shared.augment import AugmentParams
+from shared.backend import World
 from shared.config import Config
-from shared.loop import World
 from torch_impl.augment import apply_view
 from torch_impl.checkpoint import load_model_state
 from torch_impl.distributed import data_parallel, gather_batch, sync_batch_norm
