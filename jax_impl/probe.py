@@ -1,5 +1,5 @@
 """Linear probe of a frozen backbone:
-`python -m jax_impl.probe --run RUN_DIR --dataset cifar10|gtsrb`.
+`python -m jax_impl.probe --run RUN_DIR [--dataset NAME] [--protocol linear|knn]`.
 
 The twin of torch_impl.probe (same protocol, through shared.linear_probe): writes
 RUN_DIR/probe_<dataset>.json (probe_<dataset>_random_init.json with --random-init; ..._jax.json for

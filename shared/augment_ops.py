@@ -114,14 +114,6 @@ def _lerp_rows(
     return out
 
 
-def hflip(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mirror the images selected by bool mask [N] left-right: float32 [N, H, W, C] -> same, same
-    layout."""
-    out = images.copy(order="K")
-    apply_where(out, mask, mirrored)
-    return out
-
-
 def mirrored(images: np.ndarray) -> np.ndarray:
     """x'[i, j] = x[i, W - 1 - j], as a view."""
     return images[:, :, ::-1]

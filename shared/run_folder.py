@@ -206,7 +206,9 @@ def finished_summary(run_dir: Path, progress: Progress, plan: Plan, cfg: Config,
             or (cfg.probe and "probe" not in summary)):
         return None
     if announce:
-        longer = (f"--time-budget longer than {cfg.time_budget}" if cfg.time_budget
+        # a budgeted run that trained all of --epochs needs more epochs, not more time
+        longer = (f"--time-budget longer than {cfg.time_budget}"
+                  if cfg.time_budget and plan.epochs < cfg.epochs
                   else f"--epochs N with N > {plan.epochs:g}")
         print(f"{cfg.out} has trained all its {plan.epochs:g} epochs and holds its summary"
               f"{' and probe results' if cfg.probe else ''}; nothing to do. To train longer: "

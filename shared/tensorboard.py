@@ -76,15 +76,3 @@ class EventLog:
 
     def close(self) -> None:
         self._writer.close()
-
-
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """What TensorBoard shows for RUN_DIR/tensorboard/: tag -> [(step, value)], read with the
-    tensorboard package's own reader (orphaned steps of an interrupted attempt purged)."""
-    require_tensorboard()
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(Path(run_dir) / FOLDER), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
-            for tag in accumulator.Tags()["scalars"]}

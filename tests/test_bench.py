@@ -1,7 +1,9 @@
-"""bench/: the GPU check runs end to end (in its quick form, on the CPU) and prints its table."""
+"""bench/: every row of bench/throughput.py measures on a CPU, and the GPU check runs end to end
+(in its quick form, on the CPU) and prints its table."""
 import os
 import pickle
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,39 @@ def gpu_check(data_dir, out, *flags) -> str:
                             env={**os.environ, "GPU_CHECK_DIR": str(out)})
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
+
+
+def throughput_rows(*groups: str) -> dict[str, float]:
+    """bench/throughput.py's rows of `groups` at the smoke preset's size, one timed step each:
+    row name -> pairs/s. A row that failed is an AssertionError naming it."""
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--preset",
+                             "smoke", "--steps", "1", "--rows", ",".join(groups)],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines()
+             if line.startswith("| ") and not line.startswith("| path")]
+    failed = [row[0] for row in cells if row[1].startswith("failed")]
+    assert not failed, result.stdout
+    return {row[0]: float(row[1]) for row in cells}
+
+
+def test_every_row_of_the_throughput_bench_measures_on_a_cpu():
+    rows = throughput_rows("steps", "jax", "trainers", "augment")
+    expected = ["torch eager fp32 NCHW (baseline)", "torch channels_last bf16 autocast",
+                "jax jit fp32, lax conv", "jax jit bf16 compute, im2col conv",
+                *(f"{fw}_impl.train {path}" for fw in ("torch", "jax") for path in (
+                    "step alone (its default path)", "end to end, views on the host",
+                    "end to end, views on the device")),
+                "augmentation alone: jax_impl.augment on the device"]
+    assert all(rows.get(name, 0) > 0 for name in expected), rows
+    assert len(rows) == 16
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_compile_rows_measure_on_a_cpu():
+    assert len(throughput_rows("compile")) == 3
 
 
 def run_rows(out: str) -> dict[str, list[str]]:

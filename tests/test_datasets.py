@@ -418,3 +418,29 @@ def test_download_fetches_cifar100_and_stl10_only_when_files_are_missing(monkeyp
     assert calls == [("cifar100", True, True), ("stl10", "train+unlabeled", True)]
     with pytest.raises(UserError, match="STL-10 not found: .*test_X.bin does not exist"):
         load_split("stl10", tmp_path / "elsewhere", "test")
+
+
+def test_the_smoke_preset_runs_on_cifar100_with_fewer_images_than_classes(cifar100_dir,
+                                                                          tmp_path):
+    """The smoke preset pretrains on 64 images: fewer than CIFAR-100's 100 classes, so a plain
+    random subset (the probes keep their stratified one)."""
+    root, splits = cifar100_dir
+    run = tmp_path / "run"
+    assert torch_train.main(["--preset", "smoke", "--dataset", "cifar100", "--data-dir",
+                             str(root), "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_images"] == 64 and set(summary["probe"]) == {"cifar100"}
+    probe = json.loads((run / "probe_cifar100.json").read_text())
+    assert probe["num_classes"] == 100 and probe["num_train"] == 200
+
+
+def test_a_pretraining_subset_smaller_than_the_classes_is_a_plain_random_one():
+    labels = np.arange(200) % 100
+    index = data.pretraining_subset(labels, 64, seed=3)
+    expected = np.sort(np.random.default_rng(3).choice(200, size=64, replace=False))
+    np.testing.assert_array_equal(index, expected)
+    assert index.dtype == np.int64
+    # with at least one image of each class it stays stratified
+    stratified = data.pretraining_subset(labels, 200 - 1, seed=3)
+    np.testing.assert_array_equal(stratified, data.stratified_subset(labels, 199, seed=3))
+    assert len(np.unique(labels[data.pretraining_subset(labels, 100, seed=3)])) == 100

@@ -228,3 +228,58 @@ def test_ctrl_c_while_xla_compiles_is_exit_130(delay, tiny_data_dir, tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("interrupted: ")
+
+
+def test_a_run_keeps_its_compiled_programs_in_the_cache_folder(tiny_data_dir, tmp_path):
+    """VICREG_JAX_CACHE names the folder, and a second run of the same shapes reads what the
+    first compiled: every program's entry is read (its access time written) and none is
+    written again."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(VICREG_JAX_CACHE=str(cache), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    stamps = []
+    for run in ("first", "second"):
+        result = subprocess.run([sys.executable, "-m", "jax_impl.train",
+                                 *smoke(tiny_data_dir, tmp_path / run, "--no-probe",
+                                        "--monitor-every", "0")],
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        stamps.append({p.name: p.stat().st_mtime_ns for p in cache.iterdir()
+                       if p.name.endswith(("-cache", "-atime"))})
+    first, second = stamps
+    entries = [name for name in first if name.endswith("-cache")]
+    assert entries and first.keys() == second.keys()
+    assert all(second[name] == first[name] for name in entries)
+    assert all(second[name.replace("-cache", "-atime")] > first[name.replace("-cache", "-atime")]
+               for name in entries)
+
+
+def test_the_cache_is_off_with_the_flag_or_the_environment(tmp_path, monkeypatch):
+    from jax_impl.runtime import use_compilation_cache
+    from shared.cli import build_train_parser
+    from shared.machine import jax_cache_dir
+
+    monkeypatch.setenv("VICREG_JAX_CACHE", str(tmp_path / "cache"))
+    assert jax_cache_dir() == tmp_path / "cache"
+    chosen = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert use_compilation_cache(False) is None  # --no-jax-cache
+        monkeypatch.setenv("VICREG_JAX_CACHE", "off")
+        assert jax_cache_dir() is None and use_compilation_cache(True) is None
+        assert jax.config.jax_compilation_cache_dir is None and not (tmp_path / "cache").exists()
+        monkeypatch.setenv("VICREG_JAX_CACHE", str(tmp_path / "cache"))
+        assert use_compilation_cache(True) == str(tmp_path / "cache")
+        assert (tmp_path / "cache").is_dir()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", chosen)
+    assert use_compilation_cache(True) == chosen  # JAX_COMPILATION_CACHE_DIR's folder wins
+    monkeypatch.delenv("VICREG_JAX_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    help_text = " ".join(build_train_parser("jax").format_help().split())
+    assert "--jax-cache, --no-jax-cache" in help_text
+    assert f"(default: on, in {jax_cache_dir()})" in help_text.replace("- ", "-")

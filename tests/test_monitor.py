@@ -12,8 +12,8 @@ from jax_impl import train as jax_train
 from shared.config import make_config
 from shared.errors import UserError
 from shared.monitor import MonitorData, is_point, monitor_note
-from shared.tensorboard import read_scalars
 from tests import references
+from tests.test_tensorboard import read_scalars
 from torch_impl import probe as torch_probe
 from torch_impl import train as torch_train
 from torch_impl.backend import Backend as TorchBackend

@@ -3,15 +3,27 @@ back here with the tensorboard package's own reader; a resume shows each step on
 package the flag is a one-line error."""
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
 from jax_impl import train as jax_train
-from shared.tensorboard import SCALARS, read_scalars
+from shared.tensorboard import FOLDER, SCALARS
 from torch_impl import train as torch_train
 from torch_impl.backend import Backend as TorchBackend
 
 TRAINERS = {"torch": torch_train, "jax": jax_train}
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard shows for RUN_DIR/tensorboard/: tag -> [(step, value)], read with the
+    tensorboard package's own reader (orphaned steps of an interrupted attempt purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(Path(run_dir) / FOLDER), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
 
 
 def smoke(data_dir, out, *extra):

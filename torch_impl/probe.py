@@ -1,5 +1,5 @@
 """Linear probe of a frozen backbone:
-`python -m torch_impl.probe --run RUN_DIR --dataset cifar10|gtsrb`.
+`python -m torch_impl.probe --run RUN_DIR [--dataset NAME] [--protocol linear|knn]`.
 
 Writes RUN_DIR/probe_<dataset>.json (probe_<dataset>_random_init.json with --random-init;
 ..._torch.json for a run trained by jax_impl) and prints one line with the top-1 accuracy. This
