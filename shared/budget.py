@@ -18,10 +18,13 @@ on a clock of their own.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from tqdm import tqdm
 
 from shared.backend import Backend
 from shared.config import Config
@@ -154,7 +157,8 @@ class TimeBudget:
             elif epoch is not None and epoch.pairs_per_s:
                 seconds_per_step = self.cfg.batch_size / epoch.pairs_per_s
             point = last_of(records, KnnRecord) if monitor_on else None
-            point_s = point.seconds or 0.0 if point is not None else 0.0
+            if point is not None and point.seconds:
+                point_s = point.seconds
         seconds_per_step = float(self.agree(seconds_per_step))
         self.reserve = float(self.agree(point_s))
         self.window_step, self.window_time = done, self.clock()
@@ -186,11 +190,9 @@ class TimeBudget:
             return plan
         new = self._adopt(Plan.of_steps(steps, plan.steps_per_epoch), done, seconds_per_step or 0.0)
         if self.is_main:
-            from tqdm import tqdm
-
             tqdm.write(f"re-planned at step {done}: {new.epochs:.3f} epochs fit the "
                        f"{self.cfg.time_budget} time budget at "
-                       f"{self.cfg.batch_size / seconds_per_step:.0f} pairs/s")
+                       f"{self.cfg.batch_size / seconds_per_step:.0f} pairs/s", file=sys.stderr)
         return new
 
     def _adopt(self, plan: Plan, done: int, seconds_per_step: float) -> Plan:
@@ -199,7 +201,8 @@ class TimeBudget:
         self.write(PlanRecord(step=done, epochs=plan.epochs, seconds_per_step=seconds_per_step,
                               budget_s=self.seconds, budget_used_s=self.used()))
         self.window_step, self.window_time = done, self.clock()
-        self.check_every = _check_every(self.seconds, seconds_per_step)
+        # every process must look at the rate at the same steps: the main process's rate decides
+        self.check_every = int(self.agree(_check_every(self.seconds, seconds_per_step)))
         return plan
 
 

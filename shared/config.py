@@ -353,18 +353,6 @@ class Config:
         """Augmentation threads: --workers, or the automatic choice when it is 0."""
         return self.workers or auto_workers()
 
-    def total_steps(self, steps_per_epoch: int) -> int:
-        """Steps of the whole run: epochs x steps_per_epoch, rounded (at least 1)."""
-        return max(1, round(self.epochs * steps_per_epoch))
-
-    def epoch_count(self, steps_per_epoch: int) -> int:
-        """Epochs the run starts, the last one perhaps cut short."""
-        return math.ceil(self.total_steps(steps_per_epoch) / steps_per_epoch)
-
-    def steps_in_epoch(self, epoch: int, steps_per_epoch: int) -> int:
-        """Steps of epoch `epoch` (0-based): all of them but in a fractional run's last epoch."""
-        return min(steps_per_epoch, self.total_steps(steps_per_epoch) - epoch * steps_per_epoch)
-
     def time_budget_s(self) -> float | None:
         """--time-budget in seconds, None without one."""
         return parse_duration(self.time_budget) if self.time_budget else None
