@@ -169,9 +169,6 @@ def _decode(cache_dir: Path, name: str, fingerprint: str, source: Source, size: 
                                            shape=(source.count, size, size, 3))
         labels = np.empty(source.count, np.int64)
         kept, bad = _fill(images, labels, source, size, bad_images, description, fix)
-        if kept == 0:
-            raise UserError(f"none of the {source.count} images of {description} could be read "
-                            f"(first: {bad[0]})")
         if kept < source.count:
             images = _truncated(images, kept, tmp["images.npy"])
         images.flush()
@@ -198,9 +195,6 @@ def _decode_in_memory(source: Source, size: int, bad_images: str, description: s
     images = np.empty((source.count, size, size, 3), np.uint8)
     labels = np.empty(source.count, np.int64)
     kept, bad = _fill(images, labels, source, size, bad_images, description, fix)
-    if kept == 0:
-        raise UserError(f"none of the {source.count} images of {description} could be read "
-                        f"(first: {bad[0]})")
     _warn_skipped(bad, description, "")
     return images[:kept], labels[:kept]
 
@@ -215,7 +209,7 @@ def _warn_skipped(bad: list[str], description: str, listed: str) -> None:
 def _fill(images: np.ndarray, labels: np.ndarray, source: Source, size: int, bad_images: str,
           description: str, fix: str) -> tuple[int, list[str]]:
     """Write the readable images of `source` in order into images[:kept] (labels alike); returns
-    kept and the names of the unreadable ones."""
+    kept and the names of the unreadable ones. No readable image at all is a UserError."""
     def read_chunk(start: int) -> list[np.ndarray | str]:
         out = []
         for i in range(start, min(start + _CHUNK, source.count)):
@@ -243,6 +237,9 @@ def _fill(images: np.ndarray, labels: np.ndarray, source: Source, size: int, bad
                 labels[kept] = source.label(i)
                 kept += 1
             bar.update(len(chunk))
+    if kept == 0:
+        raise UserError(f"none of the {source.count} images of {description} could be read "
+                        f"(first: {bad[0]})")
     return kept, bad
 
 

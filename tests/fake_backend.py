@@ -4,7 +4,7 @@ of the loop's own logic (budget, resume, monitor) without a framework.
     NumpyBackend       shared.backend.Backend with a float64 weight vector as its state: a step
                        moves it towards the batch's mean pixel, at the learning rate
     FakeClock          time that passes only as steps and features say they take
-    on_clock           wraps any OpenBackend (numpy, torch_impl's, jax_impl's) so that every step
+    OnClock            wraps any OpenBackend (numpy, torch_impl's, jax_impl's) so that every step
                        and every feature extraction moves a FakeClock
     train              `python -m <framework>_impl.train ARGV` through shared.loop.run with a
                        given backend and clock: its exit status
@@ -105,12 +105,12 @@ def open_numpy_backend(cfg, world, images, augment):
     yield NumpyBackend(cfg, world, images, augment)
 
 
-class _OnClock:
+class _TimedBackend:
     """A backend whose steps take `step_seconds` on `clock` (`timing_seconds` while the step
     rate is timed on a scratch copy) and whose feature extractions take `feature_seconds`; a
     step at (epoch, step in epoch) `stop_at` raises KeyboardInterrupt, as Ctrl-C there would."""
 
-    def __init__(self, backend, timed: on_clock):
+    def __init__(self, backend, timed: OnClock):
         self.backend, self.timed, self.timing = backend, timed, False
 
     def __getattr__(self, name):
@@ -145,9 +145,9 @@ class _OnClock:
         return timed
 
 
-class on_clock:  # noqa: N801 (used as a function: on_clock(open_backend, clock, seconds))
+class OnClock:
     """An OpenBackend: `open_backend`'s backends with their steps and features moving `clock`
-    (see _OnClock); `timing_steps` counts the steps the rate was timed with."""
+    (see _TimedBackend); `timing_steps` counts the steps the rate was timed with."""
 
     def __init__(self, open_backend, clock: FakeClock, step_seconds: float,
                  timing_seconds: float | None = None, feature_seconds: float = 0.0,
@@ -159,7 +159,7 @@ class on_clock:  # noqa: N801 (used as a function: on_clock(open_backend, clock,
     @contextlib.contextmanager
     def __call__(self, cfg, world, images, augment):
         with self.open_backend(cfg, world, images, augment) as backend:
-            yield _OnClock(backend, self)
+            yield _TimedBackend(backend, self)
 
 
 def train(argv: list[str], open_backend=open_numpy_backend, clock=None,

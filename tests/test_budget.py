@@ -17,27 +17,12 @@ import pytest
 from jax_impl.backend import open_backend as open_jax_backend
 from shared.runio import load_run_config
 from shared.schedule import Plan, lr_at
-from tests.fake_backend import FakeClock, on_clock, open_numpy_backend, train
+from tests.fake_backend import FakeClock, OnClock, open_numpy_backend, train
+from tests.test_monitor import last_line, records, smoke
 from torch_impl import train as torch_train
 from torch_impl.backend import open_backend as open_torch_backend
 
 BACKENDS = {"torch": open_torch_backend, "jax": open_jax_backend}
-
-
-def smoke(data_dir, out, *extra):
-    return ["--preset", "smoke", "--width", "4", "--data-dir", str(data_dir), "--out", str(out),
-            "--probe-epochs", "2", *extra]
-
-
-def records(run, kind: str) -> list[dict]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r["kind"] == kind]
-
-
-def last_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("framework", BACKENDS)
@@ -46,14 +31,14 @@ def test_a_time_budget_fixes_the_length_and_a_resume_with_the_same_flags_keeps_i
     run, clock = tmp_path / "run", FakeClock()
     flags = smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50", "--no-probe",
                   "--log-every", "4", "--warmup-epochs", "2")
-    stopped = on_clock(BACKENDS[framework], clock, 0.0123, stop_at=(2, 0))  # Ctrl-C in epoch 3
+    stopped = OnClock(BACKENDS[framework], clock, 0.0123, stop_at=(2, 0))  # Ctrl-C in epoch 3
     assert train(flags, stopped, clock, framework) == 130
     assert "x 17.75 epochs (what fits the 1s time budget at 1301 pairs/s" in \
         capsys.readouterr().out
     cfg = load_run_config(run)
     assert (cfg.epochs, cfg.time_budget) == (50, "1s")  # config.json keeps the flags
     assert [r["epochs"] for r in records(run, "plan")] == [17.75]
-    resumed = on_clock(BACKENDS[framework], clock, 0.0123)
+    resumed = OnClock(BACKENDS[framework], clock, 0.0123)
     assert train([*flags, "--resume"], resumed, clock, framework) == 0
     assert resumed.timing_steps == 0  # not timed again
     steps = records(run, "step")
@@ -71,7 +56,7 @@ def test_a_budgeted_run_plans_again_when_its_steps_take_another_time(
     """Timed at `measured` s a step, trained at `actual`: the run is planned again once a tenth
     of the budget has shown the rate, and still ends within its budget."""
     run, clock = tmp_path / "run", FakeClock()
-    backend = on_clock(open_numpy_backend, clock, actual, timing_seconds=measured)
+    backend = OnClock(open_numpy_backend, clock, actual, timing_seconds=measured)
     assert train(smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50", "--no-probe",
                        "--log-every", "4", "--warmup-epochs", "0"), backend, clock) == 0
     plans = records(run, "plan")
@@ -85,7 +70,7 @@ def test_the_plan_is_checked_whatever_the_log_interval(tiny_data_dir, tmp_path):
     """A --log-every longer than the run does not delay the re-plan: the rate is looked at
     every 1% of the budget, as with --log-every 4 above."""
     run, clock = tmp_path / "run", FakeClock()
-    backend = on_clock(open_numpy_backend, clock, 0.05, timing_seconds=0.0123)
+    backend = OnClock(open_numpy_backend, clock, 0.05, timing_seconds=0.0123)
     assert train(smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50", "--no-probe",
                        "--log-every", "1000", "--warmup-epochs", "0"), backend, clock) == 0
     assert [r["epochs"] for r in records(run, "plan")] == [17.75, 4.25]
@@ -96,7 +81,7 @@ def test_a_budget_the_start_up_uses_up_is_one_line_and_leaves_nothing(tiny_data_
                                                                        capsys):
     run, clock = tmp_path / "run", FakeClock()
     assert train(smoke(tiny_data_dir, run, "--time-budget", "1s"),
-                 on_clock(open_numpy_backend, clock, 2.0), clock) == 2
+                 OnClock(open_numpy_backend, clock, 2.0), clock) == 2
     assert last_line(capsys).startswith("error: the 1s time budget is used up before training "
                                         "starts")
     assert not run.exists()
@@ -121,7 +106,7 @@ def test_the_probes_after_a_time_budgeted_run_record_the_epochs_it_trained(
         framework, tiny_data_dir, tmp_path):
     run, clock = tmp_path / "run", FakeClock()
     assert train(smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50"),
-                 on_clock(BACKENDS[framework], clock, 0.0123), clock, framework) == 0
+                 OnClock(BACKENDS[framework], clock, 0.0123), clock, framework) == 0
     for dataset in ("cifar10", "gtsrb"):
         result = json.loads((run / f"probe_{dataset}.json").read_text())
         assert result["checkpoint_epoch"] == 17.75  # not the 50 --epochs allowed
@@ -131,15 +116,15 @@ def test_a_longer_budget_on_resume_extends_a_finished_budgeted_run(tiny_data_dir
     run, clock = tmp_path / "run", FakeClock()
     flags = smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50", "--no-probe",
                   "--log-every", "4", "--warmup-epochs", "0")
-    assert train(flags, on_clock(open_numpy_backend, clock, 0.0123), clock) == 0
+    assert train(flags, OnClock(open_numpy_backend, clock, 0.0123), clock) == 0
     assert json.loads((run / "summary.json").read_text())["epochs"] == 17.75
     assert train(["--resume", "--out", str(run), "--time-budget", "2s"],
-                 on_clock(open_numpy_backend, clock, 0.0123), clock) == 0
+                 OnClock(open_numpy_backend, clock, 0.0123), clock) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert 17.75 < summary["epochs"] <= 50
     assert json.loads((run / "config.json").read_text())["time_budget"] == "2s"
     assert train(["--resume", "--out", str(run), "--time-budget", "1s"],
-                 on_clock(open_numpy_backend, clock, 0.0123), clock) == 2
+                 OnClock(open_numpy_backend, clock, 0.0123), clock) == 2
 
 
 def test_a_budgeted_run_with_slow_points_still_ends_on_time(tiny_data_dir, tmp_path):
@@ -148,7 +133,7 @@ def test_a_budgeted_run_with_slow_points_still_ends_on_time(tiny_data_dir, tmp_p
     keeps 60 ms, and each step costs 12.3 ms + 60 / 4 ms: floor(0.7639 / 0.0273) = 27 steps
     (6.75 epochs). The run, its points included, ends within the budget."""
     run, clock = tmp_path / "run", FakeClock()
-    backend = on_clock(open_numpy_backend, clock, 0.0123, feature_seconds=0.03)
+    backend = OnClock(open_numpy_backend, clock, 0.0123, feature_seconds=0.03)
     assert train(smoke(tiny_data_dir, run, "--time-budget", "1s", "--epochs", "50",
                        "--no-probe", "--warmup-epochs", "0"), backend, clock) == 0
     plans = records(run, "plan")

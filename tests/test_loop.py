@@ -11,7 +11,7 @@ from shared.data import load_split
 from shared.runio import load_run_config
 from shared.schedule import Plan, lr_at
 from tests import references
-from tests.fake_backend import FakeClock, on_clock, open_numpy_backend, train
+from tests.fake_backend import FakeClock, OnClock, open_numpy_backend, train
 
 
 def smoke(data_dir, out, *extra):
@@ -48,7 +48,7 @@ def test_a_run_stopped_anywhere_and_resumed_ends_as_an_uninterrupted_one(stop_at
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     flags = ["--epochs", "3", "--monitor-every", "0.5", "--log-every", "3"]
     assert train(smoke(tiny_data_dir, straight, *flags)) == 0
-    stopped = on_clock(open_numpy_backend, FakeClock(), 0.0, stop_at=stop_at)
+    stopped = OnClock(open_numpy_backend, FakeClock(), 0.0, stop_at=stop_at)
     assert train(smoke(tiny_data_dir, resumed, *flags), stopped) == 130
     assert train(["--resume", "--out", str(resumed)]) == 0
     assert weights(resumed) == weights(straight)
