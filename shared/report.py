@@ -18,23 +18,30 @@ from pathlib import Path
 
 from shared.cli import UserErrorParser, cli_main, format_value, plural, setting_flags
 from shared.config import Config, make_config
+from shared.data import TITLES, is_folder, key_title
 from shared.errors import UserError
 from shared.gtsrb import GTSRB_CLASS_NAMES
+from shared.image_folder import folder_root
 from shared.report_figures import FIGURES, write_figures
 from shared.report_pdf import write_pdf
 from shared.results import (
-    DATASET_TITLES,
     SWEEP_FILE,
     RunResult,
     format_duration,
+    in_key_order,
     load_run,
     load_sweep,
+    pretraining_datasets,
     read_sweep_file,
     results_markdown_table,
 )
 from shared.runio import CONFIG_FILE, atomic_write_bytes, tool_command, writable_folder
 
 TRANSFER_EXAMPLES = 5
+# What each named dataset's images show, for the report's GTSRB section.
+DATASET_CONTENTS = {"cifar10": "animals and vehicles",
+                    "cifar100": "animals, plants, vehicles, household objects and outdoor scenes",
+                    "stl10": "animals and vehicles", "gtsrb": "traffic signs"}
 # The report's text, with $placeholders for what the runs decide.
 TEMPLATE = string.Template((Path(__file__).with_name("report_template.md")).read_text())
 
@@ -79,15 +86,40 @@ def configs(results: list[RunResult]) -> list[dict]:
     return [r.config for r in results if r.config] or [dataclasses.asdict(Config())]
 
 
+def joined(texts: list[str]) -> str:
+    """["a"] -> "a", ["a", "b", "c"] -> "a, b and c"."""
+    return texts[0] if len(texts) == 1 else f"{', '.join(texts[:-1])} and {texts[-1]}"
+
+
 def setting_in_runs(results: list[RunResult], name: str, form: str = "{}") -> str:
     """How the report's prose gives a setting: "25 here", or "5 and 25 in these runs" when the
     runs differ in it; each value written as the flags write it, in `form`."""
     values = sorted({c[name] for c in configs(results)},
                     key=lambda v: (isinstance(v, str), v))
     texts = [form.format(format_value(v)) for v in values]
-    if len(texts) == 1:
-        return f"{texts[0]} here"
-    return f"{', '.join(texts[:-1])} and {texts[-1]} in these runs"
+    return f"{joined(texts)} {'here' if len(texts) == 1 else 'in these runs'}"
+
+
+def dataset_titles(results: list[RunResult]) -> list[str]:
+    """How the report names the datasets the runs pretrained on (CIFAR-10 when none has
+    settings yet)."""
+    return [key_title(key) for key in pretraining_datasets(results)] or [TITLES["cifar10"]]
+
+
+def pretrained_on(results: list[RunResult]) -> str:
+    """The GTSRB section's sentences on what the runs pretrained on, and whether it held traffic
+    signs."""
+    datasets = pretraining_datasets(results) or {"cifar10": "cifar10"}
+    described = [f"{key_title(key)} ({DATASET_CONTENTS[key]})" if key in DATASET_CONTENTS
+                 else f"{key_title(key)} (your own images in `{folder_root(name)}`)"
+                 for key, name in datasets.items()]
+    text = f"Pretraining here used {joined(described)}."
+    if "gtsrb" in datasets:
+        return (text + " A run pretrained on GTSRB has seen the signs (without their labels): its "
+                "GTSRB probe measures learning within that domain, not transfer.")
+    if any(is_folder(name) for name in datasets.values()):
+        return text + " Unless a folder holds some, the backbone never saw a traffic sign."
+    return text + " The backbone never saw a traffic sign."
 
 
 def feature_dim(results: list[RunResult]) -> int | None:
@@ -187,18 +219,22 @@ def commands_section(sources: Sources, report_command: str) -> str:
     lines = ["## Commands", ""]
     for sweep_dir, stored in sources.sweeps:
         lines += [f"Sweep `{sweep_dir}` was created with", "", f"    {stored['command']}", ""]
-    lines += ["Each run's training (which also runs the probes on the trained backbone), from its "
-              "config.json, and the random-init baselines:", ""]
+    lines += ["Each run's training (which also probes the trained backbone on its dataset and "
+              "GTSRB), from its config.json, the probes of other datasets, and the random-init "
+              "baselines:", ""]
     for r in sources.results:
         if r.config is None:
             continue
         lines.append(f"    {train_command_line(r)}")
-        framework = r.framework or "<torch|jax>"
-        for dataset in DATASET_TITLES:
-            baseline = r.probes.get(f"{dataset}_random_init")
+        probe = f"{tool_command(r.framework or '<torch|jax>', 'probe')} --run {r.run_dir}"
+        for key in in_key_order({key.removesuffix("_random_init") for key in r.probes}):
+            trained, baseline = r.probes.get(key), r.probes.get(f"{key}_random_init")
+            if trained is not None and trained.get("source", key) not in (
+                    r.config.get("dataset"), "gtsrb"):
+                lines.append(f"    {probe} --dataset {trained.get('source', key)}")
             if baseline is not None:
-                lines.append(f"    {tool_command(framework, 'probe')} --run {r.run_dir} "
-                             f"--dataset {baseline.get('source', dataset)} --random-init")
+                lines.append(f"    {probe} --dataset {baseline.get('source', key)} "
+                             "--random-init")
     lines += ["", "This report:", "", f"    {report_command}", ""]
     return "\n".join(lines)
 
@@ -226,7 +262,12 @@ def report_markdown(sources: Sources, figures: dict[str, Path], report_command: 
     figure_text = {name: (f"![{name.replace('_', ' ')}]({figures[name].name})"
                           if name in figures else "No run has data for this figure yet.")
                    for name in FIGURES}
+    titles = dataset_titles(results)
     return TEMPLATE.substitute(
+        datasets=joined(titles),
+        image_size=setting_in_runs(results, "image_size", "{0}x{0}"),
+        pretrained_on=pretrained_on(results),
+        monitored=titles[0] if len(titles) == 1 else "each run's dataset",
         overview=f"{plural(len(results), 'run')} ({trained} finished)"
                  + (f", {format_duration(sum(times))} of training in total" if times else "")
                  + ".",
@@ -301,6 +342,7 @@ def build_report_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, metavar="REPORT.md",
                         help="the Markdown file to write; figures go next to it as "
                              "<name>_loss_curves.png, <name>_embedding_std.png, "
+                             "<name>_knn_accuracy.png (when a run has kNN monitor points), "
                              "<name>_probe_accuracy.png (default: report.md in the first folder)")
     parser.add_argument("--notes", type=Path, metavar="NOTES.md",
                         help="your findings in Markdown, placed under the title as the report's "

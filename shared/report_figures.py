@@ -9,9 +9,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from shared.data import NUM_CLASSES, dataset_key
+from shared.data import NUM_CLASSES, key_title
 from shared.records import StepRecord, of_kind, read_records
-from shared.results import DATASET_TITLES, RunResult, monitor_points
+from shared.results import RunResult, in_key_order, monitor_points, pretraining_datasets
 
 LOSS_PANELS = (("loss", "total loss (weighted sum)"),
                ("invariance", "invariance: MSE between the two views"),
@@ -99,9 +99,8 @@ def plot_knn_accuracy(results: list[RunResult], path: Path) -> bool:
     series = {label: points for label, points in series.items() if points}
     if not series:
         return False
-    datasets = {dataset_key((r.config or {}).get("dataset", "cifar10")) for r in results
-                if r.label in series}
-    where = DATASET_TITLES[datasets.pop()] if len(datasets) == 1 else "each run's dataset's"
+    datasets = list(pretraining_datasets([r for r in results if r.label in series]))
+    where = key_title(datasets[0]) if len(datasets) == 1 else "each run's dataset's"
     classes = {NUM_CLASSES.get((r.config or {}).get("dataset")) for r in results
                if r.label in series}
     chance = 1 / classes.pop() if len(classes) == 1 and None not in classes else None
@@ -129,7 +128,8 @@ def plot_knn_accuracy(results: list[RunResult], path: Path) -> bool:
 
 def plot_probe_accuracy(results: list[RunResult], path: Path) -> bool:
     """Linear-probe top-1 per run, trained against random-init backbone, one panel per dataset."""
-    datasets = [d for d in DATASET_TITLES if any(d in r.probes for r in results)]
+    datasets = [d for d in in_key_order({key for r in results for key in r.probes})
+                if not d.endswith("_random_init")]
     if not datasets:
         return False
     fig = Figure(figsize=(6 * len(datasets), 5.5))
@@ -154,7 +154,7 @@ def plot_probe_accuracy(results: list[RunResult], path: Path) -> bool:
                       fontsize="small")
         ax.set_ylabel("test top-1 accuracy (%)")
         ax.set_ylim(0, 108)
-        ax.set_title(f"{DATASET_TITLES[dataset]} linear probe (chance {100 * chance:.1f}%)")
+        ax.set_title(f"{key_title(dataset)} linear probe (chance {100 * chance:.1f}%)")
     _legend_below(fig, axes[0][0], 1)
     fig.savefig(path, dpi=120)
     return True

@@ -25,6 +25,13 @@ POINT = 1 / 72  # inches
 SANS_WIDTH, MONO_WIDTH = 0.55, 0.6
 HEADINGS = {1: 17, 2: 13.5, 3: 11.5}
 BODY, CODE, TABLE_MAX, TABLE_MIN = 9.5, 8, 8, 5
+# A table wider than the page at this size is split into tables of fewer columns, each repeating
+# the first (the run), so that no row wraps onto lines whose values stand under other headers.
+TABLE_SPLIT = 6.5
+COLUMN_GAP = 2  # spaces between two columns
+# Tables keep to this share of the text width: a screen at 100 dpi rounds each small glyph's
+# advance up to whole pixels, which widens a 7 pt monospaced line by about 6%.
+TABLE_SHARE = 0.92
 
 
 @dataclass
@@ -53,18 +60,48 @@ def wrap(text: str, size: float, width: float = TEXT_W, mono: bool = False) -> l
                          break_on_hyphens=False) or [""]
 
 
+def chars_that_fit(size: float) -> int:
+    """How many monospaced characters at `size` points a table line may hold (TABLE_SHARE of the
+    text width)."""
+    return int(TABLE_SHARE * TEXT_W / (size * MONO_WIDTH * POINT))
+
+
+def column_groups(widths: list[int], limit: int) -> list[list[int]]:
+    """The columns (of `widths` characters) split into groups that each start with column 0 and
+    fit `limit` characters with COLUMN_GAP between columns; one group when all fit. A column too
+    wide to share a group gets one of its own (with column 0)."""
+    groups, current = [], [0]
+    for column in range(1, len(widths)):
+        if sum(widths[c] for c in current) + widths[column] + COLUMN_GAP * len(current) > limit \
+                and len(current) > 1:
+            groups.append(current)
+            current = [0]
+        current.append(column)
+    return groups + [current]
+
+
 def table_lines(rows: list[list[str]]) -> list[Line]:
     """A Markdown table's rows as monospaced lines with aligned columns, in the largest font
-    (TABLE_MAX down to TABLE_MIN) at which they fit the page; wider tables wrap their lines."""
-    widths = [max(len(row[i]) if i < len(row) else 0 for row in rows)
-              for i in range(max(len(row) for row in rows))]
-    texts = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
-             for row in rows]
-    texts.insert(1, "  ".join("-" * w for w in widths))
-    longest = max(len(t) for t in texts)
-    size = max(TABLE_MIN, min(TABLE_MAX, TEXT_W / (longest * MONO_WIDTH * POINT)))
-    return [Line(piece, size, "monospace") for text in texts
-            for piece in wrap(text, size, mono=True)]
+    (TABLE_MAX down to TABLE_MIN) at which they fit the page. A table that does not fit at
+    TABLE_SPLIT is split into several (column_groups), one after the other; a single column
+    wider than the page wraps its lines."""
+    columns = max(len(row) for row in rows)
+    rows = [row + [""] * (columns - len(row)) for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(columns)]
+    lines: list[Line] = []
+    for group in column_groups(widths, chars_that_fit(TABLE_SPLIT)):
+        texts = [(" " * COLUMN_GAP).join(row[i].ljust(widths[i]) for i in group).rstrip()
+                 for row in rows]
+        texts.insert(1, (" " * COLUMN_GAP).join("-" * widths[i] for i in group))
+        longest = max(len(t) for t in texts)
+        # half a character of slack, so that chars_that_fit(size) rounds down to `longest`
+        size = max(TABLE_MIN, min(TABLE_MAX,
+                                  TABLE_SHARE * TEXT_W / ((longest + 0.5) * MONO_WIDTH * POINT)))
+        if lines:
+            lines.append(Line("", size, "monospace"))
+        lines += [Line(piece, size, "monospace") for text in texts
+                  for piece in wrap(text, size, TABLE_SHARE * TEXT_W, mono=True)]
+    return lines
 
 
 def blocks(markdown: str) -> list[list[Line] | Path]:

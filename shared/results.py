@@ -16,7 +16,7 @@ from pathlib import Path
 
 from shared.cli import format_value
 from shared.config import RUN, Config, make_config
-from shared.data import TITLES, dataset_key
+from shared.data import TITLES, dataset_key, key_title
 from shared.errors import UserError
 from shared.records import TERMS, KnnRecord, of_kind, read_records
 from shared.runio import (
@@ -28,8 +28,6 @@ from shared.runio import (
     run_framework,
 )
 
-# How tables and figures name each dataset key (shared.data.dataset_key), in column order.
-DATASET_TITLES = {**TITLES, "folder": "folder"}
 SWEEP_FILE = "sweep.json"
 RUNS_DIR = "runs"
 FAILURE_FILE = "failure.json"
@@ -81,6 +79,26 @@ class RunResult:
     failure: dict | None
 
 
+def in_key_order(keys) -> list[str]:
+    """Dataset keys (shared.data.dataset_key) in the order tables and figures show them: the named
+    datasets in TITLES order, then folders by key."""
+    named = [key for key in TITLES if key in keys]
+    return named + sorted(set(keys) - set(named))
+
+
+def pretraining_datasets(results: list[RunResult]) -> dict[str, str]:
+    """The datasets the runs (with settings) pretrained on: dataset key -> its --dataset value,
+    in_key_order."""
+    sources = {dataset_key(r.config["dataset"]): r.config["dataset"] for r in results if r.config}
+    return {key: sources[key] for key in in_key_order(sources)}
+
+
+def probed_keys(run_dir: Path) -> list[str]:
+    """The dataset keys of the probe files in RUN_DIR (probe_<key>[_...].json), in_key_order."""
+    return in_key_order({path.stem.removeprefix("probe_").split("_")[0]
+                         for path in Path(run_dir).glob("probe_*.json")})
+
+
 def load_run(run_dir: Path, label: str, planned_config: dict | None = None,
              planned_framework: str = "") -> RunResult:
     """Read a run folder; a sweep run not started yet is described by its planned settings."""
@@ -90,14 +108,14 @@ def load_run(run_dir: Path, label: str, planned_config: dict | None = None,
     summary = read_json(run_dir / SUMMARY_FILE)
     failure = read_json(run_dir / FAILURE_FILE)
     probes = {}
-    for dataset in DATASET_TITLES:
+    for dataset in probed_keys(run_dir):
         for random_init, key in ((False, dataset), (True, f"{dataset}_random_init")):
             result = read_json(probe_result_path(run_dir, dataset, random_init))
             if result is not None:
                 probes[key] = result
     if failure:
         status = "failed"
-    elif summary is not None and any(key in probes for key in DATASET_TITLES):
+    elif summary is not None and any(not key.endswith("_random_init") for key in probes):
         status = "done"
     else:
         status = "incomplete" if has_config else "pending"
@@ -128,10 +146,10 @@ PROBE_COLUMNS = ("cifar10", "cifar10_random_init", "gtsrb", "gtsrb_random_init")
 
 def probe_columns(results: list[RunResult]) -> list[str]:
     """The probe keys a table of `results` shows: PROBE_COLUMNS, and every other dataset's (with
-    its random init) that some run has a probe of, in DATASET_TITLES order."""
-    keys = [key for dataset in DATASET_TITLES for key in (dataset, f"{dataset}_random_init")]
-    return [key for key in keys if key in PROBE_COLUMNS
-            or any(key.removesuffix("_random_init") in r.probes for r in results)]
+    its random init) that some run has a probe of, in_key_order."""
+    datasets = in_key_order({key.removesuffix("_random_init") for r in results for key in r.probes}
+                            | {key.removesuffix("_random_init") for key in PROBE_COLUMNS})
+    return [key for dataset in datasets for key in (dataset, f"{dataset}_random_init")]
 
 
 def trained_epochs(result: RunResult) -> float | None:
@@ -208,10 +226,19 @@ MD_HEADERS = {"trained_epochs": "epochs trained", "final_loss": "loss",
               "final_invariance": "invariance",
               "final_variance": "variance", "final_covariance": "covariance",
               "final_embedding_std": "embedding std", "knn_last_top1": "kNN top-1 (last)",
-              "knn_best_top1": "kNN top-1 (best)", "train_time_s": "train time",
-              **{f"{key}_top1": f"{title} top-1" for key, title in DATASET_TITLES.items()},
-              **{f"{key}_random_init_top1": f"{title} random init"
-                 for key, title in DATASET_TITLES.items()}}
+              "knn_best_top1": "kNN top-1 (best)", "train_time_s": "train time"}
+
+
+def md_header(column: str) -> str:
+    """A column's header in the Markdown table: MD_HEADERS', "<dataset> top-1" and "<dataset>
+    random init" for a probe's, else the column's name."""
+    if column in MD_HEADERS:
+        return MD_HEADERS[column]
+    if column.endswith("_random_init_top1"):
+        return f"{key_title(column.removesuffix('_random_init_top1'))} random init"
+    if column.endswith("_top1") and not column.startswith("knn_"):
+        return f"{key_title(column.removesuffix('_top1'))} top-1"
+    return column
 
 
 def results_markdown_table(results: list[RunResult]) -> str:
@@ -230,7 +257,7 @@ def results_markdown_table(results: list[RunResult]) -> str:
         stale = row.get(column.removesuffix("_top1") + "_stale_epoch")
         return f"{text} (at epoch {stale:g}, before the last)" if stale is not None else text
 
-    lines = ["| " + " | ".join(MD_HEADERS.get(c, c) for c in columns) + " |",
+    lines = ["| " + " | ".join(md_header(c) for c in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -253,6 +280,6 @@ def accuracy_note(run_dir: Path, datasets: tuple[str, ...]) -> str:
         key = dataset_key(dataset)
         trained = read_json(probe_result_path(run_dir, key, random_init=False))["top1"]
         baseline = read_json(probe_result_path(run_dir, key, random_init=True))["top1"]
-        notes.append(f"{DATASET_TITLES[key]} top-1 {100 * trained:.2f}% "
+        notes.append(f"{key_title(key)} top-1 {100 * trained:.2f}% "
                      f"(random init {100 * baseline:.2f}%)")
     return ", ".join(notes)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from shared import report, report_figures
 from shared.config import make_config
+from shared.data import dataset_key
 from shared.gtsrb import GTSRB_CLASS_NAMES
 from shared.results import format_duration
 
@@ -283,3 +284,75 @@ def test_a_pdf_name_that_is_not_a_pdf_is_one_line(smoke_sweep, tmp_path, capsys)
                         str(tmp_path / "r.txt")]) == 2
     expected = f"error: --pdf {tmp_path / 'r.txt'}: give a file name ending in .pdf"
     assert error_line(capsys) == expected
+
+
+def a_probe(source: str, top1: float, classes: int) -> str:
+    return json.dumps({"source": source, "top1": top1, "num_classes": classes,
+                       "checkpoint_epoch": 1.0, "feature_dim": 64,
+                       "settings": {"epochs": 5, "lr": 0.1, "batch_size": 32, "wd": 0.0}})
+
+
+def test_the_prose_and_the_columns_follow_each_runs_dataset_and_size(tmp_path):
+    pets, other = f"folder:{tmp_path / 'pets'}", f"folder:{tmp_path / 'other'}"
+    summary = json.dumps({"epochs": 1.0, "steps": 4, "train_time_s": 10.0})
+    runs = []
+    for name, flags, probes in (
+            ("c10", {}, {"cifar10": ("cifar10", 0.5, 10), dataset_key(other): (other, 0.4, 3)}),
+            ("stl", {"dataset": "stl10"}, {"stl10": ("stl10", 0.3, 10)}),
+            ("pets", {"dataset": pets}, {dataset_key(pets): (pets, 0.75, 2)})):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(make_config({"preset": "smoke", **flags}).to_json())
+        (run / "summary.json").write_text(summary)
+        for key, (source, top1, classes) in probes.items():
+            (run / f"probe_{key}.json").write_text(a_probe(source, top1, classes))
+            (run / f"probe_{key}_random_init.json").write_text(a_probe(source, top1 / 2, classes))
+        runs.append(run)
+    out = tmp_path / "report.md"
+    assert report.main([*map(str, runs), "--out", str(out)]) == 0
+    text = " ".join(out.read_text().split())
+    assert text.startswith("# VICReg on CIFAR-10, STL-10 and folder pets: results")
+    assert "at the run's image size, 32x32 and 96x96 in these runs," in text
+    assert ("Pretraining here used CIFAR-10 (animals and vehicles), STL-10 (animals and vehicles) "
+            f"and folder pets (your own images in `{tmp_path / 'pets'}`). Unless a folder holds "
+            "some, the backbone never saw a traffic sign.") in text
+    assert "the first test images of each run's dataset are classified" in text
+    for stale in ("CIFAR-10 holds", "first CIFAR-10 test images", "resized to 32x32"):
+        assert stale not in text
+    rows = {row["run"]: row for row in table_rows(out.read_text(), "run")}
+    assert rows["pets"]["folder pets top-1"] == "75.00%"
+    assert rows["pets"]["folder other top-1"] == ""
+    assert rows["c10"]["folder other top-1"] == "40.00%"
+    # the probe of another folder gets its command; the run's own folder probe is its training's
+    assert f"torch_impl.probe --run {runs[0]} --dataset {other}" in text
+    pets_probes = [line.strip() for line in out.read_text().splitlines()
+                   if f"probe --run {runs[2]} " in line]
+    assert pets_probes == [f"python -m torch_impl.probe --run {runs[2]} --dataset {pets} "
+                           "--random-init"]
+
+
+def test_a_wide_table_is_split_into_tables_that_fit_the_page_and_keep_values_under_headers():
+    from shared.report_pdf import TABLE_MIN, chars_that_fit, table_lines
+
+    header = ["run"] + [f"col{i:02d} {'x' * (i % 7)}" for i in range(1, 27)]
+    row = ["a-run-label"] + [f"val{i:02d}" for i in range(1, 27)]
+    lines = table_lines([header, row])
+    tables = [[]]
+    for line in lines:
+        assert line.size >= TABLE_MIN and len(line.text) <= chars_that_fit(line.size)
+        if line.text:
+            tables[-1].append(line.text)
+        else:
+            tables.append([])
+    assert len(tables) > 1 and all(len(table) == 3 for table in tables)  # no line wrapped
+    seen = []
+    for heads, rule, values in tables:
+        assert heads.startswith("run ") and values.startswith("a-run-label")
+        assert set(rule) <= {"-", " "}
+        for i in range(1, 27):
+            if f"col{i:02d}" in heads:
+                assert values.index(f"val{i:02d}") == heads.index(f"col{i:02d}")
+                seen.append(i)
+    assert seen == list(range(1, 27))
+    narrow = table_lines([["run", "loss"], ["a", "1.0"]])
+    assert [line.text for line in narrow] == ["run  loss", "---  ----", "a    1.0"]
