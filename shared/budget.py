@@ -5,11 +5,12 @@ with the kNN monitor on, one monitor point), then fits its length to what the st
 
     N = done + floor((BUDGET_USE * budget - used - reserve) / seconds_per_step)
 
-within [done, --epochs' steps], where `reserve` keeps the monitor's last point and a point's cost
-is spread over the steps between points. The warmup and the cosine then span exactly N steps
-(shared.schedule.Plan). Every `check_every` steps (about CHECK_SHARE of the budget) the run
-measures its rate over the last RATE_WINDOW of the budget and plans again when the end that rate
-projects lies more than REPLAN_SHARE of the budget from the end aimed at. Each plan is a
+within [done, --epochs' steps], where `reserve` keeps the monitor's last point (what the latest
+point took) and a point's cost is spread over the steps between points. The warmup and the cosine
+then span exactly N steps (shared.schedule.Plan). Every `check_every` steps (about CHECK_SHARE of
+the budget) the run measures its rate over the last RATE_WINDOW of the budget, and at a plan's
+last step over whatever time has passed since the last measurement, and plans again when the end
+that rate projects lies more than REPLAN_SHARE of the budget from the end aimed at. Each plan is a
 PlanRecord in metrics.jsonl; the checkpoint records the plan it was trained under, so a resumed
 run follows it, planned again only if its budget or the time used moved.
 
@@ -56,8 +57,10 @@ def measure_step_seconds(backend: Backend, state: Any,
     fewer (at least 2) where they would take more than TIMING_SHARE of `budget_s`."""
     limit = TIMING_SHARE * budget_s
     if announce:
-        print(f"timing the training step: 2 warm-up steps (they compile), then "
-              f"{min(TIMED_SECONDS, limit):.0f} s or more", flush=True)
+        timed = (f"{TIMED_SECONDS:.0f} s or more" if limit >= TIMED_SECONDS else
+                 f"up to {limit:.2g} s ({TIMING_SHARE:.0%} of the budget; 2 steps at least)")
+        print(f"timing the training step: 2 warm-up steps (they compile), then {timed}",
+              flush=True)
     with backend.scratch_copy(state) as scratch:
         for _ in range(2):
             scratch, terms = backend.train_step(scratch, next(batches), 0.0)
@@ -93,9 +96,29 @@ class TimeBudget:
     is_main: bool
     used_before: float = 0.0
     reserve: float = 0.0  # seconds kept for the kNN monitor's last point, at the end
+    point_every: float = 0.0  # steps between two monitor points (0: no monitor)
     check_every: int = 1  # steps between two looks at the rate
     window_step: int = 0  # the rate is measured from this step...
-    window_time: float = 0.0  # ...reached at this time
+    window_time: float = 0.0  # ...reached at this time...
+    window_points: float = 0.0  # ...with this many seconds of monitor points since
+
+    def point_took(self, seconds: float) -> None:
+        """A monitor point took `seconds` (on the main process): the last point is expected to
+        take as long, and the rate's window leaves it out (step_seconds counts points by their
+        share instead)."""
+        self.reserve = seconds
+        self.window_points += seconds
+
+    def step_seconds(self, window: float, steps: int) -> float:
+        """Seconds a step costs, from `steps` steps that took `window` seconds with
+        window_points of monitor points among them: their own time, plus each step's share of a
+        point (reserve / point_every), so a window's rate does not depend on how many points fell
+        in it."""
+        share = self.reserve / self.point_every if self.point_every else 0.0
+        return (window - self.window_points) / steps + share
+
+    def _new_window(self, done: int) -> None:
+        self.window_step, self.window_time, self.window_points = done, self.clock(), 0.0
 
     def used(self) -> float:
         """Seconds of the budget used so far, this session's start-up included."""
@@ -124,7 +147,7 @@ class TimeBudget:
         monitor) a monitor point at `point_seconds`; and the start-up line's note. A budget the
         start-up used up, or one that fits less than the warmup, is a UserError."""
         if point_seconds is not None:  # its points cost their share of every step's time
-            self.reserve = point_seconds
+            self.reserve, self.point_every = point_seconds, monitor_every_steps
             seconds_per_step += point_seconds / monitor_every_steps
         steps = int(self.agree(self.steps_that_fit(0, seconds_per_step)))
         cfg, per_epoch = self.cfg, plan.steps_per_epoch
@@ -144,11 +167,12 @@ class TimeBudget:
                       "changes)")
 
     def resumed_plan(self, plan: Plan, done: int, records: list[Record] | None,
-                     monitor_on: bool) -> Plan:
+                     monitor_every_steps: float | None) -> Plan:
         """The plan of a run resumed after `done` steps under `plan`: planned again when its end
         moved (a longer --time-budget, or the time used is not what the plan assumed), at the rate
         the plan in force was made with (`records`, metrics.jsonl's, on the main process; a run
-        from before plans were recorded: its last epoch's)."""
+        from before plans were recorded: its last epoch's), with a monitor point every
+        `monitor_every_steps` steps (None: no monitor)."""
         seconds_per_step = point_s = 0.0
         if records is not None:
             last_plan, epoch = last_of(records, PlanRecord), last_of(records, EpochRecord)
@@ -156,26 +180,31 @@ class TimeBudget:
                 seconds_per_step = last_plan.seconds_per_step
             elif epoch is not None and epoch.pairs_per_s:
                 seconds_per_step = self.cfg.batch_size / epoch.pairs_per_s
-            point = last_of(records, KnnRecord) if monitor_on else None
+            point = last_of(records, KnnRecord) if monitor_every_steps else None
             if point is not None and point.seconds:
                 point_s = point.seconds
         seconds_per_step = float(self.agree(seconds_per_step))
         self.reserve = float(self.agree(point_s))
-        self.window_step, self.window_time = done, self.clock()
+        self.point_every = monitor_every_steps or 0.0
+        self._new_window(done)
         self.check_every = _check_every(self.seconds, seconds_per_step)
         if seconds_per_step > 0:
             return self._replan(plan, done, seconds_per_step)
         return plan
 
     def checked(self, plan: Plan, done: int) -> Plan:
-        """At a step every process reaches (`done` a multiple of check_every) with the device in
-        step: the plan again when the rate since the last measurement, once RATE_WINDOW of the
-        budget has passed since it, moves the projected end (end_moved); else `plan`."""
+        """At a step every process reaches (`done` a multiple of check_every, or the plan's
+        last) with the device in step: the plan again when the rate since the last measurement,
+        once RATE_WINDOW of the budget has passed since it or at the plan's last step, moves the
+        projected end (end_moved); else `plan`."""
         seconds_per_step = None
         window = self.clock() - self.window_time
-        if done > self.window_step and window >= RATE_WINDOW * self.seconds:
-            seconds_per_step = window / (done - self.window_step)
-            self.window_step, self.window_time = done, self.clock()
+        # a plan's last step looks whatever the window: a plan that ends before RATE_WINDOW has
+        # passed (a first timing that compile slowed) would otherwise leave the budget unused
+        if done > self.window_step and (window >= RATE_WINDOW * self.seconds
+                                        or done >= plan.total_steps):
+            seconds_per_step = self.step_seconds(window, done - self.window_step)
+            self._new_window(done)
         return self._replan(plan, done, seconds_per_step)
 
     def _replan(self, plan: Plan, done: int, seconds_per_step: float | None) -> Plan:
@@ -200,7 +229,7 @@ class TimeBudget:
         and a resume rolls it back with the steps after its checkpoint), a new rate window."""
         self.write(PlanRecord(step=done, epochs=plan.epochs, seconds_per_step=seconds_per_step,
                               budget_s=self.seconds, budget_used_s=self.used()))
-        self.window_step, self.window_time = done, self.clock()
+        self._new_window(done)
         # every process must look at the rate at the same steps: the main process's rate decides
         self.check_every = int(self.agree(_check_every(self.seconds, seconds_per_step)))
         return plan

@@ -147,9 +147,12 @@ def build_train_parser(framework: str) -> argparse.ArgumentParser:
             for name, values in PRESETS.items()))
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its checkpoint "
-                             f"({CHECKPOINT_FILES[framework]}); only --epochs (to extend it), "
-                             "the probe settings and how the run executes (--data-dir, "
-                             "--workers, --log-every, --compile, --no-probe) may change")
+                             f"({CHECKPOINT_FILES[framework]}); only --epochs and a run's "
+                             "--time-budget (to extend it), the probe settings and how the run "
+                             "executes (--data-dir, --workers, --log-every, --compile, "
+                             "--no-probe, --monitor-every) may change, not what its kNN "
+                             "monitor points were measured with (--monitor-bank, "
+                             "--monitor-test, --monitor-k, --monitor-temperature)")
     defaults = Config()
     for f in fields(Config):
         default = getattr(defaults, f.name)
@@ -220,7 +223,9 @@ def parse_probe_args(argv: list[str] | None, framework: str) -> tuple[Config, ar
     args = build_probe_parser(framework).parse_args(argv)
     overrides = {k: v for k, v in vars(args).items()
                  if k not in ("run", "dataset", "random_init", "protocol")}
-    cfg = make_config(overrides, base=load_run_config(Path(args.run)))
+    # a probe runs no monitor: its kNN's bank is the probe's training split (check_knn)
+    run_cfg = dataclasses.replace(load_run_config(Path(args.run)), monitor_every=0.0)
+    cfg = make_config(overrides, base=run_cfg)
     args.dataset = args.dataset or cfg.dataset
     return cfg, args
 

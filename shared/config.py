@@ -65,9 +65,15 @@ PRESETS: dict[str, dict] = {
 #   PROBE        the linear probe's protocol; may change on --resume, and between probes
 #   RUN          where and how the run executes, not what it learns; may change on --resume
 BACKBONE, PRETRAINING, PROBE, RUN = "backbone", "pretraining", "probe", "run"
+# What a kNN monitor point is measured with: RUN and PROBE settings, yet fixed on --resume once
+# the run monitors, so that config.json describes its earlier points too.
+MONITOR_MEASURE = ("monitor_bank", "monitor_test", "monitor_k", "monitor_temperature")
 # GTSRB has 43 classes, so a stratified probe subset needs at least that many images; CIFAR-10's
 # 50,000 training images are the most any probe has.
 MIN_PROBE_SUBSET, MAX_PROBE_SUBSET = 43, 50_000
+DATA_DIR_HOLDS = ("folder holding the datasets (cifar-10-batches-py/, cifar-100-python/, "
+                  "stl10_binary/, gtsrb/) and vicreg_cache/, where folders and resized datasets "
+                  "are decoded once")
 MAX_MONITOR_TEST = 10_000  # CIFAR-10's test split
 # Bounds beyond which a value is a slip of the keyboard, not a setting.
 MAX_EPOCHS, MAX_PROBE_EPOCHS, MAX_WORKERS, MAX_PROBE_LR = 100_000, 10_000, 64, 10.0
@@ -170,10 +176,7 @@ class Config:
     bad_images: str = setting("skip", "an image file of a folder that cannot be read: skip it "
                               "(counted and named in one line) or error", RUN,
                               choices=BAD_IMAGE_ACTIONS)
-    data_dir: str = setting(None, "folder holding the datasets (cifar-10-batches-py/, "
-                            "cifar-100-python/, stl10_binary/, gtsrb/) and vicreg_cache/, where "
-                            "folders and resized datasets are decoded once (env "
-                            "VICREG_DATA_DIR, else ./data)", RUN,
+    data_dir: str = setting(None, f"{DATA_DIR_HOLDS} (env VICREG_DATA_DIR, else ./data)", RUN,
                             sweep_owned="use --data-dir",
                             factory=lambda: str(default_data_dir()))
     download: bool = setting(False, "download missing datasets through torchvision's "
@@ -299,12 +302,12 @@ class Config:
                                    "backbone); 0 turns it off", RUN, check=NON_NEGATIVE,
                                    absent=0.0)
     monitor_bank: int = setting(10_000, "kNN monitor: its labelled bank, the first this many "
-                                "CIFAR-10 training images in dataset order (of the whole set, "
-                                "whatever --subset)", RUN,
+                                "training images of the run's dataset in dataset order (of the "
+                                "whole set, whatever --subset)", RUN,
                                 check=Range(lambda v: 0 < v <= MAX_PROBE_SUBSET,
                                             f"must lie in [1, {MAX_PROBE_SUBSET:,}]"))
-    monitor_test: int = setting(10_000, "kNN monitor: it classifies the first this many CIFAR-10 "
-                                "test images", RUN,
+    monitor_test: int = setting(10_000, "kNN monitor: it classifies the first this many test "
+                                "images of the run's dataset", RUN,
                                 check=Range(lambda v: 0 < v <= MAX_MONITOR_TEST,
                                             f"must lie in [1, {MAX_MONITOR_TEST:,}]"))
     monitor_k: int = setting(200, "kNN monitor and --protocol knn: the k most similar bank "
@@ -313,8 +316,9 @@ class Config:
                                          "vote weighs exp(cosine similarity / T)", PROBE,
                                          check=POSITIVE)
     # probe
-    probe: bool = setting(True, "run the linear probe (CIFAR-10, and GTSRB when present) after "
-                          "training", RUN, sweep_owned="every sweep run is probed")
+    probe: bool = setting(True, "run the linear probe after training: on the run's dataset "
+                          "when it has labels, and on GTSRB when present", RUN,
+                          sweep_owned="every sweep run is probed")
     probe_epochs: int = setting(100, "linear probe epochs", PROBE,
                                 check=Range(lambda v: 0 < v <= MAX_PROBE_EPOCHS,
                                             f"must lie in [1, {MAX_PROBE_EPOCHS:,}]"))

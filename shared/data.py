@@ -20,6 +20,8 @@ at 32x32 is read from its pickles.
 torch is never imported at module level; torchvision is imported only to download a dataset or to
 list GTSRB's files, so a cached or CIFAR-only run needs just numpy.
 """
+import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +29,12 @@ import numpy as np
 from shared import cifar, gtsrb, stl10
 from shared.config import DATASET_NAMES, FOLDER_PREFIX, Config, dataset_name_ok, native_size
 from shared.errors import UserError
-from shared.image_folder import class_names, folder_root, has_classes
+from shared.image_folder import class_names, folder_root, unprobed_reason
 from shared.image_folder import reader as folder_reader
 from shared.reader import Reader
 
 SPLITS = ("train", "test")
+FOLDER_KEY = "folder"
 TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10", "gtsrb": "GTSRB"}
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "gtsrb": 43}
 # Every image is standardised with CIFAR-10's channel statistics, whatever the dataset: a fixed
@@ -61,8 +64,24 @@ def reader(name: str) -> Reader:
 
 
 def dataset_key(name: str) -> str:
-    """How files and tables name a dataset: "folder" for any folder:PATH, else its name."""
-    return "folder" if is_folder(name) else name
+    """How files and tables name a dataset: its name, or for folder:PATH
+    "folder-<PATH's last part>-<6 hex digits of sha256(PATH made absolute)>", so that two folders'
+    results never share a file (a key holds no "_": probe files are probe_<key>[_...].json)."""
+    if not is_folder(name):
+        return name
+    root = folder_root(name).expanduser().absolute()
+    slug = re.sub(r"[^a-z0-9]+", "-", root.name.lower()).strip("-") or "root"
+    return f"{FOLDER_KEY}-{slug}-{hashlib.sha256(str(root).encode()).hexdigest()[:6]}"
+
+
+def key_title(key: str) -> str:
+    """How tables and figures name a dataset_key: "CIFAR-10", ..., or "folder <PATH's last
+    part>" ("folder" for a run from before folder keys named their folder)."""
+    if key in TITLES:
+        return TITLES[key]
+    if key.startswith(FOLDER_KEY + "-"):
+        return f"{FOLDER_KEY} {key[len(FOLDER_KEY) + 1:].rsplit('-', 1)[0]}"
+    return key
 
 
 def dataset_title(name: str) -> str:
@@ -75,10 +94,16 @@ def num_classes(name: str) -> int:
     return len(class_names(folder_root(name))) if is_folder(name) else NUM_CLASSES[name]
 
 
+def unlabelled_reason(name: str) -> str:
+    """Why a dataset can be neither probed nor monitored, in a phrase (a folder not laid out with
+    train/ and test/ (or val/) class folders, or with one class); "" when it can be: every named
+    one."""
+    return unprobed_reason(folder_root(name)) if is_folder(name) else ""
+
+
 def is_labelled(name: str) -> bool:
-    """Whether a dataset can be probed: every named one, and a folder laid out with train/ and
-    test/ (or val/) class folders."""
-    return has_classes(folder_root(name)) if is_folder(name) else True
+    """Whether a dataset can be probed and monitored (unlabelled_reason)."""
+    return not unlabelled_reason(name)
 
 
 def load_split(name: str, data_dir, split: str, download: bool = False,

@@ -105,17 +105,24 @@ def cached(cache_dir: Path, name: str, fingerprint: str, source: Callable[[], So
     UserError ("error") that says what to do (`fix`). No readable image at all is a UserError.
     """
     stored = _read_cache(cache_dir, name, fingerprint, size)
-    if stored is not None:
-        return stored
-    images = source()
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        return _decode(cache_dir, name, fingerprint, images, size, bad_images, description, fix)
-    except OSError as e:
-        print(f"warning: cannot write the image cache {_paths(cache_dir, name)['json']} "
-              f"({e.strerror or e}); decoding {description} into memory, again next time "
-              "(point --data-dir at a folder you can write to)", file=sys.stderr, flush=True)
-    return _decode_in_memory(images, size, bad_images, description, fix)
+    if stored is None:
+        images = source()
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            _decode(cache_dir, name, fingerprint, images, size, bad_images, description, fix)
+        except OSError as e:
+            print(f"warning: cannot write the image cache {_paths(cache_dir, name)['json']} "
+                  f"({e.strerror or e}); decoding {description} into memory, again next time "
+                  "(point --data-dir at a folder you can write to)", file=sys.stderr, flush=True)
+            return _decode_in_memory(images, size, bad_images, description, fix)
+        stored = _read_cache(cache_dir, name, fingerprint, size)
+        assert stored is not None, "a cache just written reads back"
+    images, labels, skipped = stored
+    # a cache made under "skip" is refused under "error", as decoding it again would be
+    if skipped and bad_images == "error":
+        raise _unreadable(skipped[0], fix)
+    _warn_skipped(skipped, description, f"all are listed in {_paths(cache_dir, name)['json']}; ")
+    return images, labels
 
 
 def resize_array(image: np.ndarray, size: int) -> np.ndarray:
@@ -140,9 +147,10 @@ def _paths(cache_dir: Path, name: str) -> dict[str, Path]:
 
 
 def _read_cache(cache_dir: Path, name: str, fingerprint: str,
-                size: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached arrays when cache_dir/name.json says they were made from `fingerprint` at
-    `size`; None for a missing, stale, unfinished or damaged cache, which is then made again."""
+                size: int) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """The cached arrays and the names of the images the decoding skipped, when
+    cache_dir/name.json says they were made from `fingerprint` at `size`; None for a missing,
+    stale, unfinished or damaged cache, which is then made again."""
     paths = _paths(cache_dir, name)
     try:
         meta = json.loads(paths["json"].read_text())
@@ -150,18 +158,19 @@ def _read_cache(cache_dir: Path, name: str, fingerprint: str,
             return None
         images = np.load(paths["images.npy"], mmap_mode="r")
         labels = np.load(paths["labels.npy"])
-    except (OSError, ValueError, AttributeError):
+        skipped = [str(name) for name in meta.get("skipped", [])]
+    except (OSError, ValueError, AttributeError, TypeError):
         return None
     if (images.dtype != np.uint8 or images.shape != (meta.get("count"), size, size, 3)
             or labels.dtype != np.int64 or labels.shape != (len(images),)):
         return None
-    return images, labels
+    return images, labels, skipped
 
 
 def _decode(cache_dir: Path, name: str, fingerprint: str, source: Source, size: int,
-            bad_images: str, description: str, fix: str) -> tuple[np.ndarray, np.ndarray]:
+            bad_images: str, description: str, fix: str) -> None:
     """Decode every image of `source` into the cache files (temporary names, then renamed, the
-    json last) and return them as _read_cache does."""
+    json last, listing the images skipped)."""
     paths = _paths(cache_dir, name)
     tmp = {part: path.with_name(f".{path.name}.{os.getpid()}.tmp") for part, path in paths.items()}
     try:
@@ -183,10 +192,6 @@ def _decode(cache_dir: Path, name: str, fingerprint: str, source: Source, size: 
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
-    _warn_skipped(bad, description, f"all are listed in {paths['json']}; ")
-    stored = _read_cache(cache_dir, name, fingerprint, size)
-    assert stored is not None, "a cache just written reads back"
-    return stored
 
 
 def _decode_in_memory(source: Source, size: int, bad_images: str, description: str,
@@ -204,6 +209,10 @@ def _warn_skipped(bad: list[str], description: str, listed: str) -> None:
         print(f"warning: skipped {len(bad)} unreadable image(s) of {description}: "
               f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} ({listed}--bad-images "
               "error refuses them)", file=sys.stderr, flush=True)
+
+
+def _unreadable(name: str, fix: str) -> UserError:
+    return UserError(f"cannot read {name}: corrupt, missing or not an image; {fix}")
 
 
 def _fill(images: np.ndarray, labels: np.ndarray, source: Source, size: int, bad_images: str,
@@ -229,8 +238,7 @@ def _fill(images: np.ndarray, labels: np.ndarray, source: Source, size: int, bad
             for i, image in enumerate(chunk, start):
                 if isinstance(image, str):
                     if bad_images == "error":
-                        raise UserError(f"cannot read {image}: corrupt, missing or not an "
-                                        f"image; {fix}")
+                        raise _unreadable(image, fix)
                     bad.append(image)
                     continue
                 images[kept] = image

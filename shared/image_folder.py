@@ -36,6 +36,8 @@ from shared.reader import Arrays, Reader
 TEST_FOLDERS = ("test", "val")
 UNLABELED_FOLDER = "unlabeled"
 LAYOUT = "PATH/train/<class>/... and PATH/test/<class>/... (or val/)"
+# One class would be classified without error: a probe or kNN monitor of it says nothing.
+MIN_CLASSES = 2
 
 
 @dataclass(frozen=True)
@@ -108,13 +110,32 @@ def split_dir(root: Path, split: str) -> Path:
     return next(root / t for t in TEST_FOLDERS if (root / t).is_dir())
 
 
+def _class_folders(train: Path) -> tuple[str, ...]:
+    return tuple(sorted(d.name for d in train.iterdir() if d.is_dir() and _holds_images(d)))
+
+
+def _too_few_classes(train: Path, names: tuple[str, ...]) -> str:
+    held = f" ({', '.join(names)})" if names else ""
+    return (f"{train} has {len(names)} class subfolder(s) with images{held}; a probe and the kNN "
+            f"monitor need {MIN_CLASSES} at least ({LAYOUT})")
+
+
+def unprobed_reason(root: Path) -> str:
+    """Why folder `root` can be neither probed nor monitored, in a phrase: not laid out for it,
+    or fewer than MIN_CLASSES classes; "" when it can be."""
+    if not has_classes(root):
+        return f"it has no labels (a probe needs {LAYOUT}, one subfolder per class)"
+    names = _class_folders(root / "train")
+    return _too_few_classes(root / "train", names) if len(names) < MIN_CLASSES else ""
+
+
 def class_names(root: Path) -> tuple[str, ...]:
     """The classes of a labelled folder: the sorted names of train/'s subfolders that hold images
-    (UserError when there are none)."""
+    (UserError when there are fewer than MIN_CLASSES)."""
     train = split_dir(root, "train")
-    names = tuple(sorted(d.name for d in train.iterdir() if d.is_dir() and _holds_images(d)))
-    if not names:
-        raise UserError(f"{train} has no class subfolders with images (a probe needs {LAYOUT})")
+    names = _class_folders(train)
+    if len(names) < MIN_CLASSES:
+        raise UserError(_too_few_classes(train, names))
     return names
 
 

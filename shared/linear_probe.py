@@ -25,7 +25,14 @@ from shared.augment_ops import normalize, to_float01
 from shared.backend import Features, KnnClassifier, LinearTrainer
 from shared.cli import cli_main, parse_probe_args
 from shared.config import Config
-from shared.data import dataset_key, load_split, num_classes, probe_datasets, stratified_subset
+from shared.data import (
+    dataset_key,
+    load_split,
+    num_classes,
+    probe_datasets,
+    stratified_subset,
+    unlabelled_reason,
+)
 from shared.errors import Interrupted, UserError, check_interrupted
 from shared.runio import (
     SUMMARY_FILE,
@@ -234,8 +241,7 @@ def probe_after_training(cfg: Config, run_dir: Path, *, framework: str, features
     if "gtsrb" not in datasets and cfg.dataset != "gtsrb":
         print(f"GTSRB probe skipped: no {Path(cfg.data_dir) / 'gtsrb'} (pass --download)")
     if cfg.dataset not in datasets:
-        print(f"{cfg.dataset} probe skipped: it has no labels (a folder needs train/<class>/ and "
-              "test/<class>/ for a probe)")
+        print(f"{cfg.dataset} probe skipped: {unlabelled_reason(cfg.dataset)}")
     classifiers = Classifiers(train_linear, None)
     return {dataset_key(dataset): probe(cfg, run_dir, dataset, framework=framework,
                                         features=features, classifiers=classifiers,

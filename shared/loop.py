@@ -122,7 +122,8 @@ def fit(trainer: Trainer, state: Any, progress: Progress, plan: Plan,
                     done = step + 1
                     log.add(batch.step, lr, terms,
                             last=done >= min(plan.total_steps, (epoch + 1) * per_epoch))
-                    if budget is not None and done % budget.check_every == 0:
+                    if budget is not None and (done % budget.check_every == 0
+                                               or done >= plan.total_steps):
                         backend.wait(terms)
                         new = budget.checked(plan, done)
                         if new != plan:
@@ -133,6 +134,8 @@ def fit(trainer: Trainer, state: Any, progress: Progress, plan: Plan,
                         point = monitor.point(backend, state, done, epoch,
                                               progress.train_time_s + log.training_seconds())
                         log.pause(point.seconds)
+                        if budget is not None:
+                            budget.point_took(point.seconds)
                         knn = log.knn_top1 = point.knn_top1
                         trainer.sinks.write(point)
                     if done >= plan.total_steps:
@@ -183,7 +186,8 @@ def planned(trainer: Trainer, state: Any, progress: Progress, plan: Plan,
     if progress.epoch:
         records = read_records(trainer.run_dir) if trainer.world.is_main else None
         done = min(progress.epoch * plan.steps_per_epoch, plan.total_steps)
-        return budget.resumed_plan(plan, done, records, trainer.monitor is not None), ""
+        return budget.resumed_plan(plan, done, records,
+                                   trainer.monitor.every_steps if trainer.monitor else None), ""
     backend = trainer.backend
     with contextlib.closing(trainer.endless_batches()) as batches:
         seconds_per_step = backend.agree(measure_step_seconds(

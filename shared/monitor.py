@@ -25,7 +25,7 @@ import numpy as np
 
 from shared.backend import Backend, Features, KnnClassifier
 from shared.config import Config
-from shared.data import dataset_title, is_labelled, load_split, num_classes
+from shared.data import dataset_title, is_labelled, load_split, num_classes, unlabelled_reason
 from shared.errors import UserError
 from shared.records import KnnRecord
 
@@ -71,8 +71,7 @@ def monitor_note(cfg: Config, data: MonitorData | None) -> str:
     the JPEG copy of CIFAR-10 is, starts with one class only); "" otherwise."""
     if data is None:
         return ("" if not cfg.monitor_every else
-                f"note: no kNN monitor: {cfg.dataset} has no labels (a folder needs train/<class>/ "
-                "and test/<class>/ for it)")
+                f"note: no kNN monitor: {cfg.dataset}: {unlabelled_reason(cfg.dataset)}")
     notes = []
     title = dataset_title(cfg.dataset)
     for flag, wanted, held, split in (("--monitor-bank", cfg.monitor_bank, len(data.bank),
@@ -86,9 +85,10 @@ def monitor_note(cfg: Config, data: MonitorData | None) -> str:
                      "bank holds)")
     held = len(np.unique(data.test_labels))
     if held < data.classes:
+        ordered = " (this test split is ordered by class)" if np.all(
+            np.diff(data.test_labels) >= 0) else ""
         notes.append(f"its {len(data.test_labels)} test images hold {held} of {data.classes} "
-                     "classes (this test split is ordered by class); a larger --monitor-test "
-                     "takes more of them")
+                     f"classes{ordered}; a larger --monitor-test takes more of them")
     return "note: the kNN monitor: " + "; ".join(notes) if notes else ""
 
 

@@ -20,7 +20,15 @@ from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 
-from shared.config import BACKBONE, PRETRAINING, Config, flag, make_config, settings_with_role
+from shared.config import (
+    BACKBONE,
+    MONITOR_MEASURE,
+    PRETRAINING,
+    Config,
+    flag,
+    make_config,
+    settings_with_role,
+)
 from shared.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -258,14 +266,19 @@ def load_run_config(run_dir: Path) -> Config:
 
 def check_resumable(stored: Config, cfg: Config, run_dir: Path) -> None:
     """UserError naming every setting in which `cfg` contradicts the run it resumes (`stored`, its
-    config.json): only RUN and PROBE settings may change, and --epochs and a run's
-    --time-budget may only grow."""
+    config.json): only RUN and PROBE settings may change, but not what the kNN monitor's points
+    were measured with (MONITOR_MEASURE) once it is on, and --epochs and a run's --time-budget may
+    only grow."""
     fixed = settings_with_role(BACKBONE, PRETRAINING)
     growing = ("epochs", "time_budget") if stored.time_budget else ("epochs",)
     changed = [name for name in fixed if name not in growing
                and getattr(stored, name) != getattr(cfg, name)]
     problems = [f"{flag(name)} {getattr(cfg, name)} (the run has {getattr(stored, name)})"
                 for name in changed]
+    if stored.monitor_every:
+        problems += [f"{flag(name)} {getattr(cfg, name)} (the run has {getattr(stored, name)}: "
+                     "its kNN monitor points were measured with it)"
+                     for name in MONITOR_MEASURE if getattr(stored, name) != getattr(cfg, name)]
     if cfg.epochs < stored.epochs:
         problems.append(f"--epochs {cfg.epochs:g} (the run has {stored.epochs:g}; a resumed run "
                         "can only be extended)")

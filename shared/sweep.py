@@ -1,4 +1,4 @@
-"""Hyperparameter sweeps: every run trains, probes CIFAR-10 and GTSRB, and lands in one table.
+"""Hyperparameter sweeps: every run trains, probes its dataset and GTSRB, and lands in one table.
 
     python -m shared.sweep --framework torch --preset cpu --out sweeps/std --grid std_coeff=5,25,50
 
@@ -36,6 +36,7 @@ from shared.cli import (
 )
 from shared.config import (
     BACKBONE,
+    DATA_DIR_HOLDS,
     PRESETS,
     PROBE,
     Config,
@@ -255,10 +256,8 @@ def plan_jobs(plan: Plan, sweep_dir: Path, data_dir: str) -> list[Job]:
     for name, overrides in plan.runs:
         cfg = configs[name]
         datasets = tuple(probe_datasets(cfg.dataset, cfg.data_dir, cfg.download))
-        # a folder's probe files are all named "folder", so only a run of the same dataset donates
         donors = tuple(run_dir[other] for other, _ in plan.runs
-                       if other != name and keys[other] == keys[name]
-                       and configs[other].dataset == cfg.dataset)
+                       if other != name and keys[other] == keys[name])
         jobs.append(Job(name, run_dir[name], plan.framework, plan.preset, overrides, data_dir,
                         datasets, donors))
     return jobs
@@ -378,10 +377,10 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         prog="python -m shared.sweep",
         description="Train and probe one run per combination of settings, then tabulate them in "
                     "SWEEP_DIR/results.csv and results.md. Each run: pretraining (which probes "
-                    "CIFAR-10, and GTSRB when its data is present), then the same probes on an "
-                    "untrained backbone (random-init baseline). Re-running the same command (or "
-                    "just --out SWEEP_DIR) skips finished runs, resumes interrupted ones from "
-                    "their checkpoint and retries failed ones.",
+                    "its dataset when it has labels, and GTSRB when its data is present), then "
+                    "the same probes on an untrained backbone (random-init baseline). Re-running "
+                    "the same command (or just --out SWEEP_DIR) skips finished runs, resumes "
+                    "interrupted ones from their checkpoint and retries failed ones.",
         epilog="examples: --grid std_coeff=5,25,50 --grid mlp=512-512,2048-2048 (6 runs); "
                "a runs file holds one run a line, e.g. 'std_coeff=10 mlp=512-512' ('#' comments)")
     parser.add_argument("--out", required=True, metavar="SWEEP_DIR",
@@ -400,8 +399,8 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     runs.add_argument("--runs-file", type=Path, metavar="FILE",
                       help="file with one run a line: space-separated KEY=VALUE settings")
     parser.add_argument("--data-dir",
-                        help="folder holding cifar-10-batches-py/ and gtsrb/ (default: the "
-                             "sweep's stored one, else env VICREG_DATA_DIR, else ./data)")
+                        help=f"{DATA_DIR_HOLDS} (default: the sweep's stored one, else env "
+                             "VICREG_DATA_DIR, else ./data)")
     return parser
 
 

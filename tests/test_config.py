@@ -45,6 +45,24 @@ def test_every_field_has_a_flag_with_help_naming_its_default():
     assert "(default: 1000)" in help_text and "homework:" in help_text
 
 
+def test_the_help_follows_the_dataset_and_names_what_the_tools_write():
+    from shared import report, sweep
+    from shared.report_figures import FIGURES
+
+    def said(parser, dest):
+        action = next(a for a in parser._actions if a.dest == dest)
+        return " ".join(action.help.split())
+
+    train = build_train_parser("torch")
+    for dest in ("monitor_bank", "monitor_test", "probe"):
+        assert "CIFAR-10" not in said(train, dest) and "run's dataset" in said(train, dest)
+    assert "--time-budget" in said(train, "resume") and "--monitor-k" in said(train, "resume")
+    data_dirs = said(sweep.build_sweep_parser(), "data_dir")
+    assert all(part in data_dirs for part in ("cifar-100-python/", "stl10_binary/", "gtsrb/"))
+    figures = said(report.build_report_parser(), "out")
+    assert all(f"<name>_{figure}.png" in figures for figure in FIGURES)
+
+
 def test_config_json_round_trip(tmp_path):
     cfg = make_config({"preset": "smoke", "std_coeff": 5.0})
     (tmp_path / "config.json").write_text(cfg.to_json())

@@ -10,6 +10,7 @@ import pytest
 from jax_impl import probe as jax_probe
 from jax_impl import train as jax_train
 from shared.config import make_config
+from shared.data import load_split
 from shared.errors import UserError
 from shared.monitor import MonitorData, is_point, monitor_note
 from tests import references
@@ -120,8 +121,13 @@ def test_test_images_that_miss_classes_are_named():
     images = np.zeros((4, 32, 32, 3), np.uint8)
     cfg = make_config({"monitor_bank": 4, "monitor_test": 4, "monitor_k": 4})
     sorted_split = MonitorData(images, np.arange(4), images, np.array([0, 0, 1, 1]), 10, 4)
-    assert monitor_note(cfg, sorted_split).startswith(
-        "note: the kNN monitor: its 4 test images hold 2 of 10 classes")
+    assert monitor_note(cfg, sorted_split) == (
+        "note: the kNN monitor: its 4 test images hold 2 of 10 classes (this test split is "
+        "ordered by class); a larger --monitor-test takes more of them")
+    shuffled = MonitorData(images, np.arange(4), images, np.array([1, 0, 1, 0]), 10, 4)
+    assert monitor_note(cfg, shuffled) == (
+        "note: the kNN monitor: its 4 test images hold 2 of 10 classes; a larger --monitor-test "
+        "takes more of them")
     every_class = MonitorData(images, np.arange(4), np.zeros((4, 32, 32, 3), np.uint8),
                               np.arange(4), 4, 4)
     assert monitor_note(cfg, every_class) == ""
@@ -284,7 +290,8 @@ def test_bad_monitor_settings_are_one_line_and_leave_nothing(flags, says, framew
 def test_a_knn_probe_with_more_neighbours_than_images_is_one_line_and_writes_nothing(
         framework, tiny_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    assert torch_train.main(smoke(tiny_data_dir, run, "--no-probe", "--monitor-every", "0")) == 0
+    # the run monitored with a bank of 128: the probe's bank is its training split, not that
+    assert torch_train.main(smoke(tiny_data_dir, run, "--no-probe")) == 0
     if framework == "jax":
         from interop import convert
         assert convert.main([str(run), "--to", "flax"]) == 0
@@ -292,5 +299,8 @@ def test_a_knn_probe_with_more_neighbours_than_images_is_one_line_and_writes_not
     capsys.readouterr()
     assert PROBES[framework].main(["--run", str(run), "--protocol", "knn", "--probe-subset", "0",
                                    "--monitor-k", "201"]) == 2
-    assert "a kNN with k = 201 needs a bank of at least 201 images" in last_line(capsys)
+    line = last_line(capsys)
+    train_size = len(load_split("cifar10", tiny_data_dir, "train")[1])
+    assert line == (f"error: a kNN with k = 201 needs a bank of at least 201 images and k of at "
+                    f"least 1; the bank holds {train_size}")
     assert sorted(p.name for p in run.iterdir()) == before

@@ -67,6 +67,9 @@ def test_resume_of_a_run_killed_during_its_probe_completes_it(tiny_data_dir, tmp
     (["--batch-size", "32", "--subset", "128"],
      ["--subset 128 (the run has 64)", "--batch-size 32 (the run has 16)"]),
     (["--epochs", "1"], ["--epochs 1 (the run has 2; a resumed run can only be extended)"]),
+    (["--epochs", "3", "--monitor-k", "5", "--monitor-test", "32"],
+     ["--monitor-test 32 (the run has 64: its kNN monitor points were measured with it)",
+      "--monitor-k 5 (the run has 20: its kNN monitor points were measured with it)"]),
 ])
 def test_resume_refuses_settings_that_contradict_the_run(flags, named, tiny_data_dir, tmp_path,
                                                          capsys):
