@@ -15,7 +15,8 @@ from __future__ import annotations
 from jax_impl.backend import open_backend
 from jax_impl.distributed import world_from_env
 from jax_impl.runtime import use_compilation_cache
-from shared.cli import cli_main, command_exit, parse_train_args, submitted_to_cluster
+from shared.cli import cli_main, command_exit, parse_train_args
+from shared.cluster import submitted_to_cluster
 from shared.loop import run
 
 

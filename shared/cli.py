@@ -16,12 +16,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import NoReturn
 
-from shared.cluster import (
-    LAUNCHER_DESTS,
-    add_launcher_arguments,
-    launcher_settings,
-    submit_training,
-)
 from shared.config import (
     DATASET_NAMES,
     PRESETS,
@@ -42,7 +36,7 @@ from shared.errors import (
     kept_interrupts,
     resources_as_user_errors,
 )
-from shared.jobs import Job
+from shared.launcher import LAUNCHER_DESTS, add_launcher_arguments
 from shared.runio import CHECKPOINT_FILES, check_resumable, load_run_config, tool_command
 
 
@@ -173,7 +167,7 @@ def parse_train_args(argv: list[str] | None, framework: str) -> tuple[Config, bo
     submitted_to_cluster's."""
     args = vars(build_train_parser(framework).parse_args(argv))
     for name in LAUNCHER_DESTS:
-        args.pop(name)
+        args.pop(name, None)
     resume = args.pop("resume")
     out = args.get("out") or ""
     if resume:
@@ -187,26 +181,6 @@ def parse_train_args(argv: list[str] | None, framework: str) -> tuple[Config, bo
     if not cfg.out:
         cfg.out = default_out(framework, cfg.preset)
     return cfg, False
-
-
-def submitted_to_cluster(argv: list[str] | None, framework: str,
-                         cluster: str | None = None) -> bool:
-    """With --launcher slurm, submit the trainer's run as a SLURM job (shared.cluster) instead of
-    training here, and say how to follow it: True then. cluster: submitit's (tests: "local")."""
-    args = vars(build_train_parser(framework).parse_args(argv))
-    settings = launcher_settings(argparse.Namespace(**{k: args[k] for k in LAUNCHER_DESTS}))
-    if settings.kind == "local":
-        return False
-    cfg, resume = parse_train_args(argv, framework)
-    given = {k: v for k, v in args.items()
-             if k not in (*LAUNCHER_DESTS, "resume", "out", "data_dir")}
-    flags = tuple(setting_flags(given))
-    run_dir = Path(cfg.out).resolve()
-    job = Job(run_dir.name, run_dir, framework, ("--resume", *flags) if resume else flags,
-              str(Path(cfg.data_dir).resolve()),
-              resume_flags=("--resume", *flags) if resume else ("--resume",))
-    submit_training(job, settings, cluster)
-    return True
 
 
 def build_probe_parser(framework: str) -> argparse.ArgumentParser:

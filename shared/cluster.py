@@ -23,11 +23,10 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from shared.config import parse_duration
+from shared.cli import build_train_parser, parse_train_args, setting_flags
 from shared.errors import UserError
 from shared.jobs import (
     LOG_FILE,
@@ -38,6 +37,7 @@ from shared.jobs import (
     start_logged,
     write_results,
 )
+from shared.launcher import LAUNCHER_DESTS, LauncherSettings, launcher_settings
 from shared.results import FAILURE_FILE
 from shared.run_folder import results_in
 from shared.runio import SUMMARY_FILE, read_json, tool_module, write_json
@@ -345,3 +345,23 @@ def submit_training(job: Job, settings: LauncherSettings, cluster: str | None,
         final_state, final_text = wait_for_runs([job], folder, print, poll_s)[job.name]
         if final_state != "done":
             raise UserError(f"{job.name}: {final_text}")
+
+
+def submitted_to_cluster(argv: list[str] | None, framework: str,
+                         cluster: str | None = None) -> bool:
+    """With --launcher slurm, submit the trainer's run as a SLURM job (shared.cluster) instead of
+    training here, and say how to follow it: True then. cluster: submitit's (tests: "local")."""
+    args = vars(build_train_parser(framework).parse_args(argv))
+    settings = launcher_settings(argparse.Namespace(**{k: args.get(k) for k in LAUNCHER_DESTS}))
+    if settings.kind == "local":
+        return False
+    cfg, resume = parse_train_args(argv, framework)
+    given = {k: v for k, v in args.items()
+             if k not in (*LAUNCHER_DESTS, "resume", "out", "data_dir")}
+    flags = tuple(setting_flags(given))
+    run_dir = Path(cfg.out).resolve()
+    job = Job(run_dir.name, run_dir, framework, ("--resume", *flags) if resume else flags,
+              str(Path(cfg.data_dir).resolve()),
+              resume_flags=("--resume", *flags) if resume else ("--resume",))
+    submit_training(job, settings, cluster)
+    return True

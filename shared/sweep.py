@@ -39,13 +39,7 @@ from shared.cli import (
     plural,
     setting_flags,
 )
-from shared.cluster import (
-    add_launcher_arguments,
-    launcher_settings,
-    states,
-    submit_runs,
-    wait_for_runs,
-)
+from shared.cluster import states, submit_runs, wait_for_runs
 from shared.config import (
     BACKBONE,
     DATA_DIR_HOLDS,
@@ -68,6 +62,7 @@ from shared.jobs import (
     start_logged,
     write_results,
 )
+from shared.launcher import add_launcher_arguments, launcher_settings
 from shared.results import (
     RUNS_DIR,
     SWEEP_FILE,
