@@ -80,7 +80,8 @@ LAUNCHER_DESTS = ("launcher", "parallel", *_SLURM_ONLY)
 def launcher_settings(args: argparse.Namespace) -> LauncherSettings:
     """The launcher the parsed flags ask for; UserError for flags that do not go together."""
     given = {name: getattr(args, name, None) for name in _SLURM_ONLY}
-    given = {name: value for name, value in given.items() if value not in (None, False)}
+    given = {name: value for name, value in given.items()
+             if value is not None and value is not False}  # 0 is a given (bad) count
     parallel = getattr(args, "parallel", None)
     if args.launcher == "local":
         if given:

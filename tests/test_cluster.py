@@ -77,10 +77,10 @@ def test_a_sweep_through_the_executor_tabulates_what_the_sequential_one_does(
     assert sweep.main(args, cluster="local", poll_s=0.5) == 0, capsys.readouterr().err
     assert "submitted 3 jobs" in capsys.readouterr().out
     ours, theirs = read_csv(out / "results.csv"), read_csv(sequential / "results.csv")
-    numbers = [k for k in theirs[0] if "top1" in k or k in ("name", "loss")]
+    numbers = [k for k in theirs[0] if "top1" in k or k in ("run", "status", "final_loss")]
     assert numbers and [[r[k] for k in numbers] for r in ours] == \
         [[r[k] for k in numbers] for r in theirs]
-    assert set(json.loads((out / "jobs.json").read_text())) == {r["name"] for r in theirs}
+    assert set(json.loads((out / "jobs.json").read_text())) == {r["run"] for r in theirs}
     assert sweep.main(["--out", str(out), "--status"]) == 0
     status = capsys.readouterr().out
     assert status.startswith(f"sweep {out}: 3 done") and status.count(": done") == 3
