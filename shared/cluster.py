@@ -40,7 +40,7 @@ from shared.jobs import (
 from shared.launcher import LAUNCHER_DESTS, LauncherSettings, launcher_settings
 from shared.results import FAILURE_FILE
 from shared.run_folder import results_in
-from shared.runio import SUMMARY_FILE, read_json, tool_module, write_json
+from shared.runio import SUMMARY_FILE, lock_holder, read_json, tool_module, write_json
 
 JOBS_FILE = "jobs.json"
 SUBMITIT_DIR = "slurm"
@@ -237,7 +237,8 @@ def world_command(command: tuple[str, ...], framework: str, settings: LauncherSe
 def run_state(job: Job, entry: dict | None, folder: Path, failure: dict | None) -> tuple[str, str]:
     """(state, what to show) of a run: done, failed (its error), queued / running (its job, the
     last line of its log), lost (its job ended without finishing the run), unknown (sacct does
-    not know the job), or new (to run: never started here nor submitted)."""
+    not know the job), running in a process of this machine (its lock), or to run (not started
+    nor submitted)."""
     if next_step(job) is None:
         return "done", "done"
     scheduler = job_state(entry, folder) if entry else None
@@ -248,17 +249,21 @@ def run_state(job: Job, entry: dict | None, folder: Path, failure: dict | None) 
         return "running", f"running ({job_text}): {last_log_line(job.run_dir / LOG_FILE)}"
     if scheduler == UNKNOWN_STATE:
         return "unknown", f"unknown ({job_text}: sacct does not list it yet)"
+    holder = None if entry else lock_holder(job.run_dir)
+    if holder:
+        return "running", (f"running (process {holder.split()[0]}): "
+                           f"{last_log_line(job.run_dir / LOG_FILE)}")
     if failure:
         return "failed", f"failed ({job_text}): {failure['error']}" if entry else \
             f"failed: {failure['error']}"
     if entry:
         return "lost", f"lost ({job_text} ended {scheduler.lower()} before the run finished)"
-    return "new", "to run"
+    return "to run", "to run"
 
 
 def needs_submitting(state: str) -> bool:
     """Whether a run in `state` (run_state's) is submitted (again) by a sweep's re-run."""
-    return state in ("failed", "lost", "new")
+    return state in ("failed", "lost", "to run")
 
 
 def pid_state(job_id: str) -> str:

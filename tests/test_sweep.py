@@ -5,7 +5,9 @@ interpreter start and a torch import per command; test_subprocess_launcher_* che
 """
 import csv
 import json
+import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 from shared import jobs, sweep
 from shared.errors import UserError
+from shared.runio import run_folder_lock
 
 RUN_NAMES = ["std_coeff=5,subset=32,probe_epochs=2", "std_coeff=25,subset=32,probe_epochs=2",
              "std_coeff=50,subset=32,probe_epochs=2"]
@@ -372,3 +375,51 @@ def test_setting_errors_name_their_source():
     from shared.cli import parse_setting
     with pytest.raises(UserError, match=r"^f:3: std_coeff takes a number, got 'x'$"):
         parse_setting("std_coeff", "x", "f:3: std_coeff")
+
+
+def table(path, columns=("run", "status", "final_loss")):
+    rows = read_csv(path)
+    keys = [k for k in rows[0] if "top1" in k or k in columns]
+    return keys, [[row[k] for k in keys] for row in rows]
+
+
+def test_two_runs_at_a_time_tabulate_what_one_at_a_time_does(smoke_sweep, tiny_data_dir,
+                                                             tmp_path, capsys):
+    sequential, _ = smoke_sweep
+    out = tmp_path / "std"
+    args = sweep_args(out, tiny_data_dir, "--grid", "std_coeff=5,25,50", "--grid", "subset=32",
+                      "--grid", "probe_epochs=2", "--parallel", "2")
+    assert sweep.main(args) == 0, capsys.readouterr().err  # real subprocesses, 2 at a time
+    printed = capsys.readouterr().out
+    assert "0 finished, 3 to run, 2 at a time" in printed
+    assert f"    [{RUN_NAMES[1]}] train" in printed
+    keys, rows = table(out / "results.csv")
+    assert any("top1" in k for k in keys) and (keys, rows) == table(sequential / "results.csv")
+
+
+def test_status_shows_each_runs_state_and_starts_nothing(smoke_sweep, tmp_path, capsys,
+                                                         monkeypatch):
+    out = tmp_path / "std"
+    shutil.copytree(smoke_sweep[0], out)
+    failing, unstarted, running = (out / "runs" / name for name in RUN_NAMES)
+    (failing / "probe_gtsrb.json").unlink()
+
+    def fail(command, log_path):
+        with open(log_path, "a") as log:
+            log.write("epoch 1/2\rgtsrb probe: 40%\nerror: no space left on device\n")
+        return 2
+
+    assert sweep.main(["--out", str(out)], launch=fail) == 2
+    shutil.rmtree(unstarted)
+    (running / "summary.json").unlink()
+    with open(running / "log.txt", "a") as log:
+        log.write("epoch 3/60 loss 21.5\r")
+    capsys.readouterr()
+    with run_folder_lock(running, "python -m torch_impl.train"):
+        assert sweep.main(["--out", str(out), "--status"], launch=never_launch) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"sweep {out}: 1 failed, 1 running, 1 to run",
+                       f"  {RUN_NAMES[0]}: failed: error: no space left on device",
+                       f"  {RUN_NAMES[1]}: to run",
+                       f"  {RUN_NAMES[2]}: running (process {os.getpid()}): epoch 3/60 loss 21.5"]
+    assert [row[1] for row in table(out / "results.csv")[1]] == ["failed", "pending", "incomplete"]
