@@ -16,11 +16,14 @@ from jax_impl.backend import open_backend
 from jax_impl.distributed import world_from_env
 from jax_impl.runtime import use_compilation_cache
 from shared.cli import cli_main, command_exit, parse_train_args
+from shared.cluster import submitted_to_cluster
 from shared.loop import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body() -> dict:
+    def body() -> dict | None:
+        if submitted_to_cluster(argv, "jax"):
+            return None
         cfg, resume = parse_train_args(argv, "jax")
         use_compilation_cache(cfg.jax_cache)
         return run(cfg, resume, "jax", world_from_env(), open_backend)

@@ -36,6 +36,7 @@ from shared.errors import (
     kept_interrupts,
     resources_as_user_errors,
 )
+from shared.launcher import LAUNCHER_DESTS, add_launcher_arguments
 from shared.runio import CHECKPOINT_FILES, check_resumable, load_run_config, tool_command
 
 
@@ -157,12 +158,16 @@ def build_train_parser(framework: str) -> argparse.ArgumentParser:
     for f in fields(Config):
         default = getattr(defaults, f.name)
         _add_setting_flag(parser, f, default, f.metadata["default_text"] or format_value(default))
+    add_launcher_arguments(parser, sweep=False)
     return parser
 
 
 def parse_train_args(argv: list[str] | None, framework: str) -> tuple[Config, bool]:
-    """Parse the trainer's command line into (config, resume)."""
+    """Parse the trainer's command line into (config, resume); the --launcher flags are
+    submitted_to_cluster's."""
     args = vars(build_train_parser(framework).parse_args(argv))
+    for name in LAUNCHER_DESTS:
+        args.pop(name, None)
     resume = args.pop("resume")
     out = args.get("out") or ""
     if resume:

@@ -106,17 +106,17 @@ def native_size(name: str) -> int:
     return NATIVE_SIZE.get(name, FOLDER_SIZE)
 
 
-def parse_duration(text: str) -> float:
-    """"90s" -> 90.0, "15m" -> 900.0, "2h" -> 7200.0, "1h30m" -> 5400.0; UserError otherwise
-    (including zero)."""
+def parse_duration(text: str, flag_name: str = "--time-budget") -> float:
+    """"90s" -> 90.0, "15m" -> 900.0, "2h" -> 7200.0, "1h30m" -> 5400.0; UserError naming
+    `flag_name` otherwise (including zero)."""
     match = _DURATION.match(str(text).strip().lower())
     if not match or not any(match.groups()):
-        raise UserError(f"--time-budget {text}: expected a positive duration like 90s, 15m, 2h "
+        raise UserError(f"{flag_name} {text}: expected a positive duration like 90s, 15m, 2h "
                         "or 1h30m")
     hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
     total = 3600 * hours + 60 * minutes + seconds
     if not 0 < total < math.inf:
-        raise UserError(f"--time-budget {text}: must be more than zero")
+        raise UserError(f"{flag_name} {text}: must be more than zero")
     return total
 
 

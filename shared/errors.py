@@ -58,9 +58,9 @@ _INTERRUPTED = threading.Event()
 
 @contextlib.contextmanager
 def kept_interrupts() -> Iterator[None]:
-    """Inside (on the main thread): Ctrl-C raises KeyboardInterrupt as always and is also
-    remembered, so that one landing where Python drops exceptions (a garbage-collector callback
-    that XLA runs) is raised again at the next check_interrupted()."""
+    """Inside (on the main thread): Ctrl-C, SIGTERM and SIGUSR2 raise KeyboardInterrupt and are
+    also remembered, so that one landing where Python drops exceptions (a garbage-collector
+    callback that XLA runs) is raised again at the next check_interrupted()."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -70,11 +70,15 @@ def kept_interrupts() -> Iterator[None]:
         _INTERRUPTED.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, interrupt)
+    # SLURM stops a job with SIGTERM (preemption, scancel) or SIGUSR2 (time nearly out): the
+    # same clean stop as Ctrl-C, so the run folder keeps its last checkpoint for --resume.
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+    previous = {signum: signal.signal(signum, interrupt) for signum in stops}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def check_interrupted() -> None:

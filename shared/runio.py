@@ -213,6 +213,21 @@ def run_folder_lock(folder: Path, command: str) -> Iterator[None]:
         os.close(fd)
 
 
+def lock_holder(folder: Path) -> str | None:
+    """The "PID command" holding FOLDER/.lock (run_folder_lock), or None when no process does."""
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except OSError:
+        return os.pread(fd, 1024, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+
+
 def run_framework(run_dir: Path, default: str | None = "torch") -> str | None:
     """The framework that trained the run: summary.json's, else the one whose checkpoint is the
     only one there, else `default`."""

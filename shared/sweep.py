@@ -16,12 +16,17 @@ import hashlib
 import itertools
 import json
 import os
+import queue
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from shared.cli import (
     plural,
     setting_flags,
 )
+from shared.cluster import states, submit_runs, wait_for_runs
 from shared.config import (
     BACKBONE,
     DATA_DIR_HOLDS,
@@ -43,37 +49,30 @@ from shared.config import (
     make_config,
     settings_with_role,
 )
-from shared.data import dataset_key, probe_datasets
+from shared.data import probe_datasets
 from shared.errors import Interrupted, UserError
+from shared.jobs import (
+    LOG_FILE,
+    RESULTS_MD,
+    Job,
+    Launcher,
+    next_step,
+    run_job,
+    run_logged,
+    start_logged,
+    write_results,
+)
+from shared.launcher import add_launcher_arguments, launcher_settings
 from shared.results import (
-    FAILURE_FILE,
     RUNS_DIR,
     SWEEP_FILE,
     accuracy_note,
     format_duration,
-    load_sweep,
     read_sweep_file,
-    results_csv,
-    sweep_results_markdown,
 )
-from shared.runio import (
-    CHECKPOINT_FILES,
-    FRAMEWORKS,
-    SUMMARY_FILE,
-    atomic_write_bytes,
-    make_folder,
-    probe_result_path,
-    read_json,
-    run_folder_lock,
-    tool_module,
-    write_json,
-)
+from shared.runio import FRAMEWORKS, make_folder, run_folder_lock, write_json
 
-LOG_FILE = "log.txt"
-RESULTS_CSV = "results.csv"
-RESULTS_MD = "results.md"
 MAX_NAME = 120
-
 
 # ---- the plan ------------------------------------------------------------------------------------
 
@@ -171,74 +170,6 @@ def plan_from_json(stored: dict, path: Path) -> Plan:
         raise UserError(f"{path} is not a sweep plan (framework, preset, runs)") from None
 
 
-# ---- one run: what it still needs ----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Job:
-    """One run of a sweep, with everything needed to build its commands."""
-
-    name: str
-    run_dir: Path
-    framework: str
-    preset: str
-    overrides: dict
-    data_dir: str
-    datasets: tuple[str, ...]
-    baseline_donors: tuple[Path, ...]  # other runs whose random-init baseline equals this one's
-
-
-@dataclass(frozen=True)
-class Step:
-    """The next thing a run needs: a command to launch, or a baseline file to copy."""
-
-    label: str
-    produces: Path
-    command: tuple[str, ...] = ()
-    copy_from: Path | None = None
-
-
-def train_command(job: Job, resume: bool) -> tuple[str, ...]:
-    """The trainer's command line for a fresh start, or to continue from the checkpoint."""
-    settings = ["--resume"] if resume else ["--preset", job.preset, *setting_flags(job.overrides)]
-    return (sys.executable, "-m", tool_module(job.framework, "train"), *settings,
-            "--out", str(job.run_dir), "--data-dir", job.data_dir)
-
-
-def probe_command(job: Job, dataset: str, random_init: bool) -> tuple[str, ...]:
-    """The probe's command line on the run's backbone, or (random_init) an untrained one."""
-    return (sys.executable, "-m", tool_module(job.framework, "probe"), "--run", str(job.run_dir),
-            "--dataset", dataset, *(["--random-init"] if random_init else []),
-            "--data-dir", job.data_dir)
-
-
-def next_step(job: Job) -> Step | None:
-    """What the run in job.run_dir needs next, read from its files; None once it is finished."""
-    run_dir = job.run_dir
-    summary = run_dir / SUMMARY_FILE
-    if not summary.exists():
-        if (run_dir / CHECKPOINT_FILES[job.framework]).exists():
-            return Step("resume training", summary, train_command(job, resume=True))
-        # a start that stopped before its first checkpoint is started again by the same command
-        return Step("train", summary, train_command(job, resume=False))
-    for dataset in job.datasets:
-        path = probe_result_path(run_dir, dataset_key(dataset), random_init=False)
-        if not path.exists():
-            return Step(f"probe {dataset}", path, probe_command(job, dataset, random_init=False))
-    for dataset in job.datasets:
-        path = probe_result_path(run_dir, dataset_key(dataset), random_init=True)
-        if path.exists():
-            continue
-        donor = next((p for d in job.baseline_donors
-                      if (p := probe_result_path(d, dataset_key(dataset),
-                                                 random_init=True)).exists()), None)
-        if donor is not None:
-            return Step(f"random-init {dataset} baseline shared with {donor.parent.name}", path,
-                        copy_from=donor)
-        return Step(f"random-init probe {dataset}", path,
-                    probe_command(job, dataset, random_init=True))
-    return None
-
-
 def baseline_key(cfg: Config) -> str:
     """The settings a random-init probe result depends on (those of the untrained backbone and of
     the probe), as one comparable string."""
@@ -258,116 +189,86 @@ def plan_jobs(plan: Plan, sweep_dir: Path, data_dir: str) -> list[Job]:
         datasets = tuple(probe_datasets(cfg.dataset, cfg.data_dir, cfg.download))
         donors = tuple(run_dir[other] for other, _ in plan.runs
                        if other != name and keys[other] == keys[name])
-        jobs.append(Job(name, run_dir[name], plan.framework, plan.preset, overrides, data_dir,
-                        datasets, donors))
+        train_flags = ("--preset", plan.preset, *setting_flags(overrides))
+        jobs.append(Job(name, run_dir[name], plan.framework, train_flags, data_dir, datasets,
+                        donors))
     return jobs
 
 
-# ---- running -------------------------------------------------------------------------------------
-
-Launcher = Callable[[tuple[str, ...], Path], int]
-
-
-# ---- the subprocesses a sweep runs ---------------------------------------------------------------
-
-def child_env() -> dict[str, str]:
-    """The environment of a run's subprocess: this checkout importable, output unbuffered (so
-    log.txt can be followed while it grows)."""
-    root = str(Path(__file__).resolve().parent.parent)  # the checkout holding shared/
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
-
-
-def run_logged(command: tuple[str, ...], log_path: Path) -> int:
-    """Run `command` with stdout and stderr appended to log_path; return its exit status."""
-    # A blank line first: a killed command's last line may lack its newline.
-    separator = "\n" if log_path.exists() and log_path.stat().st_size else ""
-    with open(log_path, "a") as log:
-        log.write(f"{separator}$ {shlex.join(command)}\n")
-        log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-                              check=False).returncode
-
-
-def last_log_line(log_path: Path) -> str:
-    """The last non-empty line of a log (progress-bar redraws split at carriage returns)."""
-    if not log_path.exists():
-        return ""
-    with open(log_path, "rb") as f:
-        f.seek(max(0, log_path.stat().st_size - 8192))
-        tail = f.read().decode(errors="replace")
-    lines = [line.strip() for line in re.split(r"[\r\n]", tail) if line.strip()]
-    return lines[-1] if lines else ""
-
-
-def describe_exit(code: int, last_line: str) -> str:
-    """The failure to show: the command's last line, which names the error, unless the process
-    was killed (out of memory, say), when that line is only progress output."""
-    return f"killed by signal {-code}; last output: {last_line}" if code < 0 else last_line
-
-
-def copy_baseline(source: Path, target: Path) -> None:
-    """Copy a random-init probe result from the run that computed it, naming that run."""
-    result = read_json(source)
-    write_json(target, {**result, "shared_from": source.parent.name})
-
-
-def run_job(job: Job, launch: Launcher, echo: Callable[[str], None]) -> dict | None:
-    """Bring one run to its end; return None, or the failure (also written to failure.json)."""
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    failure_path = job.run_dir / FAILURE_FILE
-    failure_path.unlink(missing_ok=True)
-    log_path = job.run_dir / LOG_FILE
-    while (step := next_step(job)) is not None:
-        echo(f"    {step.label}")
-        if step.copy_from is not None:
-            copy_baseline(step.copy_from, step.produces)
-            continue
-        code = launch(step.command, log_path)
-        if code == 0 and step.produces.exists():
-            continue
-        error = (describe_exit(code, last_log_line(log_path)) if code != 0 else
-                 f"{step.label} exited 0 but wrote no {step.produces.name}")
-        failure = {"step": step.label, "command": shlex.join(step.command), "exit_code": code,
-                   "error": error, "log": str(log_path)}
-        write_json(failure_path, failure)
-        return failure
-    return None
-
-
 def run_sweep(plan: Plan, sweep_dir: Path, data_dir: str, launch: Launcher = run_logged,
-              echo: Callable[[str], None] = print) -> list[str]:
-    """Run every unfinished run of the plan; return the names of the runs that failed."""
+              echo: Callable[[str], None] = print, parallel: int = 1) -> list[str]:
+    """Run every unfinished run of the plan, `parallel` at a time (each on a GPU of its own when
+    the machine has GPUs); return the names of the runs that failed."""
     jobs = plan_jobs(plan, sweep_dir, data_dir)
     todo = [job for job in jobs if next_step(job) is not None]
     finished = len(jobs) - len(todo)
     echo(f"sweep {sweep_dir}: {plural(len(jobs), 'run')} ({plan.framework}, preset {plan.preset}); "
-         f"{finished} finished, {len(todo)} to run")
+         f"{finished} finished, {len(todo)} to run"
+         + (f", {parallel} at a time" if parallel > 1 and len(todo) > 1 else ""))
     if jobs and "gtsrb" not in jobs[0].datasets:
         echo(f"note: no {Path(data_dir) / 'gtsrb'}, so runs probe their own dataset only")
     write_results(sweep_dir)
-    failed, started = [], time.monotonic()
-    for index, job in enumerate(todo, start=1):
-        echo(f"[{finished}/{len(jobs)}] {job.name} (output: {job.run_dir / LOG_FILE})")
-        failure = run_job(job, launch, echo)
-        finished += 1
-        if failure:
-            failed.append(job.name)
-        write_results(sweep_dir)
-        left = (time.monotonic() - started) / index * (len(todo) - index)
-        outcome = (f"FAILED: {failure['error']}" if failure else
-                   f"done: {accuracy_note(job.run_dir, job.datasets)}")
-        echo(f"[{finished}/{len(jobs)}] {job.name}: {outcome}"
-             + (f"; about {format_duration(left)} left" if index < len(todo) else ""))
+    slots: queue.Queue = queue.Queue()
+    for environment in slot_environments(parallel):
+        slots.put(environment)
+    failed, started, done, lock = [], time.monotonic(), [finished], threading.Lock()
+
+    def one(job: Job) -> None:
+        environment = slots.get()
+        try:
+            with lock:
+                echo(f"[{done[0]}/{len(jobs)}] {job.name} (output: {job.run_dir / LOG_FILE})")
+            prefix = f"    [{job.name}] " if parallel > 1 else "    "
+            failure = run_job(job, launch if not environment else
+                              lambda command, log: start_logged(command, log, environment).wait(),
+                              lambda line: echo(prefix + line.strip()))
+        finally:
+            slots.put(environment)
+        with lock:
+            done[0] += 1
+            if failure:
+                failed.append(job.name)
+            write_results(sweep_dir)
+            count = done[0] - finished
+            left = (time.monotonic() - started) / count * (len(todo) - count)
+            outcome = (f"FAILED: {failure['error']}" if failure else
+                       f"done: {accuracy_note(job.run_dir, job.datasets)}")
+            echo(f"[{done[0]}/{len(jobs)}] {job.name}: {outcome}"
+                 + (f"; about {format_duration(left)} left" if count < len(todo) else ""))
+
+    if parallel == 1:
+        for job in todo:
+            one(job)
+    else:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            for future in [pool.submit(one, job) for job in todo]:
+                future.result()
     return failed
 
 
-def write_results(sweep_dir: Path) -> None:
-    """Rewrite SWEEP_DIR/results.csv and results.md from the run folders."""
-    results = load_sweep(sweep_dir)
-    atomic_write_bytes(Path(sweep_dir) / RESULTS_CSV, results_csv(results).encode())
-    markdown = sweep_results_markdown(sweep_dir, read_sweep_file(sweep_dir), results)
-    atomic_write_bytes(Path(sweep_dir) / RESULTS_MD, markdown.encode())
+def visible_gpus() -> list[str]:
+    """The GPUs of this machine a run can be given: CUDA_VISIBLE_DEVICES's, else nvidia-smi's."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu for gpu in listed.split(",") if gpu.strip()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    found = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    return [str(i) for i, line in enumerate(found.stdout.splitlines()) if line.startswith("GPU")]
+
+
+def slot_environments(parallel: int) -> list[dict[str, str]]:
+    """The environment of each of `parallel` runs at a time: a GPU each where there are GPUs,
+    nothing to add on one slot or a machine without them."""
+    if parallel == 1:
+        return [{}]
+    gpus = visible_gpus()
+    if not gpus:
+        return [{} for _ in range(parallel)]
+    if parallel > len(gpus):
+        raise UserError(f"--parallel {parallel}: this machine has {plural(len(gpus), 'GPU')} "
+                        "(one run a GPU)")
+    return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus[:parallel]]
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -401,6 +302,11 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir",
                         help=f"{DATA_DIR_HOLDS} (default: the sweep's stored one, else env "
                              "VICREG_DATA_DIR, else ./data)")
+    parser.add_argument("--status", action="store_true",
+                        help="show each run's state (done, queued, running with its log's last "
+                             "line, failed with its error, lost, to run) and rewrite the results "
+                             "tables; starts and submits nothing")
+    add_launcher_arguments(parser, sweep=True)
     return parser
 
 
@@ -430,26 +336,50 @@ def resolve_plan(args: argparse.Namespace, stored: dict | None, sweep_path: Path
     return plan
 
 
-def main(argv: list[str] | None = None, launch: Launcher = run_logged) -> int:
-    """`python -m shared.sweep`; `launch` runs one command into a log (tests run it in-process)."""
+def main(argv: list[str] | None = None, launch: Launcher = run_logged,
+         cluster: str | None = None, poll_s: float = 30.0) -> int:
+    """`python -m shared.sweep`; `launch` runs one command into a log (tests run it in-process),
+    `cluster` is submitit's for --launcher slurm (None: SLURM; tests: "local"), `poll_s` how
+    often --wait looks at the jobs."""
     argv = sys.argv[1:] if argv is None else argv
 
     def body():
         args = build_sweep_parser().parse_args(argv)
+        settings = launcher_settings(args)
         sweep_dir = Path(args.out)
         sweep_path = sweep_dir / SWEEP_FILE
         stored = read_sweep_file(sweep_dir)
+        if args.status and stored is None:
+            raise UserError(f"--status: no sweep in {sweep_dir} (no {SWEEP_FILE})")
         plan = resolve_plan(args, stored, sweep_path)
         data_dir = args.data_dir or (stored or {}).get("data_dir") or Config().data_dir
+        if args.status:
+            show_status(plan_jobs(plan, sweep_dir, data_dir), sweep_dir)
+            return
         command = (stored or {}).get("command") or shlex.join(["python", "-m", "shared.sweep",
                                                                *argv])
         make_folder(sweep_dir, "sweep folder")
         with run_folder_lock(sweep_dir, "python -m shared.sweep"):
             write_json(sweep_path, {**plan.to_json(), "data_dir": data_dir, "command": command})
-            try:
-                failed = run_sweep(plan, sweep_dir, data_dir, launch)
-            except KeyboardInterrupt:
-                raise Interrupted("run the same command again to resume") from None
+            if settings.kind == "local":
+                try:
+                    failed = run_sweep(plan, sweep_dir, data_dir, launch, print,
+                                       settings.parallel)
+                except KeyboardInterrupt:
+                    raise Interrupted("run the same command again to resume") from None
+            else:
+                # the jobs run elsewhere, so their paths must not depend on this directory
+                jobs = plan_jobs(plan, sweep_dir.resolve(), str(Path(data_dir).resolve()))
+                submit_runs(jobs, sweep_dir, settings, sweep_dir.resolve(), cluster, print)
+                write_results(sweep_dir)
+        if settings.kind == "slurm":
+            if not settings.wait:
+                show_status(jobs, sweep_dir)
+                print(f"follow with: python -m shared.sweep --out {sweep_dir} --status")
+                return
+            final = wait_for_runs(jobs, sweep_dir, print, poll_s)
+            write_results(sweep_dir)
+            failed = [name for name, (state, _) in final.items() if state != "done"]
         if failed:
             raise UserError(f"{len(failed)} of {plural(len(plan.runs), 'run')} failed "
                             f"({', '.join(failed)}); see {sweep_dir / RESULTS_MD} and each "
@@ -457,6 +387,17 @@ def main(argv: list[str] | None = None, launch: Launcher = run_logged) -> int:
         print(f"all {plural(len(plan.runs), 'run')} finished: {sweep_dir / RESULTS_MD}")
 
     return cli_main(body)
+
+
+def show_status(jobs: list[Job], sweep_dir: Path) -> None:
+    """Print each run's state (shared.cluster.run_state) and rewrite the results tables."""
+    current = states(jobs, sweep_dir)
+    counts = Counter(state for state, _ in current.values())
+    print(f"sweep {sweep_dir}: " + ", ".join(f"{count} {state}" for state, count in
+                                             sorted(counts.items())))
+    for name, (_, text) in current.items():
+        print(f"  {name}: {text}")
+    write_results(sweep_dir)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,17 @@ interpreter start and a torch import per command; test_subprocess_launcher_* che
 """
 import csv
 import json
+import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from shared import sweep
+from shared import jobs, sweep
 from shared.errors import UserError
+from shared.runio import run_folder_lock
 
 RUN_NAMES = ["std_coeff=5,subset=32,probe_epochs=2", "std_coeff=25,subset=32,probe_epochs=2",
              "std_coeff=50,subset=32,probe_epochs=2"]
@@ -145,26 +148,27 @@ def test_subprocess_launcher_logs_output_and_finds_this_checkout(tmp_path, monke
     log = tmp_path / "log.txt"
     command = (sys.executable, "-m", "shared.sweep", "--out", "x", "--framework", "torch",
                "--preset", "smoke", "--grid", "std_coef=1")
-    assert sweep.run_logged(command, log) == 2
+    assert jobs.run_logged(command, log) == 2
     assert log.read_text().splitlines()[0] == f"$ {shlex.join(command)}"
-    assert sweep.last_log_line(log).startswith("error: --grid std_coef=1: unknown setting")
+    assert jobs.last_log_line(log).startswith("error: --grid std_coef=1: unknown setting")
     log.write_text(log.read_text() + " 50%|#####     | 1/2")  # a killed command's last words
-    assert sweep.run_logged(command, log) == 2
+    assert jobs.run_logged(command, log) == 2
     assert f"1/2\n$ {shlex.join(command)}\n" in log.read_text()
 
 
 def test_last_log_line_skips_progress_bar_redraws(tmp_path):
     log = tmp_path / "log.txt"
     log.write_text("start\n 10%|#  | 1/10\r 20%|## | 2/10\rerror: boom\n\n")
-    assert sweep.last_log_line(log) == "error: boom"
-    assert sweep.last_log_line(tmp_path / "missing.txt") == ""
+    assert jobs.last_log_line(log) == "error: boom"
+    assert jobs.last_log_line(tmp_path / "missing.txt") == ""
 
 
 # ---- what a run needs next, from its folder --------------------------------------------------
 
 def a_job(tmp_path, framework="torch", datasets=("cifar10", "gtsrb"), donors=()):
-    return sweep.Job("std_coeff=5", tmp_path / "run", framework, "smoke", {"std_coeff": 5.0,
-                     "lr_scaling": False}, "/data", datasets, tuple(donors))
+    return jobs.Job("std_coeff=5", tmp_path / "run", framework,
+                    ("--preset", "smoke", "--std-coeff", "5", "--no-lr-scaling"), "/data", datasets,
+                    tuple(donors))
 
 
 def touch(path, content="{}"):
@@ -175,29 +179,29 @@ def touch(path, content="{}"):
 def test_next_step_from_a_fresh_start_to_the_end(tmp_path):
     job = a_job(tmp_path)
     run = job.run_dir
-    step = sweep.next_step(job)
+    step = jobs.next_step(job)
     assert step.label == "train" and step.produces == run / "summary.json"
     assert step.command[1:] == ("-m", "torch_impl.train", "--preset", "smoke", "--std-coeff", "5",
                                 "--no-lr-scaling", "--out", str(run), "--data-dir", "/data")
     touch(run / "config.json")
-    assert sweep.next_step(job).label == "train"  # stopped before its first checkpoint
+    assert jobs.next_step(job).label == "train"  # stopped before its first checkpoint
     touch(run / "checkpoint.pt")
-    step = sweep.next_step(job)
+    step = jobs.next_step(job)
     assert step.label == "resume training"
     assert step.command[1:] == ("-m", "torch_impl.train", "--resume", "--out", str(run),
                                 "--data-dir", "/data")
     touch(run / "summary.json")
     touch(run / "probe_cifar10.json")
-    step = sweep.next_step(job)  # the trainer stopped between its two probes
+    step = jobs.next_step(job)  # the trainer stopped between its two probes
     assert step.label == "probe gtsrb" and step.produces == run / "probe_gtsrb.json"
     assert "--random-init" not in step.command
     touch(run / "probe_gtsrb.json")
-    step = sweep.next_step(job)
+    step = jobs.next_step(job)
     assert step.label == "random-init probe cifar10"
     assert step.command[-5:] == ("--dataset", "cifar10", "--random-init", "--data-dir", "/data")
     touch(run / "probe_cifar10_random_init.json")
     touch(run / "probe_gtsrb_random_init.json")
-    assert sweep.next_step(job) is None
+    assert jobs.next_step(job) is None
 
 
 def test_next_step_copies_a_baseline_another_run_already_has(tmp_path):
@@ -206,34 +210,34 @@ def test_next_step_copies_a_baseline_another_run_already_has(tmp_path):
     job = a_job(tmp_path, datasets=("cifar10",), donors=[tmp_path / "missing", donor])
     for name in ("summary.json", "probe_cifar10.json"):
         touch(job.run_dir / name)
-    step = sweep.next_step(job)
+    step = jobs.next_step(job)
     assert step.copy_from == donor / "probe_cifar10_random_init.json" and not step.command
-    assert sweep.run_job(job, never_launch, lambda line: None) is None
+    assert jobs.run_job(job, never_launch, lambda line: None) is None
     assert read_json(job.run_dir / "probe_cifar10_random_init.json") == {"top1": 0.25,
                                                                         "shared_from": "other"}
 
 
 def test_jax_runs_use_the_jax_commands_and_checkpoint(tmp_path):
     job = a_job(tmp_path, framework="jax")
-    assert sweep.next_step(job).command[2] == "jax_impl.train"
+    assert jobs.next_step(job).command[2] == "jax_impl.train"
     touch(job.run_dir / "checkpoint.pt")  # a torch checkpoint does not make a jax run resumable
-    assert sweep.next_step(job).label == "train"
+    assert jobs.next_step(job).label == "train"
     touch(job.run_dir / "checkpoint.msgpack")
-    assert sweep.next_step(job).label == "resume training"
+    assert jobs.next_step(job).label == "resume training"
     for name in ("summary.json", "probe_cifar10.json", "probe_gtsrb.json"):
         touch(job.run_dir / name)
-    assert sweep.next_step(job).command[2] == "jax_impl.probe"
+    assert jobs.next_step(job).command[2] == "jax_impl.probe"
 
 
 def test_checkpoint_names_match_the_trainers():
     from jax_impl.checkpoint import CHECKPOINT_FILE as JAX_CHECKPOINT_FILE
     from torch_impl.checkpoint import CHECKPOINT_FILE
-    assert sweep.CHECKPOINT_FILES == {"torch": CHECKPOINT_FILE, "jax": JAX_CHECKPOINT_FILE}
+    assert jobs.CHECKPOINT_FILES == {"torch": CHECKPOINT_FILE, "jax": JAX_CHECKPOINT_FILE}
 
 
 def test_a_step_that_exits_0_without_its_file_is_a_failure(tmp_path):
     job = a_job(tmp_path)
-    failure = sweep.run_job(job, lambda command, log: 0, lambda line: None)
+    failure = jobs.run_job(job, lambda command, log: 0, lambda line: None)
     assert failure["error"] == "train exited 0 but wrote no summary.json"
     assert read_json(job.run_dir / "failure.json") == failure
 
@@ -371,3 +375,51 @@ def test_setting_errors_name_their_source():
     from shared.cli import parse_setting
     with pytest.raises(UserError, match=r"^f:3: std_coeff takes a number, got 'x'$"):
         parse_setting("std_coeff", "x", "f:3: std_coeff")
+
+
+def table(path, columns=("run", "status", "final_loss")):
+    rows = read_csv(path)
+    keys = [k for k in rows[0] if "top1" in k or k in columns]
+    return keys, [[row[k] for k in keys] for row in rows]
+
+
+def test_two_runs_at_a_time_tabulate_what_one_at_a_time_does(smoke_sweep, tiny_data_dir,
+                                                             tmp_path, capsys):
+    sequential, _ = smoke_sweep
+    out = tmp_path / "std"
+    args = sweep_args(out, tiny_data_dir, "--grid", "std_coeff=5,25,50", "--grid", "subset=32",
+                      "--grid", "probe_epochs=2", "--parallel", "2")
+    assert sweep.main(args) == 0, capsys.readouterr().err  # real subprocesses, 2 at a time
+    printed = capsys.readouterr().out
+    assert "0 finished, 3 to run, 2 at a time" in printed
+    assert f"    [{RUN_NAMES[1]}] train" in printed
+    keys, rows = table(out / "results.csv")
+    assert any("top1" in k for k in keys) and (keys, rows) == table(sequential / "results.csv")
+
+
+def test_status_shows_each_runs_state_and_starts_nothing(smoke_sweep, tmp_path, capsys,
+                                                         monkeypatch):
+    out = tmp_path / "std"
+    shutil.copytree(smoke_sweep[0], out)
+    failing, unstarted, running = (out / "runs" / name for name in RUN_NAMES)
+    (failing / "probe_gtsrb.json").unlink()
+
+    def fail(command, log_path):
+        with open(log_path, "a") as log:
+            log.write("epoch 1/2\rgtsrb probe: 40%\nerror: no space left on device\n")
+        return 2
+
+    assert sweep.main(["--out", str(out)], launch=fail) == 2
+    shutil.rmtree(unstarted)
+    (running / "summary.json").unlink()
+    with open(running / "log.txt", "a") as log:
+        log.write("epoch 3/60 loss 21.5\r")
+    capsys.readouterr()
+    with run_folder_lock(running, "python -m torch_impl.train"):
+        assert sweep.main(["--out", str(out), "--status"], launch=never_launch) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"sweep {out}: 1 failed, 1 running, 1 to run",
+                       f"  {RUN_NAMES[0]}: failed: error: no space left on device",
+                       f"  {RUN_NAMES[1]}: to run",
+                       f"  {RUN_NAMES[2]}: running (process {os.getpid()}): epoch 3/60 loss 21.5"]
+    assert [row[1] for row in table(out / "results.csv")[1]] == ["failed", "pending", "incomplete"]

@@ -11,13 +11,16 @@ The loop is shared.loop's, as jax_impl.train's; this module hands it torch_impl'
 from __future__ import annotations
 
 from shared.cli import cli_main, command_exit, parse_train_args
+from shared.cluster import submitted_to_cluster
 from shared.loop import run
 from torch_impl.backend import open_backend
 from torch_impl.distributed import world_from_env
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body() -> dict:
+    def body() -> dict | None:
+        if submitted_to_cluster(argv, "torch"):
+            return None
         cfg, resume = parse_train_args(argv, "torch")
         return run(cfg, resume, "torch", world_from_env(), open_backend)
 
