@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
@@ -185,6 +186,32 @@ def writable_folder(path: Path, what: str) -> Path:
     return folder
 
 
+# A lock_holder look (a shared lock held for an instant) can meet a trainer's start; the trainer
+# waits this long for the folder before it reports it in use.
+_LOCK_PATIENCE_S = 0.5
+
+
+def _locked_within(fd: int, kind: int, patience_s: float) -> bool:
+    """Take the flock `kind` (LOCK_EX or LOCK_SH) on fd, trying again for up to patience_s
+    seconds; False if another process holds it all that time."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def _holder_text(fd: int) -> str:
+    """The "PID command" a lock holder wrote into the lock file, or "unknown"."""
+    return os.pread(fd, 1024, 0).decode(errors="replace").strip() or "unknown"
+
+
 @contextlib.contextmanager
 def run_folder_lock(folder: Path, command: str) -> Iterator[None]:
     """Hold FOLDER/.lock while inside, so that no second trainer, probe or sweep writes the same
@@ -197,13 +224,8 @@ def run_folder_lock(folder: Path, command: str) -> Iterator[None]:
     except OSError as exc:
         raise UserError(f"cannot write in {folder}: {exc.strerror or exc}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 1024, 0).decode(errors="replace").strip() or "unknown"
-            pid, _, what = holder.partition(" ")
+        if not _locked_within(fd, fcntl.LOCK_EX, _LOCK_PATIENCE_S):
+            pid, _, what = _holder_text(fd).partition(" ")
             raise UserError(f"{folder} is in use by process {pid} ({what or 'unknown command'}); "
                             "wait for it to finish or stop it, then try again") from None
         os.ftruncate(fd, 0)
@@ -220,10 +242,7 @@ def lock_holder(folder: Path) -> str | None:
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None
-    except OSError:
-        return os.pread(fd, 1024, 0).decode(errors="replace").strip() or "unknown"
+        return None if _locked_within(fd, fcntl.LOCK_SH, 0.0) else _holder_text(fd)
     finally:
         os.close(fd)
 

@@ -12,6 +12,7 @@ from shared.records import MetricsLog, StepRecord, read_records
 from shared.run_folder import start_run_dir
 from shared.runio import (
     atomic_write_bytes,
+    lock_holder,
     make_folder,
     probe_result_path,
     run_folder_lock,
@@ -112,6 +113,25 @@ def test_the_lock_names_its_holder_and_is_released_by_a_killed_holder(tmp_path):
     with run_folder_lock(tmp_path, "python -m torch_impl.probe"):
         assert (tmp_path / ".lock").read_text().startswith(
             f"{os.getpid()} python -m torch_impl.probe")
+
+
+def test_a_status_look_at_the_lock_does_not_turn_a_starting_trainer_away(tmp_path):
+    """lock_holder holds a shared lock for an instant; a trainer starting in that instant waits
+    for it instead of reporting the folder in use."""
+    (tmp_path / ".lock").write_text("")
+    looker = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, time\n"
+         f"fd = os.open({str(tmp_path / '.lock')!r}, os.O_RDONLY)\n"
+         "fcntl.flock(fd, fcntl.LOCK_SH); print('looking', flush=True); time.sleep(0.3)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert looker.stdout.readline().strip() == "looking"
+        assert lock_holder(tmp_path) is None  # a shared lock is no trainer
+        with run_folder_lock(tmp_path, "python -m torch_impl.train"):
+            assert lock_holder(tmp_path) == f"{os.getpid()} python -m torch_impl.train"
+    finally:
+        looker.kill()
+        looker.wait()
 
 
 def test_probe_result_names(tmp_path):
