@@ -54,6 +54,22 @@ def test_the_compile_rows_measure_on_a_cpu():
     assert len(throughput_rows("compile")) == 3
 
 
+def test_the_step_parts_bench_times_each_part_in_both_frameworks():
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "step_parts.py"), "--preset",
+                             "smoke", "--steps", "2"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {cells[0]: [float(c.rstrip("x%")) for c in cells[1:]] for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines()
+             if line.startswith("| ") and not line.startswith("| part"))}
+    assert list(rows) == ["forward (two views)", "backward", "forward and backward", "whole step"]
+    torch_step, jax_step = rows["whole step"][0], rows["whole step"][2]
+    # a step runs the forward pass and more: longer than the forward pass alone in each framework
+    assert torch_step > rows["forward (two views)"][0] > 0
+    assert jax_step > rows["forward (two views)"][2] > 0
+    assert rows["whole step"][4] == pytest.approx(jax_step / torch_step, rel=0.05)
+
+
 def run_rows(out: str) -> dict[str, list[str]]:
     """The report's training-run rows: run name -> its cells."""
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
