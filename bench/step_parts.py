@@ -24,11 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.throughput import jax_sync, random_views, time_calls  # noqa: E402
+from bench.throughput import JaxBench, jax_sync, time_calls, torch_bench_state  # noqa: E402
 from shared.config import PRESETS, Config, make_config  # noqa: E402
 from torch_impl import step as torch_step  # noqa: E402
-from torch_impl.model import build_model, init_variables  # noqa: E402
-from torch_impl.optim import build_optimizer  # noqa: E402
 
 PARTS = ("forward", "forward and backward", "whole step")
 ROUNDS = 3
@@ -45,12 +43,8 @@ def fastest_rounds(parts: list[Callable[[], object]], steps: int,
 
 def torch_parts(cfg: Config, steps: int) -> list[float]:
     """Seconds of each of PARTS for torch_impl's fp32 channels_last step."""
-    layout = torch.channels_last
-    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem()), 0)
-    model = model.to(memory_format=layout)
-    state = torch_step.TrainState(model, build_optimizer(cfg, model=model))
-    x_a, x_b = (torch.from_numpy(v).contiguous(memory_format=layout)
-                for v in random_views(cfg, (3, 32, 32)))
+    state, (x_a, x_b) = torch_bench_state(cfg, torch.device("cpu"), torch.channels_last)
+    model = state.model
 
     def forward():
         with torch.no_grad():
@@ -70,30 +64,19 @@ def torch_parts(cfg: Config, steps: int) -> list[float]:
 def jax_parts(cfg: Config, steps: int) -> list[float]:
     """Seconds of each of PARTS for jax_impl's fp32 jitted step."""
     import jax
-    import jax.numpy as jnp
 
-    from jax_impl.model import build_model as build_jax_model
-    from jax_impl.optim import build_optimizer as build_jax_optimizer
-    from jax_impl.step import initial_state, make_train_step, step_loss
+    from jax_impl.step import initial_state, step_loss
 
-    model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(), dtype=jnp.float32)
-    optimizer = build_jax_optimizer(cfg)
-    state = initial_state(cfg, model=model, optimizer=optimizer)
-    x_a, x_b = (jnp.asarray(v) for v in random_views(cfg, (32, 32, 3)))
+    bench = JaxBench.build(cfg, bf16=False)
+    model, (x_a, x_b) = bench.model, bench.views
+    state = initial_state(cfg, model=model, optimizer=bench.optimizer)  # the step donates its own
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     forward = jax.jit(lambda v, a, b: (model.apply(v, a, train=True, mutable=["batch_stats"]),
                                        model.apply(v, b, train=True, mutable=["batch_stats"])))
     grads = jax.jit(jax.grad(lambda p, s, a, b: step_loss(model, p, s, a, b, cfg),
                              has_aux=True))
-    step_fn = make_train_step(cfg, model=model, optimizer=optimizer)
-    holder = [initial_state(cfg, model=model, optimizer=optimizer)]  # the step donates it
-
-    def step():
-        holder[0], terms = step_fn(holder[0], x_a, x_b, 0.01)
-        return terms
-
     return fastest_rounds([lambda: forward(variables, x_a, x_b),
-                           lambda: grads(state.params, state.batch_stats, x_a, x_b), step],
+                           lambda: grads(state.params, state.batch_stats, x_a, x_b), bench.step],
                           steps, jax_sync)
 
 
@@ -122,6 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
     if args.xla_flags:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
     overrides = {"preset": args.preset, "precision": "fp32"}

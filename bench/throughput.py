@@ -24,7 +24,9 @@ import importlib
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,15 +77,23 @@ def random_images(cfg: Config, steps: int) -> np.ndarray:
                                              dtype=np.uint8)
 
 
-def torch_step_rate(cfg: Config, device, layout, dtype, compile_mode: str | bool,
-                    steps: int) -> float:
-    """The torch train step alone on fixed random views in `layout`, computing in `dtype`;
-    compile_mode: False (eager) or a torch.compile mode."""
+def torch_bench_state(cfg: Config, device, layout) -> tuple[torch_step.TrainState,
+                                                              list[torch.Tensor]]:
+    """A fresh torch_impl train state on `device` in `layout`, and two fixed random views
+    (float32 [B, 3, 32, 32]) in that layout."""
     model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem()), 0)
     model = model.to(device, memory_format=layout)
     state = torch_step.TrainState(model, build_optimizer(cfg, model=model))
     views = [torch.from_numpy(v).to(device).contiguous(memory_format=layout)
              for v in random_views(cfg, (3, 32, 32))]
+    return state, views
+
+
+def torch_step_rate(cfg: Config, device, layout, dtype, compile_mode: str | bool,
+                    steps: int) -> float:
+    """The torch train step alone on fixed random views in `layout`, computing in `dtype`;
+    compile_mode: False (eager) or a torch.compile mode."""
+    state, views = torch_bench_state(cfg, device, layout)
     loss_fn = (torch.compile(torch_step.step_loss, mode=compile_mode) if compile_mode
                else torch_step.step_loss)
 
@@ -95,25 +105,43 @@ def torch_step_rate(cfg: Config, device, layout, dtype, compile_mode: str | bool
     return cfg.batch_size / time_calls(step, steps, torch_sync(device))
 
 
+@dataclass
+class JaxBench:
+    """jax_impl's model, optimizer and jitted step, two fixed random NHWC views (float32
+    [B, 32, 32, 3]) and the state the step trains (the step donates it, so `step` keeps the new
+    one)."""
+
+    model: Any
+    optimizer: Any
+    step_fn: Callable
+    views: list
+    state: Any
+
+    @classmethod
+    def build(cls, cfg: Config, bf16: bool, conv_impl: str | None = None) -> JaxBench:
+        import jax.numpy as jnp
+
+        from jax_impl.model import build_model as build_jax_model
+        from jax_impl.optim import build_optimizer as build_jax_optimizer
+        from jax_impl.step import initial_state, make_train_step
+
+        model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(),
+                                dtype=jnp.bfloat16 if bf16 else jnp.float32, conv_impl=conv_impl)
+        optimizer = build_jax_optimizer(cfg)
+        return cls(model, optimizer, make_train_step(cfg, model=model, optimizer=optimizer),
+                   [jnp.asarray(v) for v in random_views(cfg, (32, 32, 3))],
+                   initial_state(cfg, model=model, optimizer=optimizer))
+
+    def step(self):
+        """One train step on the views; its loss terms."""
+        self.state, terms = self.step_fn(self.state, *self.views, 0.01)
+        return terms
+
+
 def jax_step_rate(cfg: Config, bf16: bool, conv_impl: str | None, steps: int) -> float:
     """jax_impl's jitted train step alone on fixed random NHWC views."""
-    import jax.numpy as jnp
-
-    from jax_impl.model import build_model as build_jax_model
-    from jax_impl.optim import build_optimizer as build_jax_optimizer
-    from jax_impl.step import initial_state, make_train_step
-
-    model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(),
-                            dtype=jnp.bfloat16 if bf16 else jnp.float32, conv_impl=conv_impl)
-    optimizer = build_jax_optimizer(cfg)
-    step_fn = make_train_step(cfg, model=model, optimizer=optimizer)
-    views = [jnp.asarray(v) for v in random_views(cfg, (32, 32, 3))]
-    holder = [initial_state(cfg, model=model, optimizer=optimizer)]
-
-    def step():
-        holder[0], terms = step_fn(holder[0], *views, 0.01)
-        return terms
-    return cfg.batch_size / time_calls(step, steps, jax_sync)
+    bench = JaxBench.build(cfg, bf16, conv_impl)
+    return cfg.batch_size / time_calls(bench.step, steps, jax_sync)
 
 
 def trainer_backend(framework: str, cfg: Config, images: np.ndarray):

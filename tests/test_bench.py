@@ -70,6 +70,14 @@ def test_the_step_parts_bench_times_each_part_in_both_frameworks():
     assert rows["whole step"][4] == pytest.approx(jax_step / torch_step, rel=0.05)
 
 
+@pytest.mark.parametrize("flag", ["--steps", "--batch-size"])
+def test_the_step_parts_bench_refuses_a_count_below_one(flag):
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "step_parts.py"), flag, "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"{flag} must be at least 1" in result.stderr.splitlines()[-1]
+
+
 def run_rows(out: str) -> dict[str, list[str]]:
     """The report's training-run rows: run name -> its cells."""
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
