@@ -3,10 +3,12 @@
 Before its first step a budgeted run times its training step on a scratch copy of the state (and,
 with the kNN monitor on, one monitor point), then fits its length to what the start-up left:
 
-    N = done + floor((BUDGET_USE * budget - used - reserve) / seconds_per_step)
+    N = done + floor((BUDGET_USE * budget - used - reserve - probes) / seconds_per_step)
 
 within [done, --epochs' steps], where `reserve` keeps the monitor's last point (what the latest
-point took) and a point's cost is spread over the steps between points. The warmup and the cosine
+point took), a point's cost is spread over the steps between points, and `probes` keeps, when
+the budget covers the whole job (--budget-scope job), the probes' projected time
+(shared.probe_time; 0 otherwise). The warmup and the cosine
 then span exactly N steps (shared.schedule.Plan). Every `check_every` steps (about CHECK_SHARE of
 the budget) the run measures its rate over the last RATE_WINDOW of the budget, and at a plan's
 last step over whatever time has passed since the last measurement, and plans again when the end
@@ -96,6 +98,7 @@ class TimeBudget:
     is_main: bool
     used_before: float = 0.0
     reserve: float = 0.0  # seconds kept for the kNN monitor's last point, at the end
+    probes: float = 0.0  # seconds kept for the probes after training (--budget-scope job)
     point_every: float = 0.0  # steps between two monitor points (0: no monitor)
     check_every: int = 1  # steps between two looks at the rate
     window_step: int = 0  # the rate is measured from this step...
@@ -127,7 +130,7 @@ class TimeBudget:
     def steps_that_fit(self, done: int, seconds_per_step: float) -> int:
         """The run's length in steps when `done` are trained at `seconds_per_step` (the formula
         above), within [done, max_steps]."""
-        left = BUDGET_USE * self.seconds - self.used() - self.reserve
+        left = BUDGET_USE * self.seconds - self.used() - self.reserve - self.probes
         more = int(left / seconds_per_step) if left > 0 else 0
         return max(done, min(self.max_steps, done + more))
 
@@ -135,33 +138,39 @@ class TimeBudget:
         """Whether the end of a plan of `planned` steps, projected at `seconds_per_step`, lies
         more than REPLAN_SHARE of the budget from the end it aims at; a plan capped by --epochs
         that ends early is kept."""
-        projected = self.used() + (planned - done) * seconds_per_step + self.reserve
+        projected = (self.used() + (planned - done) * seconds_per_step + self.reserve
+                     + self.probes)
         target = BUDGET_USE * self.seconds
         if planned >= self.max_steps and projected <= target:
             return False
         return abs(projected - target) > REPLAN_SHARE * self.seconds
 
     def first_plan(self, plan: Plan, seconds_per_step: float, point_seconds: float | None,
-                   monitor_every_steps: float) -> tuple[Plan, str]:
-        """The plan of a run that starts, its step timed at `seconds_per_step` and (None: no
-        monitor) a monitor point at `point_seconds`; and the start-up line's note. A budget the
-        start-up used up, or one that fits less than the warmup, is a UserError."""
+                   monitor_every_steps: float, probe_seconds: float = 0.0) -> tuple[Plan, str]:
+        """The plan of a run that starts, its step timed at `seconds_per_step`, (None: no
+        monitor) a monitor point at `point_seconds` and the probes after it projected at
+        `probe_seconds` (kept from training's time: --budget-scope job); and the start-up line's
+        note. A budget the start-up used up, or one that fits less than the warmup, is a
+        UserError."""
+        self.probes = probe_seconds
         if point_seconds is not None:  # its points cost their share of every step's time
             self.reserve, self.point_every = point_seconds, monitor_every_steps
             seconds_per_step += point_seconds / monitor_every_steps
         steps = int(self.agree(self.steps_that_fit(0, seconds_per_step)))
         cfg, per_epoch = self.cfg, plan.steps_per_epoch
         if steps == 0:
+            kept = f", the probes after it {self.probes:.3g} s" if self.probes else ""
             raise UserError(f"the {cfg.time_budget} time budget is used up before training "
-                            f"starts: loading, compiling and timing took {self.used():.0f} s and "
-                            f"a step {seconds_per_step:.2g} s; give a longer --time-budget")
+                            f"starts: loading, compiling and timing took {self.used():.0f} s{kept} "
+                            f"and a step {seconds_per_step:.2g} s; give a longer --time-budget")
         if cfg.warmup_epochs * per_epoch > steps:
             raise UserError(f"the {cfg.time_budget} time budget fits {steps / per_epoch:.2f} "
                             f"epochs, fewer than --warmup-epochs {cfg.warmup_epochs:g}; lower it "
                             "or give more time")
         plan = self._adopt(Plan.of_steps(steps, per_epoch), 0, seconds_per_step)
         end = time.time() + steps * seconds_per_step
-        return plan, (f" (what fits the {cfg.time_budget} time budget at "
+        kept = f" with {self.probes:.3g} s kept for the probes" if self.probes else ""
+        return plan, (f" (what fits the {cfg.time_budget} time budget{kept} at "
                       f"{cfg.batch_size / seconds_per_step:.0f} pairs/s: ends about "
                       f"{time.strftime('%H:%M', time.localtime(end))}, re-planned if the rate "
                       "changes)")
@@ -172,10 +181,13 @@ class TimeBudget:
         moved (a longer --time-budget, or the time used is not what the plan assumed), at the rate
         the plan in force was made with (`records`, metrics.jsonl's, on the main process; a run
         from before plans were recorded: its last epoch's), with a monitor point every
-        `monitor_every_steps` steps (None: no monitor)."""
-        seconds_per_step = point_s = 0.0
+        `monitor_every_steps` steps (None: no monitor) and, under --budget-scope job, the probes'
+        time the plan in force kept for them."""
+        seconds_per_step = point_s = probes_s = 0.0
         if records is not None:
             last_plan, epoch = last_of(records, PlanRecord), last_of(records, EpochRecord)
+            if last_plan is not None and last_plan.probes_s:
+                probes_s = last_plan.probes_s
             if last_plan is not None and last_plan.seconds_per_step:
                 seconds_per_step = last_plan.seconds_per_step
             elif epoch is not None and epoch.pairs_per_s:
@@ -185,6 +197,7 @@ class TimeBudget:
                 point_s = point.seconds
         seconds_per_step = float(self.agree(seconds_per_step))
         self.reserve = float(self.agree(point_s))
+        self.probes = float(self.agree(probes_s)) if self.cfg.budget_scope == "job" else 0.0
         self.point_every = monitor_every_steps or 0.0
         self._new_window(done)
         self.check_every = _check_every(self.seconds, seconds_per_step)
@@ -228,7 +241,8 @@ class TimeBudget:
         """Make `plan` the run's, made at `done` steps: its PlanRecord (so the report shows it,
         and a resume rolls it back with the steps after its checkpoint), a new rate window."""
         self.write(PlanRecord(step=done, epochs=plan.epochs, seconds_per_step=seconds_per_step,
-                              budget_s=self.seconds, budget_used_s=self.used()))
+                              budget_s=self.seconds, budget_used_s=self.used(),
+                              probes_s=self.probes or None))
         self._new_window(done)
         # every process must look at the rate at the same steps: the main process's rate decides
         self.check_every = int(self.agree(_check_every(self.seconds, seconds_per_step)))

@@ -37,6 +37,7 @@ from shared.epoch_log import EpochLog, Sinks
 from shared.errors import check_interrupted, resources_as_user_errors
 from shared.loader import DrawnBatch, ViewBatch, epoch_batches, split_batch, steps_per_epoch
 from shared.monitor import Monitor, monitor_data, monitor_note
+from shared.probe_time import projected_probe_seconds
 from shared.records import MetricsLog, read_records
 from shared.run_folder import (
     Progress,
@@ -180,7 +181,8 @@ def start_state(trainer: Trainer, resume: bool) -> tuple[Any, Progress, Plan]:
 def planned(trainer: Trainer, state: Any, progress: Progress, plan: Plan,
             budget: TimeBudget | None) -> tuple[Plan, str]:
     """The plan the run trains to, and the start-up line's note: a budgeted run that starts
-    times its step (and a monitor point) first; a resumed one plans again if its budget moved."""
+    times its step (and a monitor point, and under --budget-scope job projects the probes' time)
+    first; a resumed one plans again if its budget moved."""
     if budget is None:
         return plan, ""
     if progress.epoch:
@@ -197,7 +199,13 @@ def planned(trainer: Trainer, state: Any, progress: Progress, plan: Plan,
         point_s = trainer.monitor.measure(backend, state)[1] if trainer.world.is_main else 0.0
         point_s = float(backend.agree(point_s))
     every = trainer.monitor.every_steps if trainer.monitor else 1.0
-    return budget.first_plan(plan, seconds_per_step, point_s, every)
+    probes_s = 0.0
+    if trainer.cfg.budget_scope == "job" and trainer.cfg.probe:
+        probes_s = (projected_probe_seconds(trainer.cfg, backend.features(state),
+                                            backend.train_linear, trainer.clock)
+                    if trainer.world.is_main else 0.0)
+        probes_s = float(backend.agree(probes_s))
+    return budget.first_plan(plan, seconds_per_step, point_s, every, probes_s)
 
 
 def startup_line(trainer: Trainer, plan: Plan, note: str) -> None:

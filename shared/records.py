@@ -60,7 +60,8 @@ class EpochRecord(StepRecord):
 @dataclass(frozen=True)
 class PlanRecord:
     """A time budget's plan, made once `step` steps were trained: the run's length in `epochs`
-    at `seconds_per_step`, with `budget_used_s` of the `budget_s` seconds used."""
+    at `seconds_per_step`, with `budget_used_s` of the `budget_s` seconds used and (--budget-scope
+    job) `probes_s` kept for the probes after training."""
 
     kind: ClassVar[str] = "plan"
     step: int
@@ -68,6 +69,7 @@ class PlanRecord:
     seconds_per_step: float | None = None
     budget_s: float | None = None
     budget_used_s: float | None = None
+    probes_s: float | None = None
 
 
 @dataclass(frozen=True)

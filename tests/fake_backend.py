@@ -107,8 +107,9 @@ def open_numpy_backend(cfg, world, images, augment):
 
 class _TimedBackend:
     """A backend whose steps take `step_seconds` on `clock` (`timing_seconds` while the step
-    rate is timed on a scratch copy) and whose feature extractions take `feature_seconds` (the
-    first one `compile_seconds` more, as a compiling framework's first call does); a
+    rate is timed on a scratch copy) and whose feature extractions take `feature_seconds` and
+    `image_seconds` an image (the first one `compile_seconds` more, as a compiling framework's
+    first call does); a
     step at (epoch, step in epoch) `stop_at` raises KeyboardInterrupt, as Ctrl-C there would."""
 
     def __init__(self, backend, timed: OnClock):
@@ -141,7 +142,8 @@ class _TimedBackend:
         extract = self.backend.features(state)
 
         def timed(images, desc):
-            self.timed.clock.now += self.timed.feature_seconds + self.timed.compile_seconds
+            self.timed.clock.now += (self.timed.feature_seconds + self.timed.compile_seconds
+                                     + self.timed.image_seconds * len(images))
             self.timed.compile_seconds = 0.0
             return extract(images, desc)
         return timed
@@ -153,11 +155,12 @@ class OnClock:
 
     def __init__(self, open_backend, clock: FakeClock, step_seconds: float,
                  timing_seconds: float | None = None, feature_seconds: float = 0.0,
-                 compile_seconds: float = 0.0, stop_at: tuple[int, int] | None = None):
+                 compile_seconds: float = 0.0, stop_at: tuple[int, int] | None = None,
+                 image_seconds: float = 0.0):
         self.open_backend, self.clock, self.step_seconds = open_backend, clock, step_seconds
         self.timing_seconds = step_seconds if timing_seconds is None else timing_seconds
         self.feature_seconds, self.stop_at, self.timing_steps = feature_seconds, stop_at, 0
-        self.compile_seconds = compile_seconds
+        self.compile_seconds, self.image_seconds = compile_seconds, image_seconds
 
     @contextlib.contextmanager
     def __call__(self, cfg, world, images, augment):

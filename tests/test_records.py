@@ -26,16 +26,17 @@ def test_each_record_is_one_json_object_with_its_kind(tmp_path):
     log.write(StepRecord(epoch=0, step=4, lr=0.1, pairs_per_s=10.0, images_per_s=20.0, loss=2.5,
                          invariance=0.1, variance=0.2, covariance=0.3, embedding_std=0.4))
     log.write(PlanRecord(step=0, epochs=1.5, seconds_per_step=0.2, budget_s=60.0,
-                         budget_used_s=3.0))
+                         budget_used_s=3.0, probes_s=12.5))
     assert lines(tmp_path) == [
         {"kind": "step", "epoch": 0, "step": 4, "lr": 0.1, "pairs_per_s": 10.0,
          "images_per_s": 20.0, "loss": 2.5, "invariance": 0.1, "variance": 0.2,
          "covariance": 0.3, "embedding_std": 0.4},
         {"kind": "plan", "step": 0, "epochs": 1.5, "seconds_per_step": 0.2, "budget_s": 60.0,
-         "budget_used_s": 3.0}]
+         "budget_used_s": 3.0, "probes_s": 12.5}]
+    # keys sorted, as every earlier run wrote them
     assert (tmp_path / "metrics.jsonl").read_text().splitlines()[1] == (
         '{"budget_s": 60.0, "budget_used_s": 3.0, "epochs": 1.5, "kind": "plan", '
-        '"seconds_per_step": 0.2, "step": 0}')  # keys sorted, as every earlier run wrote them
+        '"probes_s": 12.5, "seconds_per_step": 0.2, "step": 0}')
 
 
 def test_metrics_log_appends_and_truncates_to_a_checkpoint(tmp_path):
