@@ -197,7 +197,7 @@ class TimeBudget:
                 point_s = point.seconds
         seconds_per_step = float(self.agree(seconds_per_step))
         self.reserve = float(self.agree(point_s))
-        self.probes = float(self.agree(probes_s)) if self.cfg.budget_scope == "job" else 0.0
+        self.probes = float(self.agree(probes_s))
         self.point_every = monitor_every_steps or 0.0
         self._new_window(done)
         self.check_every = _check_every(self.seconds, seconds_per_step)

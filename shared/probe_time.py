@@ -32,15 +32,6 @@ from shared.linear_probe import probe_split
 SAMPLE_IMAGES, WARMUP_IMAGES, SAMPLE_STEPS = 2_000, 500, 48
 
 
-@dataclasses.dataclass(frozen=True)
-class ProbeWork:
-    """What the probes of one dataset will do: embed `images` images (train and test) and train
-    the classifier on `train` of them."""
-
-    images: int
-    train: int
-
-
 def classifier_steps(cfg: Config, train: int) -> int:
     """Steps of the linear classifier on `train` images: probe_epochs * ceil(train / B)."""
     return cfg.probe_epochs * math.ceil(train / cfg.probe_batch_size)
@@ -76,21 +67,19 @@ def projected_probe_seconds(cfg: Config, features: Features, train_linear: Linea
                             clock: Clock) -> float:
     """Seconds the linear probes after training (shared.linear_probe.probe_after_training) will
     take with these `features` and `train_linear`: T_probes above, 0.0 with no probe to run."""
-    start, work, first = clock(), [], None
+    start, first = clock(), None
+    images = steps = classes = 0
     for dataset in probe_datasets(cfg.dataset, cfg.data_dir, cfg.download):
         train_images, _ = probe_split(cfg, dataset, "train")
-        test_images, _ = probe_split(cfg, dataset, "test")
-        work.append((dataset, ProbeWork(len(train_images) + len(test_images),
-                                        len(train_images))))
+        images += len(train_images) + len(probe_split(cfg, dataset, "test")[1])
+        steps += classifier_steps(cfg, len(train_images))
+        classes = max(classes, num_classes(dataset))
         first = train_images if first is None else first
     load_s = clock() - start
     if first is None:
         return 0.0
     image_s, width = time_per_image(features, first, clock)
-    step_s = time_per_step(train_linear, cfg, width,
-                           max(num_classes(dataset) for dataset, _ in work), clock)
-    images = sum(w.images for _, w in work)
-    steps = sum(classifier_steps(cfg, w.train) for _, w in work)
+    step_s = time_per_step(train_linear, cfg, width, classes, clock)
     total = load_s + images * image_s + steps * step_s
     print(f"the probes' time, projected: {total:.3g} s (loading {load_s:.3g} s, {images} images "
           f"at {1e3 * image_s:.3g} s per 1,000, {steps} classifier steps at "
