@@ -28,10 +28,10 @@ from shared.results import (
     SWEEP_FILE,
     RunResult,
     format_duration,
-    in_key_order,
     load_run,
     load_sweep,
     pretraining_datasets,
+    probed_datasets,
     read_sweep_file,
     results_markdown_table,
 )
@@ -227,7 +227,7 @@ def commands_section(sources: Sources, report_command: str) -> str:
             continue
         lines.append(f"    {train_command_line(r)}")
         probe = f"{tool_command(r.framework or '<torch|jax>', 'probe')} --run {r.run_dir}"
-        for key in in_key_order({key.removesuffix("_random_init") for key in r.probes}):
+        for key in probed_datasets(r.probes):
             trained, baseline = r.probes.get(key), r.probes.get(f"{key}_random_init")
             if trained is not None and trained.get("source", key) not in (
                     r.config.get("dataset"), "gtsrb"):

@@ -86,6 +86,12 @@ def in_key_order(keys) -> list[str]:
     return named + sorted(set(keys) - set(named))
 
 
+def probed_datasets(probe_keys) -> list[str]:
+    """The dataset keys of probe result keys ("gtsrb", "gtsrb_random_init", ...), each once, in
+    in_key_order."""
+    return in_key_order({key.removesuffix("_random_init") for key in probe_keys})
+
+
 def pretraining_datasets(results: list[RunResult]) -> dict[str, str]:
     """The datasets the runs (with settings) pretrained on: dataset key -> its --dataset value,
     in_key_order."""
@@ -147,8 +153,7 @@ PROBE_COLUMNS = ("cifar10", "cifar10_random_init", "gtsrb", "gtsrb_random_init")
 def probe_columns(results: list[RunResult]) -> list[str]:
     """The probe keys a table of `results` shows: PROBE_COLUMNS, and every other dataset's (with
     its random init) that some run has a probe of, in_key_order."""
-    datasets = in_key_order({key.removesuffix("_random_init") for r in results for key in r.probes}
-                            | {key.removesuffix("_random_init") for key in PROBE_COLUMNS})
+    datasets = probed_datasets([*PROBE_COLUMNS, *(key for r in results for key in r.probes)])
     return [key for dataset in datasets for key in (dataset, f"{dataset}_random_init")]
 
 
