@@ -81,7 +81,8 @@ def torch_bench_state(cfg: Config, device, layout) -> tuple[torch_step.TrainStat
                                                               list[torch.Tensor]]:
     """A fresh torch_impl train state on `device` in `layout`, and two fixed random views
     (float32 [B, 3, 32, 32]) in that layout."""
-    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem()), 0)
+    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(),
+                                       cfg.last_width), 0)
     model = model.to(device, memory_format=layout)
     state = torch_step.TrainState(model, build_optimizer(cfg, model=model))
     views = [torch.from_numpy(v).to(device).contiguous(memory_format=layout)
@@ -125,7 +126,7 @@ class JaxBench:
         from jax_impl.optim import build_optimizer as build_jax_optimizer
         from jax_impl.step import initial_state, make_train_step
 
-        model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(),
+        model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(), cfg.last_width,
                                 dtype=jnp.bfloat16 if bf16 else jnp.float32, conv_impl=conv_impl)
         optimizer = build_jax_optimizer(cfg)
         return cls(model, optimizer, make_train_step(cfg, model=model, optimizer=optimizer),
@@ -265,6 +266,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu", choices=list(PRESETS))
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--last-width", type=int, default=None,
+                        help="the last stage's channels (the trainers' --last-width)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
     parser.add_argument("--rows", default="steps,jax,trainers,augment",
                         help="groups of rows, comma-separated: steps (the torch step's layouts "
@@ -278,6 +281,8 @@ def main() -> None:
     overrides = {"preset": args.preset}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
+    if args.last_width is not None:
+        overrides["last_width"] = args.last_width
     cfg = make_config(overrides)
     groups = row_groups(cfg, args.steps, not args.no_jax)
     chosen = args.rows.split(",") + (["compile"] if args.compile else [])
@@ -286,7 +291,7 @@ def main() -> None:
         parser.error(f"unknown row group(s) {', '.join(sorted(unknown))}; choose from "
                      f"{', '.join(groups)}")
     device = pick_device()
-    print(f"# {cfg.arch} width {cfg.width}, expander {cfg.mlp}, batch {cfg.batch_size}, "
+    print(f"# {cfg.model_description()}, batch {cfg.batch_size}, "
           f"{cfg.optimizer}, device {device} ({torch.get_num_threads()} threads), torch "
           f"{torch.__version__}, {plural(cfg.loader_workers(), 'loader thread')}", flush=True)
     results = []

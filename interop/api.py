@@ -39,5 +39,5 @@ def load_backbone(run_dir: str | Path, framework: str = "torch"):
         model, _ = torch_network(source, cfg)
         return torch_backbone_of(model).eval()
     variables, _ = flax_variables(source, cfg)
-    model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem())
+    model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(), cfg.last_width)
     return backbone_of(model), backbone_variables(variables)

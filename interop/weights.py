@@ -21,7 +21,7 @@ def flax_variables(path: Path, cfg: Config) -> tuple[dict, dict]:
     model (checked), and the checkpoint itself."""
     stored = torch_checkpoint.load_checkpoint(path)
     weights = {k: v.detach().cpu().numpy() for k, v in stored["model"].items()}
-    model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem())
+    model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(), cfg.last_width)
     what = cfg.stored_model_description()
     variables = from_torch_state(weights, variable_shapes(model), path, what)
     return jax_checkpoint.load_model_state(model, variables, path, what), stored
@@ -32,9 +32,9 @@ def torch_network(path: Path, cfg: Config) -> tuple[VICReg, dict]:
     itself."""
     stored = jax_checkpoint.load_checkpoint(path)
     what = cfg.stored_model_description()
-    jax_model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem())
+    jax_model = build_jax_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(), cfg.last_width)
     variables = jax_checkpoint.load_model_state(jax_model, stored, path, what)
-    model = build_torch_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem())
+    model = build_torch_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(), cfg.last_width)
     weights = {k: torch.from_numpy(v) for k, v in to_torch_state(variables).items()}
     torch_checkpoint.load_model_state(model, weights, path, what)
     return model, stored

@@ -28,7 +28,7 @@ def load_backbone(run_dir: str | Path) -> tuple[ResNet, dict]:
     path = run_dir / CHECKPOINT_FILES["jax"]
     stored = load_checkpoint(path)
     refuse_stale_checkpoint(run_dir, "jax")
-    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem())
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(), cfg.last_width)
     variables = load_model_state(model, stored, path,
                                  cfg.stored_model_description())
     return backbone_of(model), backbone_variables(variables)

@@ -54,7 +54,7 @@ class Backend:
         self.precision_name = precision_name(self.dtype)
         self.batch_split = f" over {self.mesh.size} devices" if self.mesh.size > 1 else ""
         self.on_device = augments_on_device(cfg, device.platform == "gpu")
-        self.model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(),
+        self.model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(), cfg.last_width,
                                  dtype=self.dtype)
         self.optimizer = build_optimizer(cfg)
         self.batch_sharding = batch_sharding(self.mesh)

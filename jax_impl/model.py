@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shared.archs import BLOCKS, EXPANSION, check_arch, check_stem
+from shared.archs import BLOCKS, EXPANSION, check_arch, check_stem, stage_planes
 
 IMAGE_SHAPE = (32, 32, 3)
 
@@ -209,7 +209,8 @@ class ResNet(nn.Module):
 
     stem: "cifar" (3x3 stride-1 conv, no max-pool) or "imagenet" (7x7 stride-2 conv, 3x3 stride-2
     max-pool), as torch_impl.model; dtype: what the convolutions and BatchNorms compute in;
-    conv_impl: Conv's `impl`.
+    conv_impl: Conv's `impl`; last_width: the last stage's planes (0: 8 x width;
+    shared.archs.stage_planes).
     """
 
     arch: str = "resnet18"
@@ -217,6 +218,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     conv_impl: str = "lax"
     stem: str = "cifar"
+    last_width: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -230,8 +232,9 @@ class ResNet(nn.Module):
         x = nn.relu(norm(name="bn1")(x, train))
         if imagenet:  # torch's MaxPool2d(3, 2, padding=1) pads with -inf, as reduce_window does
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        planes = stage_planes(self.arch, self.width, self.last_width)
         for stage, depth in enumerate(depths):
-            x = Stage(kind, self.width * 2 ** stage, depth, 2 if stage > 0 else 1, conv, norm,
+            x = Stage(kind, planes[stage], depth, 2 if stage > 0 else 1, conv, norm,
                       name=f"layer{stage + 1}")(x, train)
         return x.astype(jnp.promote_types(x.dtype, jnp.float32)).mean(axis=(1, 2))
 
@@ -267,9 +270,11 @@ class VICReg(nn.Module):
     dtype: Any = jnp.float32
     conv_impl: str = "lax"
     stem: str = "cifar"
+    last_width: int = 0
 
     def setup(self):
-        self.backbone = ResNet(self.arch, self.width, self.dtype, self.conv_impl, self.stem)
+        self.backbone = ResNet(self.arch, self.width, self.dtype, self.conv_impl, self.stem,
+                               self.last_width)
         self.projector = Expander(tuple(self.mlp_dims), self.dtype)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -284,10 +289,10 @@ def default_conv_impl(dtype=jnp.float32) -> str:
     return "im2col" if cpu_float32 else "lax"
 
 
-def build_model(arch: str, width: int, mlp_dims, stem: str = "cifar", *, dtype=jnp.float32,
-                conv_impl: str | None = None) -> VICReg:
-    """The VICReg module with `stem` ("cifar" or "imagenet"; UserError for an unknown arch),
-    computing in `dtype`, float32 parameters.
+def build_model(arch: str, width: int, mlp_dims, stem: str = "cifar", last_width: int = 0, *,
+                dtype=jnp.float32, conv_impl: str | None = None) -> VICReg:
+    """The VICReg module with `stem` ("cifar" or "imagenet"; UserError for an unknown arch) and
+    the last stage `last_width` wide (0: 8 x width), computing in `dtype`, float32 parameters.
 
     conv_impl: "lax" or "im2col" (the same function and parameters); None picks
     default_conv_impl(dtype).
@@ -296,7 +301,7 @@ def build_model(arch: str, width: int, mlp_dims, stem: str = "cifar", *, dtype=j
     impl = conv_impl or default_conv_impl(dtype)
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
-    return VICReg(arch, width, tuple(mlp_dims), dtype, impl, stem)
+    return VICReg(arch, width, tuple(mlp_dims), dtype, impl, stem, last_width)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -321,7 +326,8 @@ def variable_shapes(model: nn.Module, input_shape: tuple = (1, *IMAGE_SHAPE)) ->
 
 def backbone_of(model: VICReg) -> ResNet:
     """VICReg's backbone as a module of its own: float32 [N, H, W, 3] -> features float32 [N, F]."""
-    return ResNet(model.arch, model.width, model.dtype, model.conv_impl, model.stem)
+    return ResNet(model.arch, model.width, model.dtype, model.conv_impl, model.stem,
+                  model.last_width)
 
 
 def backbone_variables(variables: dict) -> dict:

@@ -152,7 +152,7 @@ def backbone_to_probe(cfg: Config, run_dir: Path,
     """The backbone a probe measures, (module, variables): the run's trained one, or (random_init)
     one freshly drawn from cfg.seed; and the epochs it trained (runio.trained_epochs; None at
     random init)."""
-    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(),
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(), cfg.last_width,
                         dtype=compute_dtype(cfg.precision, pick_device()))
     if random_init:
         return (backbone_of(model), backbone_variables(init_variables(model, cfg.seed))), None

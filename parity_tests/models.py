@@ -16,11 +16,11 @@ TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def torch_vicreg(arch: str, width: int, mlp: list[int], dtype: str, seed: int,
-                 stem: str = "cifar") -> TorchVICReg:
+                 stem: str = "cifar", last_width: int = 0) -> TorchVICReg:
     """torch's default init from `seed`, then random BN weights, biases and running statistics
     (drawn in float32, so the float64 model holds the same numbers), cast to `dtype`."""
     torch.manual_seed(seed)
-    model = TorchVICReg(arch, width, mlp, stem)
+    model = TorchVICReg(arch, width, mlp, stem, last_width)
     rng = np.random.default_rng(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -36,10 +36,10 @@ def torch_vicreg(arch: str, width: int, mlp: list[int], dtype: str, seed: int,
 
 
 def jax_twin(torch_model: TorchVICReg, arch: str, width: int, mlp: list[int],
-             dtype: str, stem: str = "cifar") -> tuple[JaxVICReg, dict]:
+             dtype: str, stem: str = "cifar", last_width: int = 0) -> tuple[JaxVICReg, dict]:
     """(flax VICReg computing in `dtype`, its {"params", "batch_stats"}) converted from torch_model,
-    which was built as torch_vicreg(arch, width, mlp, ..., stem)."""
-    model = build_model(arch, width, mlp, stem, dtype=jnp.dtype(dtype))
+    which was built as torch_vicreg(arch, width, mlp, ..., stem, last_width)."""
+    model = build_model(arch, width, mlp, stem, last_width, dtype=jnp.dtype(dtype))
     state = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
     variables = from_torch_state(state, variable_shapes(model), "the parity model", "parity")
     return model, cast_floats(variables, dtype)

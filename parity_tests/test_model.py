@@ -32,15 +32,17 @@ def split_forward(module, x, train):
     return features, module.projector(features, train)
 
 
-def forwards(arch: str, train: bool, dtype: str, size: int = 32) -> tuple[dict, dict]:
-    """({name: torch result}, {name: jax result}) of one forward of the same model and images of
-    `size` pixels (the stem stem_for(size)) in `dtype`: backbone features, expander output, and
-    the BN statistics after it (by torch name)."""
+def forwards(arch: str, train: bool, dtype: str, size: int = 32,
+             last_width: int = 0) -> tuple[dict, dict]:
+    """({name: torch result}, {name: jax result}) of one forward of the same model (its last
+    stage last_width wide; 0: 8 x WIDTH) and images of `size` pixels (the stem stem_for(size)) in
+    `dtype`: backbone features, expander output, and the BN statistics after it (by torch
+    name)."""
     stem = stem_for(size)
-    torch_model = torch_vicreg(arch, WIDTH, MLP, dtype, seed=1, stem=stem)
+    torch_model = torch_vicreg(arch, WIDTH, MLP, dtype, seed=1, stem=stem, last_width=last_width)
     x = images(8, seed=2, size=size) * 1.5 + 0.3
     with jax_precision(dtype):
-        model, variables = jax_twin(torch_model, arch, WIDTH, MLP, dtype, stem)
+        model, variables = jax_twin(torch_model, arch, WIDTH, MLP, dtype, stem, last_width)
         (j_features, j_z), updated = jax.jit(lambda v, x: model.apply(
             v, x, train, method=split_forward, mutable=["batch_stats"]))(variables, x.astype(dtype))
         after = torch_named(updated)
@@ -55,12 +57,18 @@ def forwards(arch: str, train: bool, dtype: str, size: int = 32) -> tuple[dict, 
              **after})
 
 
-@pytest.mark.parametrize("arch, size", [("resnet18", 32), ("resnet50", 32), ("resnet18", 96)],
-                         ids=["resnet18", "resnet50", "resnet18-96px-imagenet-stem"])
+@pytest.mark.parametrize("arch, size, last_width",
+                         [("resnet18", 32, 0), ("resnet50", 32, 0), ("resnet18", 96, 0),
+                          ("resnet18", 32, 12)],
+                         ids=["resnet18", "resnet50", "resnet18-96px-imagenet-stem",
+                              "resnet18-last-stage-12"])
 @pytest.mark.parametrize("train", [True, False], ids=["train_mode", "eval_mode"])
-def test_backbone_and_expander_forward_agree(arch, size, train, parity):
-    (t64, j64), (t32, j32) = (forwards(arch, train, dtype, size) for dtype in DTYPES)
-    mode = ("train" if train else "eval") + ("" if size == 32 else f" {size}px")
+def test_backbone_and_expander_forward_agree(arch, size, last_width, train, parity):
+    (t64, j64), (t32, j32) = (forwards(arch, train, dtype, size, last_width) for dtype in DTYPES)
+    expansion = 4 if arch == "resnet50" else 1
+    assert t64["backbone features"].shape == (8, (last_width or 8 * WIDTH) * expansion)
+    mode = (("train" if train else "eval") + ("" if size == 32 else f" {size}px")
+            + (f" last stage {last_width}" if last_width else ""))
     for key, value in t64.items():
         if key.endswith("num_batches_tracked"):
             assert int(value) == int(j64[key]) == int(j32[key]) == (1 if train else 0), key

@@ -15,10 +15,21 @@ def check_arch(arch: str) -> None:
         raise UserError(f"unknown architecture {arch!r}; choose one of: {', '.join(BLOCKS)}")
 
 
-def feature_dim(arch: str, width: int) -> int:
-    """Pooled feature size of the backbone: 8 * width * expansion (512 / 2048 at width 64)."""
+def stage_planes(arch: str, width: int, last_width: int = 0) -> list[int]:
+    """Channels of each stage's 3x3 convolutions: width x 2^stage (ResNet's doubling), except the
+    last stage's when last_width is given (its feature maps are the smallest, so widening it
+    enlarges the probes' feature for the least time)."""
     check_arch(arch)
-    return width * 8 * EXPANSION[BLOCKS[arch][0]]
+    planes = [width * 2 ** stage for stage in range(len(BLOCKS[arch][1]))]
+    if last_width:
+        planes[-1] = last_width
+    return planes
+
+
+def feature_dim(arch: str, width: int, last_width: int = 0) -> int:
+    """Pooled feature size of the backbone: the last stage's planes x expansion (512 / 2048 at
+    width 64)."""
+    return stage_planes(arch, width, last_width)[-1] * EXPANSION[BLOCKS[arch][0]]
 
 
 STEMS = ("cifar", "imagenet")

@@ -157,6 +157,11 @@ class Config:
     arch: str = setting("resnet18", "backbone: " + ", ".join(ARCHS), BACKBONE, choices=ARCHS)
     width: int = setting(64, "channels of the first stage (64 is the standard ResNet; smaller is "
                          "faster)", BACKBONE, check=POSITIVE)
+    last_width: int = setting(0, "channels of the last stage, the backbone's feature size with "
+                              "basic blocks (0: 8 x --width, the standard ResNet's doubling; "
+                              "its feature maps are the smallest, so a wider last stage enlarges "
+                              "the probes' feature for the least time)", BACKBONE,
+                              check=NON_NEGATIVE)
     mlp: str = setting("2048-2048-2048", "expander layer widths, e.g. 2048-2048-2048 "
                        "(Linear+BN+ReLU, last Linear without bias)", BACKBONE)
     # data
@@ -356,7 +361,13 @@ class Config:
 
     def model_description(self) -> str:
         """How messages name the network: "resnet18 width 64 expander 2048-2048-2048"."""
-        return f"{self.arch} width {self.width} expander {self.mlp}"
+        return f"{self.backbone_description()} expander {self.mlp}"
+
+    def backbone_description(self) -> str:
+        """How messages name the backbone: "resnet18 width 64", with "last stage 256" after it
+        when --last-width sets it."""
+        last = f" last stage {self.last_width}" if self.last_width else ""
+        return f"{self.arch} width {self.width}{last}"
 
     def stored_model_description(self) -> str:
         """model_description() of a run's stored settings, as errors about its files name it."""

@@ -175,7 +175,8 @@ def probe_record(*, framework: str, dataset: str, classes: int, protocol: ProbeP
         "num_classes": classes, "feature_dim": int(feature_dim),
         "random_init": random_init, "checkpoint_epoch": checkpoint_epoch,
         "protocol": protocol.description,
-        "settings": {"arch": cfg.arch, "width": cfg.width, "image_size": cfg.image_size,
+        "settings": {"arch": cfg.arch, "width": cfg.width, "last_width": cfg.last_width,
+                     "image_size": cfg.image_size,
                      **protocol.settings(cfg),
                      "subset": cfg.probe_subset, "seed": cfg.seed,
                      "normalisation": "CIFAR-10 mean/std (as in pretraining)"},
@@ -191,7 +192,7 @@ def report_probe(result: dict, run_dir: Path, cfg: Config, protocol: ProbeProtoc
     baseline = " (random init)" if result["random_init"] else ""
     label = f"{result['dataset']} {protocol.label}{baseline}"
     print(f"{label}: top-1 {100 * result['top1']:.2f}% ({result['num_train']} train / "
-          f"{result['num_test']} test images, {cfg.arch} width {cfg.width})", flush=True)
+          f"{result['num_test']} test images, {cfg.backbone_description()})", flush=True)
 
 
 def probe_split(cfg: Config, dataset: str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -101,6 +101,7 @@ def test_resume_reads_the_stored_config_and_applies_new_flags(tmp_path):
     ({"seed": -1}, "--seed -1: must be 0 or more"),
     ({"epochs": "2"}, "--epochs takes a number, got '2'"),
     ({"width": 1.5}, "--width takes an integer, got 1.5"),
+    ({"last_width": -8}, "--last-width -8: must be 0 or more"),
 ])
 def test_bad_settings_raise_user_errors(overrides, message):
     with pytest.raises(UserError, match=message):

@@ -28,18 +28,19 @@ from torch_impl.optim import build_optimizer as build_torch_optimizer
 PROGRESS = {"epoch": 3, "global_step": 12, "train_time_s": 5.0, "metrics_bytes": 0}
 
 
-def config_for(run, data_dir, width=4):
-    return make_config({"preset": "smoke", "width": width, "data_dir": str(data_dir),
-                        "out": str(run), "epochs": PROGRESS["epoch"]})
+def config_for(run, data_dir, width=4, last_width=0):
+    return make_config({"preset": "smoke", "width": width, "last_width": last_width,
+                        "data_dir": str(data_dir), "out": str(run), "epochs": PROGRESS["epoch"]})
 
 
-def torch_run(run, data_dir, width=4, config_width=None):
-    """A torch run folder: config.json and checkpoint.pt of a resnet18 whose BN statistics moved."""
+def torch_run(run, data_dir, width=4, config_width=None, last_width=0):
+    """A torch run folder: config.json and checkpoint.pt of a resnet18 (its last stage last_width
+    wide; 0: 8 x width) whose BN statistics moved."""
     torch.manual_seed(0)
-    model = TorchVICReg("resnet18", width, [32, 32])
+    model = TorchVICReg("resnet18", width, [32, 32], last_width=last_width)
     with torch.no_grad():
         model.train()(torch.randn(8, 3, 32, 32) + 0.5)
-    cfg = config_for(run, data_dir, config_width or width)
+    cfg = config_for(run, data_dir, config_width or width, last_width)
     run.mkdir()
     (run / "config.json").write_text(cfg.to_json())
     optimizer = build_torch_optimizer(cfg, model=model)
@@ -70,6 +71,17 @@ def error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     return err[0]
+
+
+def probe_features_of_both(cfg, run, count):
+    """(jax_impl's probe features, torch_impl's, the checkpoint's epoch) of `count` random uint8
+    images, each framework reading `run` as its probe does."""
+    images = np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), np.uint8)
+    (backbone, variables), epoch = jax_probe.backbone_to_probe(cfg, run, random_init=False)
+    with jax.default_matmul_precision("highest"):
+        mine = jax_probe.extract_features(backbone, variables, images, "jax")
+    torch_backbone, _ = torch_probe.backbone_to_probe(cfg, run, random_init=False)
+    return mine, torch_probe.extract_features(torch_backbone, images, cfg, "torch"), epoch
 
 
 def test_torch_to_flax_to_torch_is_exact(tiny_data_dir, tmp_path, capsys):
@@ -104,13 +116,7 @@ def test_flax_to_torch_features_match_and_both_probes_read_it(tiny_data_dir, tmp
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 parity on a GPU too
     run = jax_run(tmp_path / "run", tiny_data_dir)
     assert convert.main([str(run), "--to", "torch"]) == 0
-    cfg = config_for(run, tiny_data_dir)
-    images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), np.uint8)
-    (backbone, variables), epoch = jax_probe.backbone_to_probe(cfg, run, random_init=False)
-    with jax.default_matmul_precision("highest"):
-        mine = jax_probe.extract_features(backbone, variables, images, "jax")
-    torch_backbone, _ = torch_probe.backbone_to_probe(cfg, run, random_init=False)
-    theirs = torch_probe.extract_features(torch_backbone, images, cfg, "torch")
+    mine, theirs, epoch = probe_features_of_both(config_for(run, tiny_data_dir), run, 20)
     assert mine.shape == theirs.shape == (20, 32) and epoch == 3
     np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
 
@@ -135,6 +141,17 @@ def test_torch_run_converted_to_flax_is_probed_by_jax(tiny_data_dir, tmp_path):
     result = json.loads((run / "probe_gtsrb.json").read_text())
     assert ((result["framework"], result["checkpoint_epoch"], result["num_classes"])
             == ("jax", 3, 43))
+
+
+def test_a_wider_last_stage_converts_and_both_frameworks_embed_it_alike(tiny_data_dir, tmp_path):
+    run = torch_run(tmp_path / "run", tiny_data_dir, last_width=12)
+    assert convert.main([str(run), "--to", "flax"]) == 0
+    kernel = load_checkpoint(run / CHECKPOINT_FILE)["params"]["backbone"]["layer4"]["0"]["conv1"]
+    assert kernel["kernel"].shape == (3, 3, 16, 12)  # HWIO: layer 3's 16 channels to 12
+    mine, theirs, _ = probe_features_of_both(config_for(run, tiny_data_dir, last_width=12), run,
+                                             10)
+    assert mine.shape == theirs.shape == (10, 12)
+    np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
 
 
 def test_a_probe_by_the_other_framework_keeps_the_trained_runs_result(tiny_data_dir, tmp_path):

@@ -44,17 +44,30 @@ def torch_layout_shapes(tree) -> dict:
     return shapes
 
 
-@pytest.mark.parametrize("arch,width", [("resnet18", 4), ("resnet34", 4), ("resnet50", 4),
-                                        ("resnet18", 8)])
-def test_names_shapes_and_parameter_count_equal_torch(arch, width):
-    model = build_model(arch, width, MLP)
+@pytest.mark.parametrize("arch,width,last_width", [
+    ("resnet18", 4, 0), ("resnet34", 4, 0), ("resnet50", 4, 0), ("resnet18", 8, 0),
+    ("resnet18", 4, 24), ("resnet50", 4, 12)])
+def test_names_shapes_and_parameter_count_equal_torch(arch, width, last_width):
+    model = build_model(arch, width, MLP, last_width=last_width)
     shapes = variable_shapes(model)
-    torch_model = TorchVICReg(arch, width, MLP)
+    torch_model = TorchVICReg(arch, width, MLP, last_width=last_width)
     assert torch_layout_shapes(shapes) == {k: tuple(v.shape)
                                            for k, v in torch_model.state_dict().items()}
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes["params"]))
     assert count == sum(p.numel() for p in torch_model.parameters())
-    assert feature_dim(arch, width) == torch_model.backbone.feature_dim
+    assert feature_dim(arch, width, last_width) == torch_model.backbone.feature_dim
+
+
+@pytest.mark.parametrize("arch,width,last_width,dim", [
+    ("resnet18", 16, 0, 128), ("resnet18", 16, 256, 256), ("resnet50", 4, 12, 48),
+    ("resnet50", 64, 0, 2048)])
+def test_feature_dim_by_hand(arch, width, last_width, dim):
+    assert feature_dim(arch, width, last_width) == dim
+    backbone = backbone_of(build_model(arch, width, MLP, last_width=last_width))
+    features = jax.eval_shape(
+        lambda x: backbone.init_with_output(jax.random.key(0), x, train=False)[0],
+        jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+    assert features.shape == (2, dim)
 
 
 def test_expander_last_linear_has_no_bias_and_others_do():

@@ -26,6 +26,21 @@ def test_backbone_output_dim(arch, width, dim):
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, dim)
 
 
+@pytest.mark.parametrize("arch,expansion", [("resnet18", 1), ("resnet50", 4)])
+def test_last_width_widens_only_the_last_stage(arch, expansion):
+    model, standard = ResNet(arch, 8, last_width=40), ResNet(arch, 8)
+    assert model.feature_dim == 40 * expansion
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 40 * expansion)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    before = {k: tuple(v.shape) for k, v in standard.state_dict().items()}
+    assert shapes.keys() == before.keys()
+    assert all(shapes[k] == before[k] for k in shapes if not k.startswith("layer4."))
+    # the first block takes layer 3's 32 x expansion channels to 40 planes at stride 2
+    first_conv = "layer4.0.conv1.weight" if expansion == 1 else "layer4.0.conv2.weight"
+    assert shapes[first_conv][0] == 40
+    assert shapes["layer4.0.downsample.0.weight"] == (40 * expansion, 32 * expansion, 1, 1)
+
+
 def test_resnet18_parameter_count_is_torchvisions_minus_fc_and_stem():
     tv = torchvision.models.resnet18()
     tv_count = sum(p.numel() for n, p in tv.named_parameters() if not n.startswith("fc."))

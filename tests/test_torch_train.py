@@ -49,6 +49,19 @@ def test_smoke_train_then_probe_writes_the_run_folder(tiny_data_dir, tmp_path, c
     assert state["epoch"] == 2 and state["global_step"] == 8
 
 
+def test_last_width_sets_the_feature_the_probes_read(tiny_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_cli.main(smoke_args(tiny_data_dir, run, "--last-width", "24")) == 0
+    assert "resnet18 width 8 last stage 24 expander 32-32" in capsys.readouterr().out
+    model = load_checkpoint(run / "checkpoint.pt")["model"]
+    assert tuple(model["backbone.layer4.1.conv2.weight"].shape) == (24, 24, 3, 3)
+    assert tuple(model["backbone.layer3.1.conv2.weight"].shape) == (32, 32, 3, 3)
+    assert tuple(model["projector.0.weight"].shape) == (32, 24)
+    for dataset in ("cifar10", "gtsrb"):
+        result = json.loads((run / f"probe_{dataset}.json").read_text())
+        assert result["feature_dim"] == 24 and result["settings"]["last_width"] == 24
+
+
 def test_probe_cli_and_random_init_baseline(tiny_data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert train_cli.main(smoke_args(tiny_data_dir, run, "--no-probe")) == 0

@@ -29,6 +29,6 @@ def load_backbone(run_dir: str | Path) -> nn.Module:
     path = run_dir / CHECKPOINT_FILES["torch"]
     stored = load_checkpoint(path)
     refuse_stale_checkpoint(run_dir, "torch")
-    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem())
+    model = build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(), cfg.last_width)
     load_model_state(model, stored["model"], path, cfg.stored_model_description())
     return backbone_of(model).eval()

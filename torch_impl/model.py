@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.archs import BLOCKS, EXPANSION, check_arch, check_stem
+from shared.archs import BLOCKS, EXPANSION, check_arch, check_stem, stage_planes
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -69,9 +69,11 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """ResNet: [N, 3, H, W] float -> pooled features [N, feature_dim] (512 or 2048 at width 64).
-    stem: "cifar" or "imagenet" (the module docstring)."""
+    stem: "cifar" or "imagenet" (the module docstring); last_width: the last stage's planes
+    (0: 8 x width; shared.archs.stage_planes)."""
 
-    def __init__(self, arch: str = "resnet18", width: int = 64, stem: str = "cifar"):
+    def __init__(self, arch: str = "resnet18", width: int = 64, stem: str = "cifar",
+                 last_width: int = 0):
         super().__init__()
         check_arch(arch)
         check_stem(stem)
@@ -85,8 +87,7 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         cin = width
-        for stage, depth in enumerate(depths):
-            planes = width * 2 ** stage
+        for stage, (depth, planes) in enumerate(zip(depths, stage_planes(arch, width, last_width))):
             blocks = []
             for i in range(depth):
                 blocks.append(block(cin, planes, stride=2 if stage > 0 and i == 0 else 1))
@@ -127,9 +128,10 @@ class Expander(nn.Sequential):
 class VICReg(nn.Module):
     """Backbone + expander: images [N, 3, H, W] -> embeddings [N, dims[-1]] (the loss's input)."""
 
-    def __init__(self, arch: str, width: int, mlp_dims: list[int], stem: str = "cifar"):
+    def __init__(self, arch: str, width: int, mlp_dims: list[int], stem: str = "cifar",
+                 last_width: int = 0):
         super().__init__()
-        self.backbone = ResNet(arch, width, stem)
+        self.backbone = ResNet(arch, width, stem, last_width)
         self.projector = Expander(self.backbone.feature_dim, mlp_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,13 +144,14 @@ def backbone_of(model: VICReg) -> ResNet:
     return model.backbone
 
 
-def build_model(arch: str, width: int, mlp_dims: list[int], stem: str = "cifar") -> VICReg:
-    """The VICReg network with `stem` ("cifar" or "imagenet"), float32 on the CPU (UserError for
-    an unknown arch); its weights are drawn by init_variables. The global random generator is left
-    as it was."""
+def build_model(arch: str, width: int, mlp_dims: list[int], stem: str = "cifar",
+                last_width: int = 0) -> VICReg:
+    """The VICReg network with `stem` ("cifar" or "imagenet") and the last stage `last_width`
+    wide (0: 8 x width), float32 on the CPU (UserError for an unknown arch); its weights are drawn
+    by init_variables. The global random generator is left as it was."""
     check_arch(arch)
     with torch.random.fork_rng(devices=[]):
-        return VICReg(arch, width, mlp_dims, stem)
+        return VICReg(arch, width, mlp_dims, stem, last_width)
 
 
 def init_variables(model: nn.Module, seed: int) -> nn.Module:

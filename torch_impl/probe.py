@@ -121,8 +121,8 @@ def backbone_to_probe(cfg: Config, run_dir: Path,
                       random_init: bool) -> tuple[nn.Module, float | None]:
     """The backbone a probe measures: the run's trained one, or (random_init) one freshly drawn
     from cfg.seed; and the epochs it trained (runio.trained_epochs; None at random init)."""
-    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem()),
-                           cfg.seed)
+    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(),
+                                       cfg.last_width), cfg.seed)
     epoch = None
     if not random_init:
         path = run_dir / CHECKPOINT_FILE

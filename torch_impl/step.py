@@ -99,8 +99,8 @@ def make_train_step(cfg: Config, augment: AugmentParams | None = None, *, dtype:
 def initial_state(cfg: Config, *, device: torch.device, world: World) -> TrainState:
     """Fresh weights drawn from cfg.seed on `device` (channels_last from width 8), with BatchNorm
     over the global batch in a data-parallel job with --sync-bn, and a fresh optimizer state."""
-    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem()),
-                           cfg.seed)
+    model = init_variables(build_model(cfg.arch, cfg.width, cfg.mlp_dims(), cfg.stem(),
+                                       cfg.last_width), cfg.seed)
     model = model.to(device, memory_format=memory_format(cfg.width))
     if world.size > 1 and cfg.sync_bn:
         model = sync_batch_norm(model, device)
