@@ -50,8 +50,8 @@ PRESETS: dict[str, dict] = {
     # kept for them, on whatever CPU runs it: within 20 minutes end to end on 2 cores
     # (docs/results/cpu_recipe.md has the settings tried).
     "cpu": dict(
-        width=16, mlp="1024-1024-1024", epochs=100, time_budget="19m", budget_scope="job",
-        batch_size=128,
+        width=16, last_width=256, mlp="1024-1024-1024", epochs=100, time_budget="19m",
+        budget_scope="job", batch_size=128,
         optimizer="lars", base_lr=0.6, lr_scaling=True, wd=1e-4, crop_min_scale=0.35,
         warmup_epochs=0.25, final_lr_ratio=0.01, probe_epochs=50, monitor_every=1.0,
         monitor_bank=5_000),

@@ -70,6 +70,13 @@ def test_config_json_round_trip(tmp_path):
     assert json.loads(cfg.to_json())["std_coeff"] == 5.0
 
 
+def test_a_cpu_run_from_before_last_width_keeps_its_narrow_last_stage(tmp_path):
+    stored = json.loads(make_config({"preset": "cpu"}).to_json())
+    assert stored.pop("last_width") == 256
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert load_run_config(tmp_path).last_width == 0
+
+
 def test_resume_reads_the_stored_config_and_applies_new_flags(tmp_path):
     cfg = make_config({"preset": "smoke", "out": str(tmp_path)})
     (tmp_path / "config.json").write_text(cfg.to_json())
