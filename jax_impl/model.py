@@ -232,9 +232,9 @@ class ResNet(nn.Module):
         x = nn.relu(norm(name="bn1")(x, train))
         if imagenet:  # torch's MaxPool2d(3, 2, padding=1) pads with -inf, as reduce_window does
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        planes = stage_planes(self.arch, self.width, self.last_width)
-        for stage, depth in enumerate(depths):
-            x = Stage(kind, planes[stage], depth, 2 if stage > 0 else 1, conv, norm,
+        widths = stage_planes(self.arch, self.width, self.last_width)
+        for stage, (depth, planes) in enumerate(zip(depths, widths)):
+            x = Stage(kind, planes, depth, 2 if stage > 0 else 1, conv, norm,
                       name=f"layer{stage + 1}")(x, train)
         return x.astype(jnp.promote_types(x.dtype, jnp.float32)).mean(axis=(1, 2))
 

@@ -87,7 +87,8 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         cin = width
-        for stage, (depth, planes) in enumerate(zip(depths, stage_planes(arch, width, last_width))):
+        widths = stage_planes(arch, width, last_width)
+        for stage, (depth, planes) in enumerate(zip(depths, widths)):
             blocks = []
             for i in range(depth):
                 blocks.append(block(cin, planes, stride=2 if stage > 0 and i == 0 else 1))
